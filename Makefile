@@ -1,0 +1,29 @@
+# Two commands from a fresh clone: `make train` and `make test`. Both create .venv and install what they need.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install train test test-all lint bench cluster-up cluster-down clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/dtrain train jobs/mlp_digits.yaml $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check dtrain tests benchmarks
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check dtrain tests benchmarks
+
+clean:
+	rm -rf runs wandb .pytest_cache

@@ -1,0 +1,109 @@
+"""The `dtrain` command line: train | config | models (tune, submit, jobs, report plug in beside them)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from dtrain.errors import DtrainError
+
+
+def _load(job_path: str, overrides: list[str]):
+    from dtrain.config import load_job
+
+    job = load_job(job_path, overrides)
+    if not job.name:
+        job.name = f"{Path(job_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return job
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dtrain.launch.train import fit_job, run_dir_for
+
+    if args.resume:
+        run_dir = Path(args.job)
+        if not (run_dir / "config.yaml").is_file():
+            raise DtrainError(f"{run_dir}: not a run directory (no config.yaml); --resume takes runs/<name>")
+        job = _load(str(run_dir / "config.yaml"), args.overrides)
+    else:
+        job = _load(args.job, args.overrides)
+    _check_buildable(job)
+    summary = fit_job(job, address=args.address, resume=args.resume)
+    run_dir = run_dir_for(job)
+    print(f"[dtrain] run finished: {run_dir}")
+    for key, value in sorted(summary.get("test", {}).items()):
+        print(f"[dtrain] {key} = {value:.4f}")
+    print(f"[dtrain] metrics: {run_dir / 'metrics.jsonl'}  summary: {run_dir / 'summary.json'}")
+    return 0
+
+
+def _check_buildable(job) -> None:
+    """Load the data and build the model once on the driver, so bad input fails fast and clearly, before Ray."""
+    from dtrain.config import to_objects
+    from dtrain.data import load_data
+    from dtrain.models import build_model
+
+    obj = to_objects(job)
+    data = load_data(obj.data)
+    build_model(obj.model, data.meta)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    job = _load(args.job, args.overrides)
+    print(OmegaConf.to_yaml(job, resolve=True), end="")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from dtrain.config import fields_doc
+    from dtrain.data import DATASETS
+    from dtrain.models import MODELS
+
+    for name, (cfg_cls, _model_cls, description) in MODELS.items():
+        print(f"{name}: {description}")
+        for field, typ, default in fields_doc(cfg_cls):
+            if field != "name":
+                print(f"    {field}: {typ} = {default!r}")
+    print("data sets: " + ", ".join(sorted(DATASETS)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtrain", description="Distributed training on Ray with DDP or DeepSpeed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a job (embedded Ray, or --address for a cluster)")
+    p.add_argument("job", help="job YAML, or a run directory with --resume")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.num_workers=2")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the given run directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("config", help="print the resolved job config")
+    p.add_argument("job")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("models", help="list catalog models, their parameters, and data sets")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DtrainError as err:
+        print(f"dtrain: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dtrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

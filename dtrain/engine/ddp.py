@@ -1,0 +1,93 @@
+"""PyTorch DistributedDataParallel with native mixed precision, gradient clipping and accumulation."""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import AbstractContextManager as ContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dtrain.engine import dist
+from dtrain.engine.checkpoint import atomic_save, safe_load
+from dtrain.engine.optim import build_optimizer, build_scheduler, trainable
+from dtrain.engine.precision import Precision
+from dtrain.engine.strategy import StepResult
+
+
+class DDPStrategy:
+    """DDP when world size > 1 (plain module otherwise); fp16 order: scale, backward, unscale, clip, step, update."""
+
+    def __init__(self, trainer_cfg: Any, optim_cfg: Any, device: torch.device) -> None:
+        self.trainer_cfg, self.optim_cfg, self.device = trainer_cfg, optim_cfg, device
+        self.precision = Precision(trainer_cfg.precision, device)
+        self.model: nn.Module | None = None
+        self.raw: nn.Module | None = None
+
+    def setup(self, model: nn.Module, lr: float, total_steps: int, steps_per_epoch: int) -> nn.Module:
+        self.raw = model.to(self.device)
+        if dist.world_size() > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # broadcast_buffers=False: no model here keeps running statistics that must match across ranks, and
+            # skipping the per-forward broadcast lets evaluation run through the same wrapper at no cost.
+            self.model = DistributedDataParallel(self.raw, device_ids=ids, broadcast_buffers=False)
+        else:
+            self.model = self.raw
+        self.params = trainable(self.raw)
+        self.optimizer = build_optimizer(self.params, self.optim_cfg, lr)
+        self.scheduler = build_scheduler(self.optimizer, self.optim_cfg, total_steps, steps_per_epoch)
+        return self.model
+
+    def autocast(self) -> ContextManager:
+        return self.precision.autocast()
+
+    def no_sync(self, enabled: bool) -> ContextManager:
+        if enabled and isinstance(self.model, DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: Tensor) -> None:
+        self.precision.scaler.scale(loss).backward()
+
+    def step(self) -> StepResult:
+        scaler = self.precision.scaler
+        scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        finite = bool(torch.isfinite(norm))
+        clip = self.trainer_cfg.grad_clip
+        if finite and clip is not None:
+            if self.trainer_cfg.grad_clip_mode == "norm":
+                torch.nn.utils.clip_grads_with_norm_(self.params, clip, norm)
+            else:
+                torch.nn.utils.clip_grad_value_(self.params, clip)
+        if finite or scaler.is_enabled():
+            scaler.step(self.optimizer)  # with fp16 the scaler itself skips non-finite steps and lowers the scale
+            scaler.update()
+        if finite:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # An fp16 overflow is the scaler's business (it skipped the step and lowered the scale), not a failure.
+        return StepResult(norm.detach(), skipped=not finite and not scaler.is_enabled())
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, path: Path) -> None:
+        if dist.rank() == 0:  # DDP replicas are identical: one copy is the checkpoint
+            atomic_save({"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict()},
+                        path / "model.pt")
+
+    def load(self, path: Path) -> None:
+        ckpt = safe_load(path / "model.pt")
+        self.raw.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.precision.scaler.load_state_dict(ckpt["scaler"])
+
+    def unwrapped(self) -> nn.Module:
+        return self.raw

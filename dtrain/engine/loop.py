@@ -1,0 +1,245 @@
+"""The training loop every model and strategy goes through: stages -> epochs -> micro-batches -> optimizer steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dtrain.data.base import DataBundle
+from dtrain.data.sharding import ShardedLoader
+from dtrain.engine import dist
+from dtrain.engine.checkpoint import atomic_save, rng_state, safe_load, set_rng_state
+from dtrain.engine.strategy import Strategy
+from dtrain.errors import TrainingError
+from dtrain.models.base import CatalogModel
+
+STATE_FILE = "train_state.pt"
+Report = Callable[[dict[str, Any], Path | None], None]
+"""Called by every rank at each epoch end / checkpoint with the epoch metrics and this rank's checkpoint folder."""
+
+
+@dataclass
+class TrainState:
+    """Where training is; saved in every checkpoint so a resumed run continues exactly."""
+
+    stage: int = 0
+    epoch: int = 0
+    batch: int = 0
+    """Micro-batches of the current epoch already done (for mid-epoch resume)."""
+    step: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+    best: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped: bool = False
+    stop_reason: str = ""
+    history: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """What the launcher hands the loop: who we are, where to report, what to log to, what to resume from."""
+
+    rank: int
+    world: int
+    report: Report
+    log: Callable[[dict[str, Any]], None]
+    """Rank 0's metrics sink (metrics.jsonl, progress, W&B); a no-op on other ranks."""
+    resume_dir: Path | None = None
+
+
+def fit(job: Any, model: CatalogModel, data: DataBundle, strategy: Strategy, ctx: RunContext) -> dict[str, Any]:
+    """Train model on data as job says; returns the summary (final and best metrics, throughput)."""
+    t, dev = job.trainer, strategy.device
+    data = dataclasses.replace(data, train=_to(data.train, dev), val=_to(data.val, dev), test=_to(data.test, dev))
+    batch_size = _batch_size(job, len(data.train[0]), ctx.world)
+    train = ShardedLoader(data.train, batch_size, ctx.rank, ctx.world, shuffle=True, seed=t.seed)
+    started = time.perf_counter()
+    state = TrainState(**safe_load(ctx.resume_dir / STATE_FILE)) if ctx.resume_dir else TrainState()
+    stages = model.stages()
+    while state.stage < len(stages) and not state.stopped:
+        stage = stages[state.stage]
+        model.set_stage(stage)
+        epochs = stage.max_epochs or t.max_epochs
+        steps_per_epoch = math.ceil(len(train) / t.grad_accum)
+        wrapped = strategy.setup(model, stage.lr or job.optim.lr, epochs * steps_per_epoch, steps_per_epoch)
+        if ctx.resume_dir is not None:
+            _resume(strategy, state, ctx)
+            ctx.resume_dir = None
+        ctx.log({"event": "stage", "stage": stage.name, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+                 "global_batch": batch_size * ctx.world * t.grad_accum})
+        while state.epoch < epochs and not state.stopped:
+            train.set_epoch(state.stage * 10_000 + state.epoch)
+            train_metrics = _train_epoch(job, wrapped, train, strategy, state, ctx)
+            val_metrics = evaluate(wrapped, data.val, batch_size, strategy, ctx, "val")
+            state.epoch, state.batch = state.epoch + 1, 0
+            metrics = {"stage": stage.name, "epoch": state.epoch, "step": state.step, **train_metrics, **val_metrics}
+            _early_stopping(job, state, metrics)
+            ctx.log({"event": "epoch", **metrics})
+            every = job.checkpoint.every_n_epochs
+            _report(strategy, state, ctx, metrics, save=every > 0 and state.epoch % every == 0 or state.stopped)
+            if job.trainer.max_steps and state.step >= job.trainer.max_steps:
+                state.stopped, state.stop_reason = True, f"max_steps={job.trainer.max_steps} reached"
+        if state.stopped and "early stopping" in state.stop_reason and state.stage < len(stages) - 1:
+            state.stopped = False  # early stopping ends a pre-training stage, not the run
+        if not state.stopped:
+            state.stage, state.epoch = state.stage + 1, 0
+    test_metrics = evaluate(wrapped, data.test, batch_size, strategy, ctx, "test")
+    wall = time.perf_counter() - started
+    summary = {"final": {**state.history.get("last", {}), **test_metrics}, "best": state.history.get("best", {}),
+               "test": test_metrics, "epochs": state.epoch, "steps": state.step, "stages": len(stages),
+               "skipped_steps": state.skipped_steps, "stop_reason": state.stop_reason or "completed",
+               "wall_time_s": wall, "train_samples_per_s": state.samples / max(wall, 1e-9), "world_size": ctx.world}
+    ctx.log({"event": "end", **summary})
+    return summary
+
+
+def _train_epoch(job: Any, wrapped: nn.Module, loader: ShardedLoader, strategy: Strategy, state: TrainState,
+                 ctx: RunContext) -> dict[str, float]:
+    t = job.trainer
+    n_batches, accum = len(loader), t.grad_accum
+    sums: dict[str, torch.Tensor] = {}
+    window_loss, step_started, step_samples = None, time.perf_counter(), 0
+    wrapped.train()
+    for i, batch in enumerate(loader.iter_from(state.batch), start=state.batch):
+        window_start = i - i % accum
+        window = min(accum, n_batches - window_start)  # the last window of an epoch may be shorter
+        last_micro = i == window_start + window - 1
+        with strategy.no_sync(not last_micro), strategy.autocast():
+            out = wrapped(batch.tensors)
+        # Weight by this rank's share of the global batch: DDP then averages to exactly the global-batch gradient.
+        weight = batch.real * ctx.world / batch.global_size / window
+        strategy.backward(out.loss * weight)
+        window_loss = out.loss.detach() if window_loss is None else window_loss + out.loss.detach()
+        for k, v in out.metrics.items():
+            sums[k] = sums.get(k, 0) + v.detach().float() * batch.real
+        sums["_n"] = sums.get("_n", 0) + batch.real
+        step_samples += batch.global_size
+        state.batch = i + 1
+        if not last_micro:
+            continue
+        result = strategy.step()
+        state.step += 1
+        state.samples += step_samples
+        if result.skipped or not bool(torch.isfinite(window_loss)):
+            state.skipped_steps += 1
+            state.history["nonfinite_run"] = state.history.get("nonfinite_run", 0) + 1
+            if state.history["nonfinite_run"] >= t.max_nonfinite_steps:
+                raise TrainingError(f"training stopped: {t.max_nonfinite_steps} consecutive steps had a non-finite "
+                                    f"loss or gradient (step {state.step}); lower optim.lr or set trainer.grad_clip")
+        else:
+            state.history["nonfinite_run"] = 0
+        if state.step % t.log_every_n_steps == 0:
+            now = time.perf_counter()
+            logged = dist.mean_across_ranks({f"train/{k}": v for k, v in out.metrics.items()}
+                                            | {"train/grad_norm": result.grad_norm})
+            ctx.log({"event": "step", "step": state.step, "epoch": state.epoch + i / n_batches, "lr": strategy.lr(),
+                     "samples_per_s": step_samples / max(now - step_started, 1e-9),
+                     "step_time_s": now - step_started, **logged})
+        window_loss, step_started, step_samples = None, time.perf_counter(), 0
+        if job.checkpoint.every_n_steps and state.step % job.checkpoint.every_n_steps == 0 and i + 1 < n_batches:
+            _report(strategy, state, ctx, {"epoch": state.epoch, "step": state.step}, save=True)
+        if t.max_steps and state.step >= t.max_steps:
+            break
+    return _reduce_sums(sums, "train")
+
+
+@torch.no_grad()
+def evaluate(wrapped: nn.Module, tensors: tuple[torch.Tensor, ...], batch_size: int, strategy: Strategy,
+             ctx: RunContext, prefix: str) -> dict[str, float]:
+    """Sample-weighted mean of the model's metrics over a split, sharded across ranks (no sample counted twice)."""
+    if len(tensors[0]) == 0:
+        return {}
+    loader = ShardedLoader(tensors, batch_size, ctx.rank, ctx.world, shuffle=False, eval_mode=True)
+    wrapped.eval()
+    sums: dict[str, torch.Tensor] = {}
+    for batch in loader:
+        with strategy.autocast():
+            out = wrapped(batch.tensors)
+        for k, v in out.metrics.items():
+            sums[k] = sums.get(k, 0) + v.detach().float() * batch.real
+        sums["_n"] = sums.get("_n", 0) + batch.real
+    wrapped.train()
+    return _reduce_sums(sums, prefix)
+
+
+def _reduce_sums(sums: dict[str, Any], prefix: str) -> dict[str, float]:
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    device = next((v.device for v in sums.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=device).reshape(()) for k in keys])
+    dist.all_reduce_sum(stacked)
+    totals = dict(zip(keys, stacked.tolist(), strict=True))
+    n = max(totals.pop("_n"), 1.0)
+    return {f"{prefix}/{k}": v / n for k, v in totals.items()}
+
+
+def _early_stopping(job: Any, state: TrainState, metrics: dict[str, Any]) -> None:
+    es = job.trainer.early_stopping
+    state.history["last"] = metrics
+    key = es.monitor or next((k for k in ("val/loss", "train/loss") if k in metrics), None)
+    if key is None or key not in metrics:
+        return
+    value, sign = metrics[key], (1 if es.mode == "max" else -1)
+    if state.best is None or sign * (value - state.best) > es.min_delta:
+        state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
+        state.history["best"] = {**metrics, "monitor": key}
+    elif es.monitor is not None:
+        state.bad_epochs += 1
+        if state.bad_epochs >= es.patience:
+            state.stopped = True
+            state.stop_reason = f"early stopping: {key} did not improve for {es.patience} epochs"
+
+
+def _report(strategy: Strategy, state: TrainState, ctx: RunContext, metrics: dict[str, Any], save: bool) -> None:
+    if not save:
+        ctx.report(metrics, None)
+        return
+    _check_finite_weights(strategy.unwrapped())
+    folder = Path(tempfile.mkdtemp(prefix="dtrain-ckpt-"))
+    try:
+        strategy.save(folder)
+        if ctx.rank == 0:
+            atomic_save(dataclasses.asdict(state), folder / STATE_FILE)
+        atomic_save(rng_state(), folder / f"rng_rank{ctx.rank}.pt")
+        ctx.report(metrics, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_finite_weights(model: nn.Module) -> None:
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise TrainingError("training stopped: the weights became non-finite; the last good checkpoint is kept")
+
+
+def _resume(strategy: Strategy, state: TrainState, ctx: RunContext) -> None:
+    strategy.load(ctx.resume_dir)
+    rng_file = ctx.resume_dir / f"rng_rank{ctx.rank}.pt"
+    if rng_file.exists():
+        set_rng_state(safe_load(rng_file))
+    ctx.log({"event": "resume", "stage": state.stage, "epoch": state.epoch, "batch": state.batch, "step": state.step})
+
+
+def _batch_size(job: Any, n_train: int, world: int) -> int:
+    descent = job.optim.descent
+    if descent == "batch":
+        return math.ceil(n_train / world)
+    if descent == "stochastic":
+        return 1
+    return job.data.batch_size
+
+
+def _to(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(device) for t in tensors)

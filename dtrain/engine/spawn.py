@@ -1,0 +1,68 @@
+"""Run the engine in N local processes without Ray (gloo on 127.0.0.1): for tests, benchmarks and debugging.
+
+Checkpoints reported by the loop are copied to <run_dir>/checkpoints/<step>; the newest one is resumed from.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class LocalReporter:
+    """Stands in for ray.train.report: keeps each reported checkpoint under <run_dir>/checkpoints/."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.reports: list[dict[str, Any]] = []
+
+    def __call__(self, metrics: dict[str, Any], folder: Path | None) -> None:
+        self.reports.append(metrics)
+        if folder is not None:
+            target = self.root / f"step_{metrics['step']:08d}"
+            shutil.copytree(folder, target, dirs_exist_ok=True)  # every rank adds its files, as Ray merges them
+        dist.barrier() if dist.is_initialized() else None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
+    return found[-1] if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bool, out: Any) -> None:
+    from dtrain.engine.worker import run_worker
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        resume_dir = latest_checkpoint(Path(run_dir)) if resume else None
+        summary = run_worker(job, run_dir, LocalReporter(Path(run_dir)), torch.device("cpu"), resume_dir)
+        if rank == 0:
+            out.put(summary)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resume: bool = False) -> dict[str, Any]:
+    """Train job in `world` local processes; returns rank 0's summary."""
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    mp.start_processes(_entry, args=(world, _free_port(), job, str(run_dir), resume, out), nprocs=world,
+                       start_method="spawn", join=True)
+    return out.get()

@@ -1,0 +1,40 @@
+"""Builds data, model and strategy inside one training process and runs the loop (called by every launcher)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtrain.config import to_objects
+from dtrain.data import load_data
+from dtrain.engine import dist
+from dtrain.engine.loop import Report, RunContext, fit
+from dtrain.engine.strategy import build_strategy
+from dtrain.models import build_model
+
+
+def run_worker(job_dict: dict[str, Any], run_dir: str | Path, report: Report, device: torch.device,
+               resume_dir: Path | None = None) -> dict[str, Any]:
+    """Train the job in this process (one rank of the process group, if any); returns the summary."""
+    from dtrain.tracking import Tracker
+
+    job = to_objects(job_dict)
+    rank, world = dist.rank(), dist.world_size()
+    torch.manual_seed(job.trainer.seed)  # identical initial weights on every rank
+    data = load_data(job.data)
+    model = build_model(job.model, data.meta)
+    torch.manual_seed(job.trainer.seed + 1 + rank)  # but independent dropout masks per rank
+    strategy = build_strategy(job.trainer, job.optim, device)
+    tracker = Tracker(run_dir, job_dict) if rank == 0 else None
+    ctx = RunContext(rank, world, report, tracker.log if tracker else _ignore, resume_dir)
+    try:
+        return fit(job, model, data, strategy, ctx)
+    finally:
+        if tracker:
+            tracker.close()
+
+
+def _ignore(record: dict[str, Any]) -> None:
+    pass

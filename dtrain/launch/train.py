@@ -1,0 +1,138 @@
+"""`dtrain train`: run a job as a Ray Train TorchTrainer (embedded local Ray, or an existing cluster)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dtrain.config import to_dict
+from dtrain.errors import ConfigError, DtrainError
+from dtrain.tracking import CONFIG_FILE, SUMMARY_FILE
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: report through ray.train, resume from ray.train.get_checkpoint()."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from dtrain.engine.worker import run_worker
+
+    def report(metrics: dict[str, Any], folder: Path | None) -> None:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None)
+
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir = Path(checkpoint.to_directory()) if checkpoint else None
+    try:
+        run_worker(config["job"], config["run_dir"], report, ray.train.torch.get_device(), resume_dir)
+    finally:
+        if resume_dir is not None:
+            shutil.rmtree(resume_dir, ignore_errors=True)
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster at address, or start an embedded single-node Ray bound to 127.0.0.1."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Make this package importable by the workers Ray starts (they may run from another working directory).
+    # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train otherwise echoes every worker print twice (log + stdout).
+    runtime_env = {"env_vars": {"PYTHONPATH": _package_root() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+    else:
+        # The dashboard is kept: Ray Train's placement-group cleaner polls its state API and warns without it.
+        ray.init(num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+                 logging_level=logging.WARNING, runtime_env=runtime_env)
+
+
+def resolve_resources(job: DictConfig) -> tuple[int, bool]:
+    """(num_workers, use_gpu) from the job and what the connected cluster has; error if they cannot fit."""
+    import ray
+
+    t = job.trainer
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 0)
+    use_gpu = {"auto": gpus > 0, "true": True, "false": False}[str(t.use_gpu).lower()]
+    if use_gpu and gpus == 0:
+        raise ConfigError("trainer.use_gpu: true, but the Ray cluster has no GPUs")
+    workers = t.num_workers or (gpus if use_gpu else 2)
+    if use_gpu and workers > gpus:
+        raise ConfigError(f"trainer.num_workers: {workers} workers need {workers} GPUs, the cluster has {gpus}")
+    if workers * t.cpus_per_worker > cpus:
+        raise ConfigError(f"trainer.num_workers: {workers} workers x {t.cpus_per_worker} CPUs need "
+                          f"{workers * t.cpus_per_worker:g} CPUs, the cluster has {cpus:g}")
+    return workers, use_gpu
+
+
+def run_dir_for(job: DictConfig) -> Path:
+    return Path(job.runs_dir).resolve() / job.name
+
+
+def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False,
+            callbacks: list | None = None) -> dict[str, Any]:
+    """Run job through Ray Train; returns summary.json's content. Writes runs/<name>/config.yaml first."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir = run_dir_for(job)
+    if run_dir.exists() and (run_dir / CONFIG_FILE).exists() and not resume:
+        raise ConfigError(f"name: run directory {run_dir} already exists; pass --resume to continue it "
+                          "or choose another name=")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(job, run_dir / CONFIG_FILE)
+    init_ray(address)
+    workers, use_gpu = resolve_resources(job)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": to_dict(job), "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": job.trainer.cpus_per_worker}),
+        run_config=RunConfig(name=job.name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=job.trainer.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
+                             callbacks=callbacks),
+    )
+    try:
+        trainer.fit()
+    except Exception as err:  # Ray wraps worker exceptions; surface a user error as itself
+        user = find_user_error(err)
+        if user is not None:
+            raise user from None
+        raise
+    summary_file = run_dir / SUMMARY_FILE
+    return json.loads(summary_file.read_text()) if summary_file.exists() else {}
+
+
+def find_user_error(err: BaseException) -> DtrainError | None:
+    """The DtrainError behind a Ray error (worker failures, task errors, causes), if there is one."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DtrainError):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        todo += list(getattr(e, "worker_failures", {}).values())
+    return None
+
+
+def _package_root() -> str:
+    return str(Path(__file__).resolve().parents[2])
+
+
+def scratch_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="dtrain-"))

@@ -1,0 +1,90 @@
+"""The model interface every catalog model implements: ``forward(batch)`` is the training/eval step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class StepOutput:
+    """What a model's forward returns: the loss backward runs on and batch-mean metrics to log."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    """One phase of training (e.g. pre-training one RBM layer of a DBN); most models have a single stage."""
+
+    name: str = "train"
+    max_epochs: int | None = None
+    """Epochs for this stage; None uses trainer.max_epochs."""
+    lr: float | None = None
+    """Learning rate for this stage; None uses optim.lr."""
+
+
+@dataclass
+class DataMeta:
+    """What a model needs to know about its data to build itself."""
+
+    input_shape: tuple[int, ...]
+    """Shape of one sample (features), e.g. (64,), (1, 8, 8) or (seq_len, channels)."""
+    num_classes: int = 0
+    """Classes for classification, 0 otherwise."""
+    output_dim: int = 0
+    """Targets per sample for regression, 0 otherwise."""
+    task: str = "classification"
+    """classification, regression or unsupervised."""
+    period: int | None = None
+    """Known period of a series in samples, when there is one."""
+
+
+class CatalogModel(nn.Module):
+    """Base class: subclasses implement ``forward(batch) -> StepOutput``; the engine calls it through the
+    DDP/DeepSpeed wrapper so gradient synchronisation always happens."""
+
+    def stages(self) -> list[Stage]:
+        """Training phases run in order by the engine; one by default."""
+        return [Stage()]
+
+    def set_stage(self, stage: Stage) -> None:
+        """Prepare for a stage (freeze/unfreeze parameters, switch the loss)."""
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Model output for inputs x (logits, forecasts, reconstructions or features)."""
+        raise NotImplementedError
+
+
+def classification_step(logits: Tensor, y: Tensor) -> StepOutput:
+    """Cross-entropy with accuracy, in float32 for a stable loss under mixed precision."""
+    logits = logits.float()
+    loss = F.cross_entropy(logits, y)
+    acc = (logits.argmax(dim=-1) == y).float().mean()
+    return StepOutput(loss, {"loss": loss.detach(), "acc": acc})
+
+
+def regression_step(pred: Tensor, y: Tensor) -> StepOutput:
+    """Mean squared error with mean absolute error."""
+    pred = pred.float().reshape(y.shape)
+    loss = F.mse_loss(pred, y)
+    return StepOutput(loss, {"loss": loss.detach(), "mse": loss.detach(), "mae": (pred - y).abs().mean().detach()})
+
+
+def supervised_step(model: CatalogModel, batch: tuple[Tensor, ...], task: str) -> StepOutput:
+    """The step of every supervised model: predict, then the task's loss."""
+    x, y = batch
+    out = model.predict(x)
+    return classification_step(out, y) if task == "classification" else regression_step(out, y)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flat_dim(shape: tuple[int, ...]) -> int:
+    return int(torch.tensor(shape).prod().item()) if shape else 1

@@ -1,0 +1,113 @@
+"""Activations and weight initialisations selectable by name."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class _StepSTE(torch.autograd.Function):
+    """Heaviside step forward, straight-through (identity, clipped to |x|<=1) gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype)
+
+
+class BinaryStep(nn.Module):
+    """Binary step 1[x > 0] with a straight-through gradient so it can be trained by backprop."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _StepSTE.apply(x)
+
+
+class Swish(nn.Module):
+    """x * sigmoid(beta x); beta may be learned."""
+
+    def __init__(self, beta: float = 1.0, learnable: bool = False) -> None:
+        super().__init__()
+        b = torch.tensor(float(beta))
+        if learnable:
+            self.beta = nn.Parameter(b)
+        else:
+            self.register_buffer("beta", b)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.beta * x)
+
+
+ACTIVATIONS = ("binary_step", "sigmoid", "tanh", "relu", "leaky_relu", "softmax", "swish", "identity")
+
+
+def activation(name: str, *, slope: float = 0.01, beta: float = 1.0, learnable_beta: bool = False) -> nn.Module:
+    """Build an activation by name (see ACTIVATIONS)."""
+    table = {
+        "binary_step": BinaryStep,
+        "sigmoid": nn.Sigmoid,
+        "tanh": nn.Tanh,
+        "relu": nn.ReLU,
+        "leaky_relu": lambda: nn.LeakyReLU(slope),
+        "softmax": lambda: nn.Softmax(dim=-1),
+        "swish": lambda: Swish(beta, learnable_beta),
+        "identity": nn.Identity,
+    }
+    if name not in table:
+        from dtrain.errors import ConfigError
+
+        raise ConfigError(f"model.activation: expected one of {', '.join(ACTIVATIONS)}, got {name!r}")
+    return table[name]()
+
+
+INITS = ("default", "zeros", "normal", "uniform", "xavier", "kaiming", "orthogonal", "lecun")
+
+
+def init_weight(w: Tensor, name: str, nonlinearity: str = "relu") -> None:
+    """Initialise one weight tensor in place by scheme name (see INITS)."""
+    if name == "default":
+        return
+    if name == "zeros":
+        nn.init.zeros_(w)
+    elif name == "normal":
+        nn.init.normal_(w, 0.0, 0.01)
+    elif name == "uniform":
+        nn.init.uniform_(w, -0.05, 0.05)
+    elif name == "xavier":
+        nn.init.xavier_uniform_(w)
+    elif name == "kaiming":
+        nl = nonlinearity if nonlinearity in ("relu", "leaky_relu") else "relu"
+        nn.init.kaiming_uniform_(w, nonlinearity=nl)
+    elif name == "orthogonal":
+        nn.init.orthogonal_(w)
+    elif name == "lecun":
+        fan_in = w.shape[1] * (w[0][0].numel() if w.dim() > 2 else 1)
+        nn.init.normal_(w, 0.0, 1.0 / math.sqrt(fan_in))
+    else:
+        from dtrain.errors import ConfigError
+
+        raise ConfigError(f"model.init: expected one of {', '.join(INITS)}, got {name!r}")
+
+
+def init_module(module: nn.Module, name: str, nonlinearity: str = "relu") -> None:
+    """Initialise the weights of every Linear/Conv/RNN layer in module; biases start at zero."""
+    if name == "default":
+        return
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            init_weight(m.weight, name, nonlinearity)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.RNN, nn.LSTM, nn.GRU)):
+            for pname, p in m.named_parameters():
+                if pname.startswith("weight"):
+                    init_weight(p, name, nonlinearity)
+                else:
+                    nn.init.zeros_(p)
+

@@ -1,0 +1,78 @@
+"""Perceptron (a single linear layer) and the multi-layer perceptron."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from dtrain.models.base import CatalogModel, DataMeta, StepOutput, flat_dim, supervised_step
+from dtrain.models.layers import activation, init_module
+
+
+@dataclass
+class PerceptronConfig:
+    name: str = "perceptron"
+    init: str = "zeros"
+    """Weight initialisation (see dtrain.models.layers.INITS)."""
+
+
+class Perceptron(CatalogModel):
+    """One linear layer from inputs to outputs: a linear classifier (softmax/cross-entropy) or regressor."""
+
+    def __init__(self, cfg: PerceptronConfig, meta: DataMeta) -> None:
+        super().__init__()
+        self.task = meta.task
+        self.linear = nn.Linear(flat_dim(meta.input_shape), meta.num_classes or meta.output_dim or 1)
+        init_module(self, cfg.init)
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.linear(x.flatten(1))
+
+    def forward(self, batch: tuple[Tensor, ...]) -> StepOutput:
+        return supervised_step(self, batch, self.task)
+
+
+@dataclass
+class MLPConfig:
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [128])
+    """Width of each hidden layer."""
+    activation: str = "relu"
+    """Hidden activation (see dtrain.models.layers.ACTIVATIONS)."""
+    init: str = "kaiming"
+    """Weight initialisation (see dtrain.models.layers.INITS)."""
+    dropout: float = 0.0
+    """Dropout probability after each hidden activation."""
+    leaky_slope: float = 0.01
+    """Negative slope of leaky_relu."""
+    swish_beta: float = 1.0
+    """beta of swish."""
+    learnable_beta: bool = False
+    """Learn swish's beta."""
+
+
+class MLP(CatalogModel):
+    """Fully connected layers with a chosen activation and dropout, then a linear output layer."""
+
+    def __init__(self, cfg: MLPConfig, meta: DataMeta) -> None:
+        super().__init__()
+        self.task = meta.task
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = flat_dim(meta.input_shape)
+        for h in cfg.hidden:
+            layers += [nn.Linear(width, h),
+                       activation(cfg.activation, slope=cfg.leaky_slope, beta=cfg.swish_beta,
+                                  learnable_beta=cfg.learnable_beta)]
+            if cfg.dropout > 0:
+                layers.append(nn.Dropout(cfg.dropout))
+            width = h
+        layers.append(nn.Linear(width, meta.num_classes or meta.output_dim or 1))
+        self.net = nn.Sequential(*layers)
+        init_module(self, cfg.init, cfg.activation)
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def forward(self, batch: tuple[Tensor, ...]) -> StepOutput:
+        return supervised_step(self, batch, self.task)

@@ -1,0 +1,34 @@
+"""Shared fixtures: offline W&B, a restored environment, no leaked process group, one Ray per session."""
+
+from __future__ import annotations
+
+import os
+import pytest
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    saved = dict(os.environ)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A single-node Ray bound to 127.0.0.1, started once for the whole test session."""
+    from dtrain.launch.train import init_ray
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    init_ray(None, num_cpus=4)
+    import ray
+
+    yield ray
+    ray.shutdown()
+

@@ -1,0 +1,63 @@
+import subprocess
+import sys
+
+import pytest
+
+from dtrain.config import load_job, to_objects
+from dtrain.errors import ConfigError
+from tests.helpers import JOBS, ROOT
+
+MLP = JOBS / "mlp_digits.yaml"
+
+
+def test_job_loads_with_overrides_and_model_schema():
+    job = load_job(MLP, ["trainer.num_workers=3", "model.hidden=[8,4]", "optim.lr=0.1"])
+    obj = to_objects(job)
+    assert obj.trainer.num_workers == 3 and obj.model.hidden == [8, 4] and obj.optim.lr == 0.1
+    assert type(obj.model).__name__ == "MLPConfig"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("trainer.bogus=1", "unknown key 'trainer.bogus'"),
+    ("model.depth=3", "unknown key 'model.depth'"),
+    ("optim.lr=-1", "optim.lr: expected a number > 0"),
+    ("trainer.precision=fp8", "trainer.precision: expected one of 32, bf16-mixed, fp16-mixed"),
+    ("trainer.max_epochs=abc", "trainer.max_epochs"),
+    ("trainer.strategy=horovod", "trainer.strategy: expected ddp or deepspeed"),
+    ("model.name=transformer", "model.name: expected one of"),
+    ("trainer.grad_clip_mode=both", "trainer.grad_clip_mode"),
+    ("data.batch_size=0", "data.batch_size: expected an integer >= 1"),
+    ("noequals", "expected key=value"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_job(MLP, [override])
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="job file not found"):
+        load_job(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_job(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_job(scalar)
+
+
+def test_cli_config_error_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "dtrain", "config", str(MLP), "trainer.bogus=1"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"dtrain: error: {MLP}: unknown key 'trainer.bogus'"
+
+
+def test_cli_config_prints_resolved_yaml():
+    proc = subprocess.run([sys.executable, "-m", "dtrain", "config", str(MLP), "trainer.num_workers=4"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "num_workers: 4" in proc.stdout and "strategy: ddp" in proc.stdout
