@@ -38,6 +38,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for key, value in sorted(summary.get("test", {}).items()):
         print(f"[dtrain] {key} = {value:.4f}")
     print(f"[dtrain] metrics: {run_dir / 'metrics.jsonl'}  summary: {run_dir / 'summary.json'}")
+    from dtrain.report import write_report
+
+    print(f"[dtrain] report (plots + summary): {write_report(run_dir)}")
     return 0
 
 
@@ -55,6 +58,13 @@ def _check_buildable(job) -> None:
 def cmd_config(args: argparse.Namespace) -> int:
     job = _load(args.job, args.overrides)
     print(OmegaConf.to_yaml(job, resolve=True), end="")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dtrain.report import write_report
+
+    print(f"[dtrain] report: {write_report(args.run_dir, args.out)}")
     return 0
 
 
@@ -87,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("report", help="write PNG plots and report.md for a run from its metrics.jsonl")
+    p.add_argument("run_dir", help="a run directory, runs/<name>")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("models", help="list catalog models, their parameters, and data sets")
     p.set_defaults(func=cmd_models)

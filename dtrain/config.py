@@ -179,21 +179,32 @@ class CheckpointConfig:
 @dataclass
 class WandbConfig:
     enabled: str = "auto"
-    """auto (online with an API key, else offline), true or false."""
+    """auto (online with an API key, else offline), true (online; an API key is required unless mode says
+    offline) or false (no W&B at all)."""
     project: str = "dtrain"
+    """W&B project."""
     entity: str | None = None
+    """W&B team or user; null = the key's default entity."""
     group: str | None = None
+    """Groups runs in the W&B UI (dtrain tune sets it to the search name)."""
+    name: str | None = None
+    """W&B run display name; null = the job name (dtrain tune sets it to the trial id)."""
     tags: list[str] = field(default_factory=list)
+    """W&B run tags."""
     mode: str | None = None
-    """online, offline or disabled; overrides what `enabled` chose."""
+    """online, offline or disabled; overrides what `enabled` and WANDB_MODE chose."""
+    log_every_n_steps: int | None = None
+    """Send step metrics to W&B every N optimizer steps; null = every step trainer.log_every_n_steps logs."""
     log_checkpoint: bool = False
-    """Upload the final checkpoint as a W&B artifact."""
+    """Upload the run's latest checkpoint folder as a W&B model artifact when training ends."""
 
     def __post_init__(self) -> None:
         _check(str(self.enabled).lower() in ("auto", "true", "false"), "logging.wandb.enabled", "auto, true or false",
                self.enabled)
         _check(self.mode in (None, "online", "offline", "disabled"), "logging.wandb.mode",
                "online, offline or disabled", self.mode)
+        _check(self.log_every_n_steps is None or self.log_every_n_steps >= 1, "logging.wandb.log_every_n_steps",
+               "an integer >= 1 or null", self.log_every_n_steps)
 
 
 @dataclass

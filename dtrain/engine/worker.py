@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,8 @@ def run_worker(job_dict: dict[str, Any], run_dir: str | Path, report: Report, de
     strategy = build_strategy(job.trainer, job.optim, device)
     tracker = Tracker(run_dir, job_dict) if rank == 0 else None
     ctx = RunContext(rank, world, report, tracker.log if tracker else _ignore, resume_dir)
-    try:
+    with tracker or contextlib.nullcontext():  # the tracker marks its W&B run failed if fit raises
         return fit(job, model, data, strategy, ctx)
-    finally:
-        if tracker:
-            tracker.close()
 
 
 def _ignore(record: dict[str, Any]) -> None:
