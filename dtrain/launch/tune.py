@@ -1,0 +1,368 @@
+"""`dtrain tune`: a Ray Tune search whose trials are full dtrain training runs (Ray Train V2 inside each trial).
+
+Each trial is a small driver function that runs `fit_job` (a TorchTrainer with its own DDP/DeepSpeed workers) and
+forwards every epoch's metrics and checkpoint to Tune, so ASHA can stop it and PBT can copy its weights. Tune
+reserves only the driver's resources; the workers are placed by Ray Train afterwards, so the number of concurrent
+trials is capped at what the cluster fits in full, otherwise trials could hold the CPUs their workers wait for.
+
+Layout: runs/<search>/ holds Tune's state (for --resume), job.yaml (the search spec), results.csv and best.yaml;
+runs/<search>/trials/<trial>/run<k>/ is the trial's dtrain run (k > 0 after a PBT exploit or a resume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from ray.train.v2.api.callback import UserCallback
+
+from dtrain.config import build_job, to_dict
+from dtrain.errors import ConfigError, DtrainError
+from dtrain.launch.search_space import Param, TuneConfig, apply_params, check_against_job, read_tune_section
+
+JOB_FILE = "job.yaml"
+RESULTS_FILE = "results.csv"
+BEST_FILE = "best.yaml"
+
+
+class ForwardReports(UserCallback):
+    """Runs in the Ray Train controller: hands each report (rank 0's metrics, checkpoint path) to the trial."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue, self.sent_handle = queue, False
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        import ray
+
+        item = {"metrics": dict(metrics[0]), "checkpoint": checkpoint.path if checkpoint else None}
+        if not self.sent_handle:  # the trial aborts the run through it when Tune stops the trial
+            item["controller"] = ray.get_runtime_context().current_actor
+            self.sent_handle = True
+        self.queue.put(item)
+
+
+def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
+    """Tune's trial function: one dtrain run of the sampled job, reporting each epoch (and checkpoint) to Tune."""
+    from ray import tune
+    from ray.util.queue import Queue
+
+    from dtrain.launch.train import fit_job
+
+    trial_dir = Path(setup["search_dir"]) / "trials" / tune.get_context().get_trial_id()
+    segment = sum(1 for p in trial_dir.glob("run*") if p.is_dir()) if trial_dir.exists() else 0
+    job = build_job(OmegaConf.create(trial_job(setup["base"], setup["params"], config, setup["search_name"])))
+    job.runs_dir, job.name = str(trial_dir), f"run{segment}"
+    init = _initial_checkpoint(trial_dir / f"init{segment}", job)
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    outcome: dict[str, Any] = {}
+
+    def train() -> None:
+        try:
+            fit_job(job, callbacks=[ForwardReports(queue)], init_checkpoint=init)
+        except BaseException as err:  # noqa: BLE001 - handed to the trial thread, which re-raises it
+            outcome["error"] = err
+        finally:
+            queue.put(None)
+
+    thread = threading.Thread(target=train, name="dtrain-trial", daemon=True)
+    thread.start()
+    _forward(queue, setup["metric"])
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _forward(queue: Any, metric: str) -> None:
+    """Report queued epoch results to Tune until the run ends; if Tune stops the trial, abort the Train run."""
+    from ray import tune
+    from ray.tune import Checkpoint
+
+    controller = None
+    try:
+        while (item := queue.get()) is not None:
+            controller = item.get("controller", controller)
+            if metric not in item["metrics"]:  # mid-epoch checkpoints carry no validation metrics
+                continue
+            path = item["checkpoint"]
+            tune.report(item["metrics"], checkpoint=Checkpoint.from_directory(path) if path else None)
+    except BaseException:  # Tune stops a trial by raising SystemExit out of tune.report
+        if controller is not None:
+            _abort(controller)
+        raise
+
+
+def _abort(controller: Any) -> None:
+    import ray
+
+    try:
+        ray.get(controller.abort.remote(), timeout=60)
+    except Exception:  # noqa: BLE001 - abort ends the actor; its exit surfaces as an error here
+        pass
+
+
+def trial_job(base: dict, params: dict[str, Param], sample: dict[str, Any], search_name: str) -> dict:
+    """The job a trial trains: the search's job with the sampled values and no tune section."""
+    job = apply_params(base, params, sample)
+    job.pop("tune", None)
+    wandb = job.setdefault("logging", {}).setdefault("wandb", {})
+    wandb["group"] = wandb.get("group") or search_name
+    job.setdefault("checkpoint", {})["keep"] = max(2, job.get("checkpoint", {}).get("keep", 2))
+    return job
+
+
+def _initial_checkpoint(folder: Path, job: DictConfig) -> str | None:
+    """Tune's checkpoint for this trial (PBT exploit, or resume), copied to folder with job's optimizer settings."""
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    if folder.exists():
+        shutil.rmtree(folder)
+    checkpoint.to_directory(str(folder))
+    retarget_optimizer(folder, job)
+    return str(folder)
+
+
+def retarget_optimizer(folder: Path, job: DictConfig) -> bool:
+    """Put job's lr/weight_decay/momentum into a DDP checkpoint's optimizer and schedule (PBT's explore step:
+    the weights come from the better trial, the hyperparameters are this trial's perturbed ones); reseals the
+    manifest. Returns False for checkpoints of another format (DeepSpeed), which keep their own settings."""
+    from dtrain.engine.checkpoint import atomic_save, safe_load
+
+    path = folder / "model.pt"
+    if not path.exists():
+        print(f"[dtrain] tune: {folder.name} is not a DDP checkpoint; its optimizer settings are kept", flush=True)
+        return False
+    state = safe_load(path)
+    opt, sched = state["optimizer"], state.get("scheduler", {})
+    base_lrs = sched.get("base_lrs") or [g.get("initial_lr", g["lr"]) for g in opt["param_groups"]]
+    for i, group in enumerate(opt["param_groups"]):
+        old_base = base_lrs[min(i, len(base_lrs) - 1)] or job.optim.lr
+        group["lr"] = group["lr"] * job.optim.lr / old_base  # keep the schedule's current factor
+        group["initial_lr"] = job.optim.lr
+        group["weight_decay"] = job.optim.weight_decay
+        if "momentum" in group:
+            group["momentum"] = job.optim.momentum
+    if "base_lrs" in sched:
+        sched["base_lrs"] = [job.optim.lr] * len(sched["base_lrs"])
+        sched["_last_lr"] = [g["lr"] for g in opt["param_groups"]]
+    atomic_save(state, path)
+    _reseal(folder, "model.pt")
+    return True
+
+
+def _reseal(folder: Path, name: str) -> None:
+    """Update the manifest entry of a file we changed, so the checkpoint still verifies."""
+    manifest = folder / "manifest_rank0.json"
+    if not manifest.exists():
+        return
+    body = json.loads(manifest.read_text())
+    data = (folder / name).read_bytes()
+    body["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest.write_text(json.dumps(body, indent=1))
+
+
+def plan_concurrency(jobs: list[dict], cfg: TuneConfig) -> tuple[int, dict[str, float], str]:
+    """(max concurrent trials, one trial's resources, a note) so that every running trial gets all its workers."""
+    import ray
+
+    from dtrain.launch.train import resolve_resources
+
+    cluster = ray.cluster_resources()
+    cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    need_cpu, need_gpu, worst = 0.0, 0.0, ""
+    for job in jobs:  # the largest trial any sample can produce
+        cfg_job = build_job(OmegaConf.create(job))
+        try:
+            workers, use_gpu = resolve_resources(cfg_job)
+        except ConfigError as err:
+            raise ConfigError(f"tune: a trial cannot fit the cluster: {err}") from None
+        cpu = cfg.trial_cpus + workers * cfg_job.trainer.cpus_per_worker
+        if cpu > need_cpu:
+            worst = f"tune.trial_cpus {cfg.trial_cpus:g} + {workers} workers x {cfg_job.trainer.cpus_per_worker:g} CPUs"
+        need_cpu, need_gpu = max(need_cpu, cpu), max(need_gpu, workers if use_gpu else 0)
+    if need_cpu > cpus:
+        raise ConfigError(f"tune: a trial needs {need_cpu:g} CPUs ({worst}), the cluster has {cpus:g}; lower "
+                          "trainer.num_workers, trainer.cpus_per_worker or tune.trial_cpus")
+    fits = math.floor(cpus / need_cpu) if need_cpu > 0 else 10**6
+    if need_gpu:
+        fits = min(fits, math.floor(gpus / need_gpu))
+    limit, note = fits, f"{fits} trials fit the cluster at once ({need_cpu:g} CPUs each)"
+    if cfg.max_concurrent_trials is not None:
+        limit = min(fits, cfg.max_concurrent_trials)
+        if cfg.max_concurrent_trials > fits:
+            note += f"; tune.max_concurrent_trials {cfg.max_concurrent_trials} lowered to {fits} to avoid a deadlock"
+    # A Ray resource request cannot be empty: a driver with no CPU reserves a token 1 MiB of memory instead.
+    driver = {"CPU": cfg.trial_cpus} if cfg.trial_cpus > 0 else {"CPU": 0, "memory": 2**20}
+    return max(1, min(limit, cfg.num_samples)), driver, note
+
+
+def prepare(job: DictConfig) -> tuple[TuneConfig, dict[str, Param], dict, list[dict]]:
+    """Validate the tune section and the space against the job: (config, params, base job, candidate jobs)."""
+    base = to_dict(job)
+    cfg, params = read_tune_section(base.get("tune"))
+    _absolute_data_path(base)
+    return cfg, params, base, check_against_job(base, params)
+
+
+def _absolute_data_path(base: dict) -> None:
+    # Trials run in Tune's trial directory, so a relative data file would not be found there.
+    path = (base.get("data") or {}).get("path")
+    if path and not Path(path).is_absolute():
+        base["data"]["path"] = str(Path(path).resolve())
+
+
+def run_search(job: DictConfig, *, address: str | None = None,
+               resume: bool = False) -> tuple[list[dict[str, Any]], TuneConfig]:
+    """Run (or with resume, continue) the search job.tune describes; writes results.csv and best.yaml and returns
+    the result rows (best first) and the validated tune section."""
+    from ray import tune
+
+    from dtrain.launch.train import init_ray
+
+    cfg, params, base, jobs = prepare(job)
+    search_dir = Path(job.runs_dir).resolve() / job.name
+    if not resume and (search_dir / JOB_FILE).exists():
+        raise ConfigError(f"name: search directory {search_dir} already exists; pass --resume to continue it "
+                          "or choose another name=")
+    init_ray(address)
+    concurrency, resources, note = plan_concurrency([base, *jobs], cfg)
+    print(f"[dtrain] tune: {note}; running up to {concurrency} at once", flush=True)
+    setup = {"base": base, "params": params, "metric": cfg.metric, "search_dir": str(search_dir),
+             "search_name": job.name}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
+    if resume:
+        if not tune.Tuner.can_restore(str(search_dir)):
+            raise ConfigError(f"{search_dir}: no Tune state to resume from (the search never started)")
+        tuner = tune.Tuner.restore(str(search_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        search_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(job, search_dir / JOB_FILE)
+        tuner = tune.Tuner(
+            trainable, param_space={key: p.domain() for key, p in params.items()},
+            tune_config=tune.TuneConfig(
+                metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
+                max_concurrent_trials=None if cfg.search_alg in ("random", "grid") else concurrency,
+                scheduler=_scheduler(cfg, params, job), search_alg=_search_alg(cfg, concurrency),
+                time_budget_s=cfg.time_budget_s, trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(name=search_dir.name, storage_path=str(search_dir.parent), verbose=1,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        )
+    grid = tuner.fit()
+    rows = result_rows(grid, cfg, params, search_dir)
+    if rows and all(r["status"] == "error" for r in rows):
+        raise _first_error(grid)
+    write_outputs(rows, to_dict(job), cfg, params, search_dir)
+    return rows, cfg
+
+
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id
+
+
+def _scheduler(cfg: TuneConfig, params: dict[str, Param], job: DictConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    if cfg.scheduler == "asha":
+        max_t = max(job.trainer.max_epochs, cfg.grace_period)
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=cfg.grace_period,
+                             reduction_factor=cfg.reduction_factor)
+    if cfg.scheduler == "pbt":
+        every = job.checkpoint.every_n_epochs
+        if every < 1 or cfg.perturbation_interval % every:
+            raise ConfigError(f"tune.perturbation_interval: expected a multiple of checkpoint.every_n_epochs "
+                              f"({every}; pbt needs epoch checkpoints), got {cfg.perturbation_interval}")
+        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=cfg.perturbation_interval,
+                                       hyperparam_mutations={k: p.domain() for k, p in params.items()},
+                                       quantile_fraction=cfg.quantile_fraction)
+    return FIFOScheduler()
+
+
+def _search_alg(cfg: TuneConfig, concurrency: int) -> Any:
+    """The search algorithm; Tune caps optuna/hyperopt through max_concurrent_trials, random/grid cap themselves."""
+    if cfg.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=cfg.seed)
+    if cfg.search_alg == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch(random_state_seed=cfg.seed, n_initial_points=max(1, min(20, cfg.num_samples // 2)))
+    from ray.tune.search import BasicVariantGenerator
+
+    # Random sampling; grid([...]) values expand to every combination.
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.seed)
+
+
+def _first_error(grid: Any) -> DtrainError:
+    from dtrain.launch.train import find_user_error
+
+    errors = [r.error for r in grid if r.error is not None]
+    user = next((u for u in map(find_user_error, errors) if u is not None), None)
+    if user is not None:
+        return user
+    first = str(errors[0]).strip().splitlines()[-1] if errors else "unknown"
+    return DtrainError(f"tune: every trial failed; the first error: {first}")
+
+
+def result_rows(grid: Any, cfg: TuneConfig, params: dict[str, Param], search_dir: Path) -> list[dict[str, Any]]:
+    """One row per trial: id, status, epochs reported, best and last metric, sampled values, run dir; best first."""
+    rows = []
+    for result in grid:
+        trial = Path(result.path).name
+        frame = result.metrics_dataframe
+        history = frame[cfg.metric].dropna().tolist() if frame is not None and cfg.metric in frame else []
+        pick = max if cfg.mode == "max" else min
+        runs = sorted((search_dir / "trials" / trial).glob("run*"), key=lambda p: int(p.name[3:] or 0))
+        rows.append({"trial": trial, "status": "error" if result.error else "ok", "epochs": len(history),
+                     cfg.metric: pick(history) if history else math.nan,
+                     f"last {cfg.metric}": history[-1] if history else math.nan,
+                     **{key: p.decode(result.config.get(key)) for key, p in params.items()},
+                     "run_dir": str(runs[-1]) if runs else ""})
+    sign = -1 if cfg.mode == "max" else 1
+    return sorted(rows, key=lambda r: (math.isnan(r[cfg.metric]), sign * r[cfg.metric]
+                                       if not math.isnan(r[cfg.metric]) else 0))
+
+
+def write_outputs(rows: list[dict[str, Any]], job: dict, cfg: TuneConfig, params: dict[str, Param],
+                  search_dir: Path) -> None:
+    """results.csv (every trial, best first) and best.yaml (the job with the best values, ready for dtrain train)."""
+    import csv
+
+    with open(search_dir / RESULTS_FILE, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()})
+    ok = [r for r in rows if r["status"] == "ok" and not math.isnan(r[cfg.metric])]
+    if not ok:
+        return
+    best = ok[0]
+    spec = apply_params(job, params, {k: best[k] for k in params})
+    spec.pop("tune", None)
+    spec["name"] = None  # `dtrain train best.yaml` names the run itself
+    header = (f"# Best of search {job['name']}: trial {best['trial']}, {cfg.metric} = {best[cfg.metric]:.6g} "
+              f"({cfg.mode}).\n# Run it with: dtrain train {search_dir / BEST_FILE}\n")
+    (search_dir / BEST_FILE).write_text(header + OmegaConf.to_yaml(OmegaConf.create(spec)))
+
+
+def print_table(rows: list[dict[str, Any]], metric: str) -> None:
+    """The results table on the console, best first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dtrain tune: {len(rows)} trials, best {metric} first")
+    columns = [c for c in (rows[0] if rows else {}) if c != "run_dir"]
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("epochs", metric, f"last {metric}") else "left")
+    for row in rows:
+        table.add_row(*(f"{row[c]:.4g}" if isinstance(row[c], float) else json.dumps(row[c])
+                        if isinstance(row[c], list) else str(row[c]) for c in columns))
+    Console(width=160).print(table)
