@@ -253,7 +253,7 @@ def run_search(job: DictConfig, *, address: str | None = None,
                 scheduler=_scheduler(cfg, params, job), search_alg=_search_alg(cfg, concurrency),
                 time_budget_s=cfg.time_budget_s, trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name=search_dir.name, storage_path=str(search_dir.parent), verbose=1,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=_keep(cfg))),
         )
     grid = tuner.fit()
     rows = result_rows(grid, cfg, params, search_dir)
@@ -261,6 +261,11 @@ def run_search(job: DictConfig, *, address: str | None = None,
         raise _first_error(grid)
     write_outputs(rows, to_dict(job), cfg, params, search_dir)
     return rows, cfg
+
+
+def _keep(cfg: TuneConfig) -> int:
+    # PBT exploits another trial's latest checkpoint while that trial keeps training: keep a few more.
+    return max(cfg.keep_checkpoints, 4) if cfg.scheduler == "pbt" else cfg.keep_checkpoints
 
 
 def _trial_dirname(trial: Any) -> str:

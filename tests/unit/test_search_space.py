@@ -1,0 +1,146 @@
+"""The tune: section: search-space syntax, validation against the job schema, PBT optimizer retargeting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dtrain.config import build_job, load_job
+from dtrain.errors import ConfigError
+from dtrain.launch.search_space import apply_params, check_against_job, parse_param, parse_space, read_tune_section
+from tests.helpers import JOBS, small_job
+
+
+def test_every_kind_parses_to_its_tune_domain():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    params = parse_space({"optim": {"lr": "loguniform(1e-4, 1e-1)"}, "optim.momentum": "uniform(0.5, 0.99)",
+                          "optim.weight_decay": "quniform(0, 1e-3, 1e-4)", "trainer.seed": "randint(0, 10)",
+                          "model.activation": "choice([relu, tanh, swish])"})
+    assert set(params) == {"optim.lr", "optim.momentum", "optim.weight_decay", "trainer.seed", "model.activation"}
+    assert params["optim.lr"].args == (1e-4, 1e-1)  # YAML 1.1 reads 1e-4 as a string; we read it as a number
+    lr = params["optim.lr"].domain()
+    assert isinstance(lr, Float) and lr.lower == 1e-4 and lr.upper == 1e-1
+    assert isinstance(params["trainer.seed"].domain(), Integer)
+    assert params["model.activation"].domain().categories == ["relu", "tanh", "swish"]
+    assert isinstance(params["model.activation"].domain(), Categorical)
+
+
+def test_list_options_travel_as_json_and_decode_back():
+    param = parse_param("model.hidden", "choice([[64], [128, 64]])")
+    assert param.encoded and param.domain().categories == ["[64]", "[128, 64]"]
+    assert param.decode("[128, 64]") == [128, 64]
+    assert not parse_param("optim.lr", "choice([0.1, 0.01])").encoded
+
+
+@pytest.mark.parametrize("expr, expected", [
+    ("loguniform(1e-4)", "tune.space.optim.lr: expected loguniform(a, b) with numbers"),
+    ("loguniform(0, 1)", "tune.space.optim.lr: expected loguniform(a, b) with 0 < a < b"),
+    ("uniform(1, 0.5)", "tune.space.optim.lr: expected uniform(a, b) with a < b"),
+    ("lognormal(1, 2)", "tune.space.optim.lr: unknown distribution 'lognormal'"),
+    ("choice(0.1, 0.2)", "tune.space.optim.lr: expected choice([value, ...]) with a non-empty list"),
+    ("choice([])", "tune.space.optim.lr: expected choice([value, ...]) with a non-empty list"),
+    ("randint(1.5, 4)", "tune.space.optim.lr: expected randint(a, b) with integers"),
+    ("loguniform(1e-4, 1e-1", "tune.space.optim.lr: expected uniform(a, b), loguniform(a, b)"),
+    (0.01, "tune.space.optim.lr: expected uniform(a, b)"),
+])
+def test_bad_syntax_names_the_key(expr, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_space({"optim.lr": expr})
+    assert str(err.value).startswith(expected), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_space_keys_are_checked_against_the_job_schema_and_model():
+    job = small_job()
+    with pytest.raises(ConfigError, match=r"^tune\.space\.model\.depth: 1 does not fit the job: unknown key "):
+        check_against_job(job, parse_space({"model.depth": "randint(1, 4)"}))
+    with pytest.raises(ConfigError, match=r"^tune\.space\.model\.activation: 'bogus' does not fit the job: "
+                                          r"model\.activation: expected one of"):
+        check_against_job(job, parse_space({"model.activation": "choice([relu, bogus])"}))
+    with pytest.raises(ConfigError, match=r"^tune\.space\.optim\.lr: -1\.0 does not fit the job: optim\.lr"):
+        check_against_job(job, parse_space({"optim.lr": "uniform(-1, 1)"}))
+    ok = check_against_job(job, parse_space({"model.hidden": "choice([[8], [16, 8]])", "arch.width": "choice([4])"}))
+    assert [j["model"]["hidden"] for j in ok] == [[8], [16, 8], [4]]
+
+
+def test_derived_arch_keys_set_hidden_layers():
+    params = parse_space({"arch.depth": "randint(1, 4)", "arch.width": "choice([32, 64])"})
+    job = apply_params(small_job(), params, {"arch.depth": 3, "arch.width": 64})
+    assert job["model"]["hidden"] == [64, 64, 64]
+    with pytest.raises(ConfigError, match=r"^tune\.space\.arch\.layers: unknown derived key"):
+        parse_space({"arch.layers": "randint(1, 4)"})
+
+
+@pytest.mark.parametrize("section, expected", [
+    ({"mode": "maximum"}, "tune.mode: expected min or max, got 'maximum'"),
+    ({"bogus": 1}, "tune: unknown key 'bogus'"),
+    ({"scheduler": "hyperband"}, "tune.scheduler: expected fifo | asha | pbt"),
+    ({"search_alg": "grid"}, "tune.space.optim.lr: search_alg grid needs choice([...]) or grid([...])"),
+    ({"scheduler": "pbt", "space": {"model.hidden": "choice([[8]])"}}, "tune.space.model.hidden: pbt copies weights"),
+    ({"scheduler": "pbt", "search_alg": "optuna"}, "tune.search_alg: pbt samples its population itself"),
+    ({"space": {"optim.lr": "grid([0.1, 0.2])"}}, "tune.space.optim.lr: grid([...]) needs tune.search_alg: grid"),
+    ({"space": {}}, "tune.space: expected at least one key"),
+])
+def test_tune_section_errors_name_the_field(section, expected):
+    full = {"metric": "val/acc", "mode": "max", "space": {"optim.lr": "loguniform(1e-4, 1e-1)"}} | section
+    with pytest.raises(ConfigError) as err:
+        read_tune_section(full)
+    assert str(err.value).startswith(expected), str(err.value)
+
+
+@pytest.mark.parametrize("name", ["tune_mlp_digits.yaml", "autotune_mlp_digits.yaml"])
+def test_shipped_tune_jobs_validate(name):
+    job = load_job(JOBS / name)
+    cfg, params = read_tune_section(OmegaConf.to_container(job.tune))
+    assert cfg.metric == "val/acc" and cfg.mode == "max" and params
+    assert check_against_job(OmegaConf.to_container(job), params)
+
+
+def test_hyperopt_and_optuna_accept_the_space():
+    from dtrain.launch.tune import _search_alg
+
+    cfg, params = read_tune_section({"metric": "val/acc", "mode": "max", "search_alg": "hyperopt", "space": {
+        "optim.lr": "loguniform(1e-4, 1e-1)", "model.hidden": "choice([[64], [128, 64]])", "trainer.seed": "randint(0, 5)"}})
+    space = {k: p.domain() for k, p in params.items()}
+    for name in ("hyperopt", "optuna"):
+        cfg.search_alg = name
+        searcher = _search_alg(cfg, 2)
+        assert searcher.set_search_properties("val/acc", "max", space)
+        sample = searcher.suggest("t1")
+        assert set(sample) == set(params)
+        assert params["model.hidden"].decode(sample["model.hidden"]) in ([64], [128, 64])
+
+
+def test_retarget_optimizer_sets_the_new_lr_and_reseals(tmp_path):
+    from dtrain.engine.checkpoint import atomic_save, checkpoint_problem, write_manifest
+    from dtrain.engine.optim import build_optimizer, build_scheduler
+    from dtrain.launch.tune import retarget_optimizer
+
+    job = build_job(OmegaConf.create(small_job(**{"optim.lr": 0.01, "optim.scheduler": "cosine"})))
+    model = torch.nn.Linear(4, 2)
+    opt = build_optimizer(model.parameters(), job.optim, 0.01)
+    sched = build_scheduler(opt, job.optim, total_steps=10, steps_per_epoch=5)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    factor = opt.param_groups[0]["lr"] / 0.01
+    atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "scaler": {}}, tmp_path / "model.pt")
+    write_manifest(tmp_path, 0, 1, {})
+    new = build_job(OmegaConf.create(small_job(**{"optim.lr": 0.002, "optim.weight_decay": 0.1})))
+    assert retarget_optimizer(tmp_path, new)
+    assert checkpoint_problem(tmp_path) is None  # the manifest still matches the rewritten file
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    opt2 = build_optimizer(model.parameters(), new.optim, 0.002)
+    sched2 = build_scheduler(opt2, new.optim, total_steps=10, steps_per_epoch=5)
+    opt2.load_state_dict(state["optimizer"])
+    sched2.load_state_dict(state["scheduler"])
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.002 * factor)
+    assert opt2.param_groups[0]["weight_decay"] == 0.1
+    sched2.step()  # the schedule continues from the new base lr
+    assert sched2.base_lrs == [0.002]
+    assert json.loads((tmp_path / "manifest_rank0.json").read_text())["files"]["model.pt"]["size"] > 0
