@@ -104,7 +104,8 @@ def test_hyperopt_and_optuna_accept_the_space():
     from dtrain.launch.tune import _search_alg
 
     cfg, params = read_tune_section({"metric": "val/acc", "mode": "max", "search_alg": "hyperopt", "space": {
-        "optim.lr": "loguniform(1e-4, 1e-1)", "model.hidden": "choice([[64], [128, 64]])", "trainer.seed": "randint(0, 5)"}})
+        "optim.lr": "loguniform(1e-4, 1e-1)", "model.hidden": "choice([[64], [128, 64]])",
+        "trainer.seed": "randint(0, 5)"}})
     space = {k: p.domain() for k, p in params.items()}
     for name in ("hyperopt", "optuna"):
         cfg.search_alg = name
