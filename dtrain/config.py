@@ -36,6 +36,9 @@ class DataConfig:
     """Seed of the train/val/test split."""
     standardize: bool = True
     """Scale features to zero mean and unit variance using training statistics only."""
+    minmax: bool = False
+    """Rescale each feature to [0, 1] with the training split's min and max (clipped), e.g. for Bernoulli RBMs;
+    needs standardize=false."""
     fourier: bool = False
     """Append the FFT magnitude spectrum of each sequence/signal to its features."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -45,6 +48,8 @@ class DataConfig:
         _check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
         _check(0 <= self.val_fraction < 1, "data.val_fraction", "a number in [0, 1)", self.val_fraction)
         _check(0 <= self.test_fraction < 1, "data.test_fraction", "a number in [0, 1)", self.test_fraction)
+        _check(not (self.minmax and self.standardize), "data.minmax", "standardize=false alongside minmax=true",
+               "standardize=true")
 
 
 @dataclass

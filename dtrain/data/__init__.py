@@ -88,6 +88,8 @@ def load_data(cfg: Any) -> DataBundle:
         mean, std = train_x.mean(axis=axes), train_x.std(axis=axes)
         std[std < 1e-8] = 1.0
         splits = {k: ((x - mean) / std, y) for k, (x, y) in splits.items()}
+    if cfg.minmax:
+        splits = _minmax(splits)
     tensors = {k: _tensors(x, y, arrays.task) for k, (x, y) in splits.items()}
     sample = tensors["train"][0]
     output_dim = 0
@@ -97,6 +99,15 @@ def load_data(cfg: Any) -> DataBundle:
                     task="unsupervised" if arrays.task.startswith("unsupervised") else arrays.task,
                     period=arrays.period)
     return DataBundle(tensors["train"], tensors["val"], tensors["test"], meta)
+
+
+def _minmax(splits: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Scale to [0, 1] with the training min/max; val/test values outside the training range are clipped."""
+    train_x = splits["train"][0].astype(np.float64)
+    axes = tuple(range(train_x.ndim - 1)) if train_x.ndim == 3 else 0
+    low, span = train_x.min(axis=axes), train_x.max(axis=axes) - train_x.min(axis=axes)
+    span[span < 1e-8] = 1.0
+    return {k: (np.clip((x - low) / span, 0.0, 1.0), y) for k, (x, y) in splits.items()}
 
 
 def _tensors(x: np.ndarray, y: np.ndarray | None, task: str) -> tuple[Tensor, ...]:

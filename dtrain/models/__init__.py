@@ -5,13 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 from dtrain.errors import ConfigError
+from dtrain.models.autoencoder import Autoencoder, AutoencoderConfig, DeepAutoencoder, DeepAutoencoderConfig
 from dtrain.models.base import CatalogModel, DataMeta, Stage, StepOutput
+from dtrain.models.dbn import DBN, DBNConfig
 from dtrain.models.mlp import MLP, MLPConfig, Perceptron, PerceptronConfig
+from dtrain.models.rbm import RBM, RBMConfig
+from dtrain.models.som import SOM, SOMConfig
 
 # name -> (config dataclass, model class, one-line description)
 MODELS: dict[str, tuple[type, type, str]] = {
     "perceptron": (PerceptronConfig, Perceptron, "single linear layer classifier/regressor"),
     "mlp": (MLPConfig, MLP, "multi-layer perceptron with activation, init and dropout by name"),
+    "autoencoder": (AutoencoderConfig, Autoencoder, "encoder -> code -> decoder trained on reconstruction"),
+    "deep_autoencoder": (DeepAutoencoderConfig, DeepAutoencoder,
+                         "symmetric deep autoencoder, optional greedy RBM pre-training then fine-tuning"),
+    "rbm": (RBMConfig, RBM, "restricted Boltzmann machine trained by CD-k as a free-energy loss"),
+    "dbn": (DBNConfig, DBN, "deep belief network: RBM stages, then supervised fine-tuning"),
+    "som": (SOMConfig, SOM, "self-organizing map (online or all-reduced batch update)"),
 }
 
 
