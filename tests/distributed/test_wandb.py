@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dtrain.errors import ConfigError
+from dtrain.report import write_report
 from dtrain.tracking import SUMMARY_FILE, WANDB_ID_FILE, Tracker, read_metrics, wandb_mode
 from tests.helpers import small_job
 
@@ -125,6 +126,8 @@ def test_offline_run_matches_metrics_and_resume_keeps_id(wandb_env, capfd):
     assert json.loads(artifact.metadata)["step"] == end["steps"]
     assert {"model.pt", "train_state.pt"} <= {c.path for c in artifact.manifest.contents}
     assert one_of(records, "exit").exit_code == 0
+    report = write_report(run_dir).read_text()  # the offline report of the same real run
+    assert f"| test/acc | {end['test']['test/acc']:.4f} |" in report
 
     # Resume with more epochs: a second offline folder carrying the same run id, continuing the step axis.
     spawn_workers(small_job(**over | {"trainer.max_epochs": 2}), run_dir, world=2, resume=True)
