@@ -194,6 +194,9 @@ class WandbConfig:
     """Groups runs in the W&B UI (dtrain tune sets it to the search name)."""
     name: str | None = None
     """W&B run display name; null = the job name (dtrain tune sets it to the trial id)."""
+    id: str | None = None
+    """W&B run id (letters, digits, - and _); null = generated on the first start and kept in the run dir's
+    wandb_id.txt, so resumes continue the same run. dtrain tune sets one per trial so its segments share a run."""
     tags: list[str] = field(default_factory=list)
     """W&B run tags."""
     mode: str | None = None
@@ -208,6 +211,8 @@ class WandbConfig:
                self.enabled)
         _check(self.mode in (None, "online", "offline", "disabled"), "logging.wandb.mode",
                "online, offline or disabled", self.mode)
+        _check(self.id is None or (0 < len(self.id) <= 64 and self.id.replace("-", "").replace("_", "").isalnum()),
+               "logging.wandb.id", "1-64 letters, digits, - or _", self.id)
         _check(self.log_every_n_steps is None or self.log_every_n_steps >= 1, "logging.wandb.log_every_n_steps",
                "an integer >= 1 or null", self.log_every_n_steps)
 

@@ -118,13 +118,15 @@ def has_api_key(env: dict[str, str] | None = None) -> bool:
         return False
 
 
-def wandb_run_id(run_dir: str | Path) -> tuple[str, bool]:
-    """(id, resumed): the run dir's W&B run id, created on first start and kept in wandb_id.txt for resumes."""
+def wandb_run_id(run_dir: str | Path, fixed: str | None = None) -> tuple[str, bool]:
+    """(id, resumed): the run dir's W&B run id (logging.wandb.id if set, else created on the first start), kept in
+    wandb_id.txt so that resumes continue the same W&B run."""
     path = Path(run_dir) / WANDB_ID_FILE
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip(), True
+    stored = path.read_text().strip() if path.is_file() else ""
+    if stored and (fixed is None or stored == fixed):
+        return stored, True
     alphabet = string.ascii_lowercase + string.digits
-    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    run_id = fixed or "".join(secrets.choice(alphabet) for _ in range(8))
     path.write_text(run_id + "\n")
     return run_id, False
 
@@ -145,7 +147,7 @@ class WandbSink:
 
         self.run_dir, self.cfg, self.mode = run_dir, cfg, mode
         self.every = cfg.get("log_every_n_steps") or 1
-        run_id, resumed = wandb_run_id(run_dir)
+        run_id, resumed = wandb_run_id(run_dir, cfg.get("id"))
         try:
             self.run = wandb.init(
                 project=cfg.get("project") or "dtrain", entity=cfg.get("entity"), group=cfg.get("group"),

@@ -12,7 +12,7 @@ import pytest
 
 from dtrain.errors import ConfigError
 from dtrain.report import write_report
-from dtrain.tracking import SUMMARY_FILE, WANDB_ID_FILE, Tracker, read_metrics, wandb_mode
+from dtrain.tracking import SUMMARY_FILE, WANDB_ID_FILE, Tracker, read_metrics, wandb_mode, wandb_run_id
 from tests.helpers import small_job
 
 FAKE_KEY = "dtrain-test-fake-key-5c1f0e9a7b"
@@ -85,6 +85,17 @@ def test_mode_resolution_precedence():
     assert wandb_mode({"enabled": "true"}, {"WANDB_MODE": "dryrun", "NETRC": "/nonexistent"}) == "offline"
     with pytest.raises(ConfigError, match="logging.wandb.enabled"):
         wandb_mode({"enabled": "true"}, {"NETRC": "/nonexistent"})
+
+
+def test_run_id_is_kept_in_the_run_dir(tmp_path):
+    for name in ("a", "seg0", "seg1"):
+        (tmp_path / name).mkdir()
+    first, resumed = wandb_run_id(tmp_path / "a")
+    assert not resumed and len(first) == 8 and wandb_run_id(tmp_path / "a") == (first, True)
+    # dtrain tune's segments of one trial: different run dirs, one W&B run id (logging.wandb.id)
+    assert wandb_run_id(tmp_path / "seg0", "trial_7") == ("trial_7", False)
+    assert wandb_run_id(tmp_path / "seg1", "trial_7") == ("trial_7", False)
+    assert wandb_run_id(tmp_path / "seg1", "trial_7") == ("trial_7", True)
 
 
 @pytest.mark.slow
