@@ -25,5 +25,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check dtrain tests benchmarks
 
+# A head + worker node(s) on 127.0.0.1 (WORKERS=1 CPUS_PER_NODE=1 DASHBOARD_PORT=8275 by default; see the script).
+cluster-up: $(STAMP)
+	RAY=$(CURDIR)/$(BIN)/ray bash cluster/local/up.sh
+
+cluster-down:
+	bash cluster/local/down.sh
+
 clean:
 	rm -rf runs wandb .pytest_cache

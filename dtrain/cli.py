@@ -82,6 +82,46 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from dtrain.launch import jobs
+
+    # Only the spec is checked here: data paths may exist on the cluster alone, and `dtrain train` checks there.
+    job = _load(args.job, args.overrides)
+    job_id = jobs.submit(job, args.job, args.overrides, address=args.address, command=args.command)
+    print(job_id)
+    print(f"[dtrain] submitted {job.name} to {jobs.cluster_address(args.address)}; "
+          f"follow with: dtrain jobs logs {job_id} --follow", file=sys.stderr)
+    if not args.follow:
+        return 0
+    state = jobs.follow(jobs.connect(args.address), job_id)
+    print(f"[dtrain] job {job_id} {state}", file=sys.stderr)
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from dtrain.launch import jobs
+
+    if args.action != "list" and not args.id:
+        raise DtrainError(f"jobs {args.action}: expected a submission id (see `dtrain jobs list`)")
+    client = jobs.connect(args.address)
+    if args.action == "list":
+        for info in jobs.list_jobs(client):
+            print(jobs.describe(info))
+    elif args.action == "status":
+        print(jobs.describe(jobs.status(client, args.id)))
+        nodes = jobs.worker_nodes(client, args.id)
+        if nodes:
+            print(f"training workers: {len(nodes)} on {len(set(nodes))} node(s): {', '.join(sorted(set(nodes)))}")
+    elif args.action == "logs" and args.follow:
+        state = jobs.follow(client, args.id)
+        print(f"[dtrain] job {args.id} {state}", file=sys.stderr)
+    elif args.action == "logs":
+        print(jobs.logs(client, args.id), end="")
+    else:
+        print(f"{args.id}  {jobs.stop(client, args.id)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrain", description="Distributed training on Ray with DDP or DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list catalog models, their parameters, and data sets")
     p.set_defaults(func=cmd_models)
+
+    address_help = "Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_ADDRESS or http://127.0.0.1:8265)"
+    p = sub.add_parser("submit", help="submit a job to a Ray cluster through the Ray Jobs API; prints its id")
+    p.add_argument("job", help="job YAML")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--address", default=None, help=address_help)
+    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    p.add_argument("--command", choices=["train", "tune"], default=None,
+                   help="what the cluster runs (default: tune if the spec has a tune section, else train)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list | status ID | logs ID [--follow] | stop ID for jobs on a Ray cluster")
+    p.add_argument("action", choices=["list", "status", "logs", "stop"])
+    p.add_argument("id", nargs="?", help="submission id (from `dtrain submit` or `dtrain jobs list`)")
+    p.add_argument("--address", default=None, help=address_help)
+    p.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
+    p.set_defaults(func=cmd_jobs)
     return parser
 
 

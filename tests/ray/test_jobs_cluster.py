@@ -1,0 +1,207 @@
+"""`dtrain submit` / `dtrain jobs` against a real 2-node Ray cluster on 127.0.0.1 with token auth.
+
+The cluster comes from cluster/local/up.sh (one head + one worker node, 1 CPU each, own ports and temp dirs), so
+the script behind `make cluster-up` is exercised too; down.sh stops exactly its processes at the end. The in-process
+`ray_session` fixture is not used here and is not disturbed: different ports, temp dirs and no ray.init.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+UP, DOWN = ROOT / "cluster/local/up.sh", ROOT / "cluster/local/down.sh"
+SPEC = """\
+model: {name: mlp, hidden: [32]}
+data: {name: digits, batch_size: 64}
+trainer: {num_workers: 2, max_epochs: 2, log_every_n_steps: 50}
+logging: {wandb: {enabled: "false"}}
+"""
+
+
+@dataclass
+class Cluster:
+    address: str
+    token: str
+    env: dict[str, str]  # environment for client subprocesses: token set, PATH with this venv first
+
+
+def _ports_free(ports: list[int]) -> bool:
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def _port_base() -> int:
+    """A block of 200 ports (2 nodes x 100, see up.sh) below the ephemeral range that nothing listens on."""
+    for _ in range(50):
+        base = random.randrange(20000, 29800, 100)
+        if _ports_free([base + i for i in (*range(0, 12), *range(100, 112))]):
+            return base
+    raise RuntimeError("no free port block for the test cluster")
+
+
+def _client_env(token: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_API"))}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", WANDB_MODE="offline", WANDB_SILENT="true")
+    if token:
+        env["RAY_AUTH_TOKEN"] = token
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    state = Path(tempfile.mkdtemp(prefix="dtr-", dir="/tmp"))  # short: Ray's socket paths live under it
+    token, base = secrets.token_hex(16), _port_base()
+    env = _client_env(token)
+    env.update(DTRAIN_CLUSTER_DIR=str(state), RAY=str(BIN / "ray"), WORKERS="1", CPUS_PER_NODE="1",
+               PORT_BASE=str(base), GCS_PORT=str(base + 7), DASHBOARD_PORT=str(base + 8), RAY_AUTH_MODE="token",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="1")
+    up = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True, timeout=240)
+    try:
+        assert up.returncode == 0, f"cluster/local/up.sh failed:\n{up.stdout}\n{up.stderr}"
+        assert sorted(p.name for p in state.glob("*.pid")) == ["head.pid", "worker1.pid"]
+        yield Cluster(f"http://127.0.0.1:{base + 8}", token, _client_env(token))
+    finally:
+        down = subprocess.run(["bash", str(DOWN)], env=env, capture_output=True, text=True, timeout=180)
+        shutil.rmtree(state, ignore_errors=True)
+        assert down.returncode == 0, down.stderr
+
+
+@pytest.fixture
+def spec(tmp_path) -> Path:
+    """A small job spec outside the project tree, so submit must ship it beside the code."""
+    path = tmp_path / "digits_small.yaml"
+    path.write_text(SPEC)
+    return path
+
+
+def dtrain(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real `dtrain` command line in a fresh process."""
+    return subprocess.run([str(BIN / "dtrain"), *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def _use_token(monkeypatch, cluster: Cluster) -> None:
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)
+
+
+def test_submit_follow_succeeds_with_workers_on_two_nodes(cluster, spec, monkeypatch, capsys):
+    from dtrain.cli import main
+    from dtrain.launch import jobs
+
+    run = dtrain(["submit", str(spec), "optim.lr=0.01", "name=two-nodes", "--address", cluster.address, "--follow"],
+                 cluster.env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    job_id = run.stdout.splitlines()[0].strip()
+    assert job_id.startswith("raysubmit_")
+    # The followed logs carry the cluster-side `dtrain train` output, final test metrics included.
+    acc = float(re.search(r"\[dtrain\] test/acc = ([0-9.]+)", run.stdout).group(1))
+    assert acc > 0.7, run.stdout[-2000:]
+    assert f"job {job_id} SUCCEEDED" in run.stderr
+
+    _use_token(monkeypatch, cluster)
+    client = jobs.connect(cluster.address)
+    info = jobs.status(client, job_id)
+    assert str(info.status) == "SUCCEEDED" and info.metadata["dtrain_name"] == "two-nodes"
+    assert "--address auto" in info.entrypoint and "optim.lr=0.01" in info.entrypoint
+    assert "[dtrain] test/acc" in jobs.logs(client, job_id)
+    # 2 workers x 1 CPU on nodes of 1 CPU each: Ray had to place them on different nodes.
+    nodes = jobs.worker_nodes(client, job_id)
+    assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
+
+    assert main(["jobs", "status", job_id, "--address", cluster.address]) == 0
+    out = capsys.readouterr().out
+    assert "SUCCEEDED" in out and "2 on 2 node(s)" in out
+    assert main(["jobs", "list", "--address", cluster.address]) == 0
+    assert re.search(rf"{job_id}\s+SUCCEEDED\s+two-nodes", capsys.readouterr().out)
+
+    # Ray's own CLI sees the job too (it needs RAY_AUTH_MODE=token to send the token).
+    ray_cli = subprocess.run([str(BIN / "ray"), "job", "status", job_id, "--address", cluster.address],
+                             env={**cluster.env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                             timeout=120)
+    assert ray_cli.returncode == 0, ray_cli.stderr[-2000:]
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", ray_cli.stdout)  # drop its colors
+    assert f"Job '{job_id}' succeeded" in plain, plain[-2000:]
+
+
+def test_stop_long_job(cluster, spec, monkeypatch, capsys):
+    from dtrain.cli import main
+    from dtrain.launch import jobs
+
+    _use_token(monkeypatch, cluster)
+    assert main(["submit", str(spec), "trainer.max_epochs=100000", "--address", cluster.address]) == 0
+    job_id = capsys.readouterr().out.splitlines()[0].strip()
+    client = jobs.connect(cluster.address)
+    deadline = time.monotonic() + 180
+    while "[dtrain] stage=train epoch=1 " not in jobs.logs(client, job_id):  # it is really training
+        assert str(jobs.status(client, job_id).status) in ("PENDING", "RUNNING"), jobs.logs(client, job_id)[-3000:]
+        assert time.monotonic() < deadline, "the job never reached its first epoch"
+        time.sleep(1)
+    assert main(["jobs", "stop", job_id, "--address", cluster.address]) == 0
+    assert capsys.readouterr().out.split() == [job_id, "STOPPED"]
+    assert str(jobs.status(client, job_id).status) == "STOPPED"
+
+
+def test_unknown_job_and_bad_address_give_one_line_errors(cluster, monkeypatch, capsys):
+    from dtrain.cli import main
+
+    _use_token(monkeypatch, cluster)
+    assert main(["jobs", "status", "raysubmit_doesnotexist", "--address", cluster.address]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"dtrain: error: job raysubmit_doesnotexist: no such job on {cluster.address}"
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert main(["jobs", "list", "--address", f"127.0.0.1:{closed}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dtrain: error: --address http://127.0.0.1:{closed}: no Ray dashboard answers there")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_token_from_file_wrong_token_and_missing_token(cluster, spec, tmp_path, monkeypatch, capsys):
+    from dtrain.cli import main
+
+    _use_token(monkeypatch, cluster)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    assert main(["jobs", "list", "--address", cluster.address]) == 2
+    assert capsys.readouterr().err.strip() == (f"dtrain: error: --address {cluster.address}: the cluster rejected "
+                                               "the token from RAY_AUTH_TOKEN")
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text(cluster.token + "\n")
+    assert main(["jobs", "list", "--address", cluster.address]) == 0
+
+    # No token anywhere: a fresh process, so no token Ray cached in this one can leak into the request.
+    env = {**_client_env(None), "HOME": str(tmp_path / "empty-home")}
+    run = dtrain(["submit", str(spec), "--address", cluster.address], env, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip() == (f"dtrain: error: --address {cluster.address}: the cluster requires a token and "
+                                  "none was found; set RAY_AUTH_TOKEN or put it in ~/.ray/auth_token "
+                                  "(`ray get-auth-token` on the head)")
