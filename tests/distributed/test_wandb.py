@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from dtrain.errors import ConfigError
 from dtrain.report import write_report
 from dtrain.tracking import SUMMARY_FILE, WANDB_ID_FILE, Tracker, read_metrics, wandb_mode, wandb_run_id
-from tests.helpers import small_job
+from tests.helpers import ROOT, small_job
 
 FAKE_KEY = "dtrain-test-fake-key-5c1f0e9a7b"
 
@@ -70,6 +72,7 @@ def one_of(records: list, kind: str):
 def wandb_env(monkeypatch, tmp_path):
     """Offline W&B with a fake key; its staging, cache and settings folders kept inside tmp_path."""
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_MODE", "offline")
     for var, sub in (("WANDB_DATA_DIR", "wb-data"), ("WANDB_CACHE_DIR", "wb-cache"), ("WANDB_CONFIG_DIR", "wb-cfg")):
         monkeypatch.setenv(var, str(tmp_path / sub))
     return tmp_path
@@ -85,6 +88,15 @@ def test_mode_resolution_precedence():
     assert wandb_mode({"enabled": "true"}, {"WANDB_MODE": "dryrun", "NETRC": "/nonexistent"}) == "offline"
     with pytest.raises(ConfigError, match="logging.wandb.enabled"):
         wandb_mode({"enabled": "true"}, {"NETRC": "/nonexistent"})
+
+
+def test_engine_and_disabled_tracker_never_import_wandb(tmp_path):
+    code = ("import sys; import dtrain.engine.loop, dtrain.engine.worker; from dtrain.tracking import Tracker; "
+            "from tests.helpers import small_job; "
+            "t = Tracker(sys.argv[1], small_job()); t.log({'event': 'step', 'step': 1, 'lr': 0.1}); t.close(); "
+            "assert 'wandb' not in sys.modules, 'wandb was imported'")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=ROOT)
+    assert read_metrics(tmp_path)[0]["lr"] == 0.1
 
 
 def test_run_id_is_kept_in_the_run_dir(tmp_path):
