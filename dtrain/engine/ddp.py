@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ class DDPStrategy:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # broadcast_buffers=False: no model here keeps running statistics that must match across ranks, and
             # skipping the per-forward broadcast lets evaluation run through the same wrapper at no cost.
-            self.model = DistributedDataParallel(self.raw, device_ids=ids, broadcast_buffers=False)
+            with warnings.catch_warnings():  # torch deprecates the name but advises keeping it for this behaviour
+                warnings.simplefilter("ignore", FutureWarning)
+                self.model = DistributedDataParallel(self.raw, device_ids=ids, broadcast_buffers=False)
         else:
             self.model = self.raw
         self.params = trainable(self.raw)

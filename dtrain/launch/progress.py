@@ -1,0 +1,62 @@
+"""A console progress bar on the driver, fed by rank 0's metrics.jsonl (so workers never draw to a terminal)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from dtrain.tracking import METRICS_FILE
+
+
+class ProgressFollower(threading.Thread):
+    """Tails <run_dir>/metrics.jsonl from its current end and draws one rich progress bar per stage."""
+
+    def __init__(self, run_dir: Path, poll_s: float = 0.5) -> None:
+        super().__init__(daemon=True, name="dtrain-progress")
+        self.path, self.poll_s = Path(run_dir) / METRICS_FILE, poll_s
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+    def run(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[info]}"))
+        with Progress(*columns, transient=False) as progress:
+            task, base = None, 0
+            while True:
+                stopping = self._halt.is_set()  # read before draining so the last records are always shown
+                for record in self._new_records():
+                    event = record.get("event")
+                    if event == "stage":
+                        total = record["epochs"] * record["steps_per_epoch"]
+                        task = progress.add_task(f"{record['stage']}", total=total, info="")
+                        base = None
+                    elif event == "step" and task is not None:
+                        base = record["step"] - 1 if base is None else base
+                        loss = record.get("train/loss")
+                        info = f"loss {loss:.4f}" if isinstance(loss, float) else ""
+                        progress.update(task, completed=record["step"] - base, info=info)
+                    elif event == "epoch" and task is not None:
+                        shown = " ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith("val/"))
+                        progress.update(task, info=f"epoch {record['epoch']} {shown}")
+                    elif event == "end":
+                        return
+                if stopping:
+                    return
+                self._halt.wait(self.poll_s)
+
+    def _new_records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path) as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind("\n") + 1]  # leave a half-written last line for the next poll
+        self.offset += len(complete.encode())
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
