@@ -51,7 +51,14 @@ class Tracker:
         self._file = open(self.run_dir / METRICS_FILE, "a", buffering=1)
         wandb_cfg = (self.config.get("logging") or {}).get("wandb") or {}
         mode = wandb_mode(wandb_cfg) if self.config else None
-        self.wandb = WandbSink(self.run_dir, self.config, wandb_cfg, mode) if mode else None
+        self.wandb: WandbSink | None = None
+        try:
+            self.wandb = WandbSink(self.run_dir, self.config, wandb_cfg, mode) if mode else None
+        except ConfigError as err:
+            if str(wandb_cfg.get("enabled", "auto")).lower() != "auto":
+                self._file.close()
+                raise
+            print(f"[dtrain] W&B is off for this run: {err}", flush=True)  # auto: W&B must not stop training
 
     def log(self, record: dict[str, Any]) -> None:
         record = {"time": time.time(), **_clean(record)}

@@ -178,3 +178,15 @@ def test_tracker_defaults_to_run_dir_and_marks_failures(wandb_env, monkeypatch):
     records = wandb_records(folders[0])
     assert history(records)[3]["train/loss"] == 1.25
     assert one_of(records, "exit").exit_code == 1
+
+
+def test_wandb_start_failure_is_fatal_only_when_enabled_is_true(wandb_env, capsys):
+    job = small_job(**{"logging.wandb.enabled": "auto"})
+    job["logging"]["wandb"]["id"] = "bad/id"  # past the config check: W&B itself refuses to start this run
+    with Tracker(wandb_env / "auto", job, echo=False) as tracker:
+        tracker.log({"event": "step", "step": 1, "lr": 0.1})
+    assert tracker.wandb is None and "W&B is off for this run" in capsys.readouterr().out
+    assert read_metrics(wandb_env / "auto")[0]["lr"] == 0.1
+    job["logging"]["wandb"]["enabled"] = "true"
+    with pytest.raises(ConfigError, match="logging.wandb: could not start a W&B run"):
+        Tracker(wandb_env / "true", job)
