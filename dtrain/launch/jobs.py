@@ -104,6 +104,11 @@ def entrypoint_for(command: str, spec: str, overrides: list[str], name: str) -> 
     return f"python -m dtrain {command} " + " ".join(shlex.quote(a) for a in args)
 
 
+def default_command(job: DictConfig) -> str:
+    """What the cluster runs for this job: `tune` when the spec has a tune section, else `train`."""
+    return "tune" if job.get("tune") is not None else "train"
+
+
 def submit(job: DictConfig, spec: str | Path, overrides: list[str], *, address: str | None = None,
            command: str | None = None) -> str:
     """Submit job (loaded from spec with overrides) to the cluster; returns the submission id."""
@@ -111,7 +116,7 @@ def submit(job: DictConfig, spec: str | Path, overrides: list[str], *, address: 
 
     from ray.exceptions import AuthenticationError
 
-    command = command or ("tune" if job.get("tune") is not None else "train")
+    command = command or default_command(job)
     client = connect(address)
     for noisy in ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # per-file upload chatter
@@ -164,6 +169,10 @@ def follow(client, job_id: str, out=sys.stdout) -> str:
         asyncio.run(_tail())
     except RuntimeError:  # the stream closed early (head restarted, network): fall back to polling
         pass
+    except KeyboardInterrupt:
+        print(f"\n[dtrain] stopped following; job {job_id} keeps running (dtrain jobs stop {job_id} ends it)",
+              file=sys.stderr)
+        raise
     return wait(client, job_id, timeout=None)
 
 

@@ -76,3 +76,10 @@ def test_jobs_subcommand_needs_an_id(capsys):
     assert main(["jobs", "stop"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "dtrain: error: jobs stop: expected a submission id (see `dtrain jobs list`)"
+
+
+def test_tune_specs_run_dtrain_tune():
+    from dtrain.config import load_job
+
+    assert jobs.default_command(load_job(JOBS / "tune_mlp_digits.yaml")) == "tune"
+    assert jobs.default_command(load_job(JOBS / "mlp_digits.yaml")) == "train"
