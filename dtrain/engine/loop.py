@@ -64,6 +64,8 @@ def fit(job: Any, model: CatalogModel, data: DataBundle, strategy: Strategy, ctx
     t, dev = job.trainer, strategy.device
     data = dataclasses.replace(data, train=_to(data.train, dev), val=_to(data.val, dev), test=_to(data.test, dev))
     batch_size = _batch_size(job, len(data.train[0]), ctx.world)
+    if hasattr(strategy, "micro_batch_size"):
+        strategy.micro_batch_size = batch_size  # DeepSpeed's config states the per-rank micro-batch
     train = ShardedLoader(data.train, batch_size, ctx.rank, ctx.world, shuffle=True, seed=t.seed)
     started = time.perf_counter()
     state = TrainState(**safe_load(ctx.resume_dir / STATE_FILE)) if ctx.resume_dir else TrainState()
