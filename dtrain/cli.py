@@ -115,6 +115,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     elif args.action == "logs" and args.follow:
         state = jobs.follow(client, args.id)
         print(f"[dtrain] job {args.id} {state}", file=sys.stderr)
+        return 0 if state == "SUCCEEDED" else 1
     elif args.action == "logs":
         print(jobs.logs(client, args.id), end="")
     else:
