@@ -52,13 +52,13 @@ class Param:
         lo, hi = self.args[0], self.args[1]
         return [lo, hi - 1] if self.kind == "randint" else [lo, hi]
 
-    def domain(self) -> Any:
-        """The Ray Tune search domain for this parameter."""
+    def domain(self, grid: bool = False) -> Any:
+        """The Ray Tune search domain for this parameter (grid=True: categorical values as a grid)."""
         from ray import tune
 
         if self.categorical:
             options = [json.dumps(v) for v in self.args] if self.encoded else list(self.args)
-            return tune.grid_search(options) if self.kind == "grid" else tune.choice(options)
+            return tune.grid_search(options) if grid or self.kind == "grid" else tune.choice(options)
         return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint,
                 "quniform": tune.quniform}[self.kind](*self.args)
 
@@ -219,8 +219,8 @@ class TuneConfig:
     """Epoch metric to optimise, as the workers report it (val/loss, val/acc, train/loss, ...)."""
     mode: str = "min"
     """min or max."""
-    num_samples: int = 8
-    """Trials to sample (for grid: repetitions of the whole grid)."""
+    num_samples: int | None = None
+    """Trials to sample; null = 8, or 1 for grid (where it counts passes over every combination)."""
     max_concurrent_trials: int | None = None
     """Trials running at once; null = as many as the cluster fits (always capped so trials cannot deadlock)."""
     scheduler: str = "fifo"
@@ -241,12 +241,16 @@ class TuneConfig:
     """CPUs reserved for each trial's driver function; the Ray Train controller and workers come on top."""
     time_budget_s: float | None = None
     """Stop starting and running trials after this many seconds (a fixed compute budget); null = no limit."""
-    keep_checkpoints: int = 2
-    """Checkpoints Tune keeps per trial (for pbt exploits and --resume)."""
+    keep_checkpoints: int | None = None
+    """Checkpoints Tune keeps per trial (for --resume and pbt exploits); null = 2, or all of them under pbt, where
+    an exploit may copy a checkpoint of a trial that has kept training since."""
 
     def __post_init__(self) -> None:
         _check(self.mode in ("min", "max"), "tune.mode", "min or max", self.mode)
-        _check(self.num_samples >= 1, "tune.num_samples", "an integer >= 1", self.num_samples)
+        _check(self.num_samples is None or self.num_samples >= 1, "tune.num_samples", "an integer >= 1 or null",
+               self.num_samples)
+        if self.num_samples is None:
+            self.num_samples = 1 if self.search_alg == "grid" else 8
         _check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1, "tune.max_concurrent_trials",
                "an integer >= 1 or null", self.max_concurrent_trials)
         _check(self.scheduler in SCHEDULERS, "tune.scheduler", " | ".join(SCHEDULERS), self.scheduler)
@@ -260,7 +264,8 @@ class TuneConfig:
         _check(self.trial_cpus >= 0, "tune.trial_cpus", "a number >= 0", self.trial_cpus)
         _check(self.time_budget_s is None or self.time_budget_s > 0, "tune.time_budget_s", "a number > 0 or null",
                self.time_budget_s)
-        _check(self.keep_checkpoints >= 1, "tune.keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
+        _check(self.keep_checkpoints is None or self.keep_checkpoints >= 1, "tune.keep_checkpoints",
+               "an integer >= 1 or null", self.keep_checkpoints)
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:

@@ -246,7 +246,7 @@ def run_search(job: DictConfig, *, address: str | None = None,
         search_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(job, search_dir / JOB_FILE)
         tuner = tune.Tuner(
-            trainable, param_space={key: p.domain() for key, p in params.items()},
+            trainable, param_space={key: p.domain(grid=cfg.search_alg == "grid") for key, p in params.items()},
             tune_config=tune.TuneConfig(
                 metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
                 max_concurrent_trials=None if cfg.search_alg in ("random", "grid") else concurrency,
@@ -263,9 +263,12 @@ def run_search(job: DictConfig, *, address: str | None = None,
     return rows, cfg
 
 
-def _keep(cfg: TuneConfig) -> int:
-    # PBT exploits another trial's latest checkpoint while that trial keeps training: keep a few more.
-    return max(cfg.keep_checkpoints, 4) if cfg.scheduler == "pbt" else cfg.keep_checkpoints
+def _keep(cfg: TuneConfig) -> int | None:
+    if cfg.keep_checkpoints is not None:
+        return cfg.keep_checkpoints
+    # A PBT exploit restores the checkpoint the better trial had when it was chosen; that trial keeps training
+    # meanwhile, so a count-based cleanup could delete the checkpoint before the restore reads it.
+    return None if cfg.scheduler == "pbt" else 2
 
 
 def _trial_dirname(trial: Any) -> str:

@@ -29,6 +29,13 @@ def test_every_kind_parses_to_its_tune_domain():
     assert isinstance(params["model.activation"].domain(), Categorical)
 
 
+def test_grid_expands_choices_and_runs_each_combination_once():
+    cfg, params = read_tune_section({"search_alg": "grid", "space": {"optim.lr": "choice([0.1, 0.01])"}})
+    assert cfg.num_samples == 1
+    assert params["optim.lr"].domain(grid=True) == {"grid_search": [0.1, 0.01]}
+    assert read_tune_section({"space": {"optim.lr": "choice([0.1])"}})[0].num_samples == 8
+
+
 def test_list_options_travel_as_json_and_decode_back():
     param = parse_param("model.hidden", "choice([[64], [128, 64]])")
     assert param.encoded and param.domain().categories == ["[64]", "[128, 64]"]

@@ -1,0 +1,97 @@
+"""`dtrain tune`: Ray Tune searches whose trials are real Ray Train runs of the MLP on digits (tiny budgets)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dtrain.config import load_job
+from dtrain.errors import ConfigError
+from dtrain.launch.train import fit_job
+from dtrain.launch.tune import BEST_FILE, RESULTS_FILE, plan_concurrency, run_search
+from dtrain.tracking import read_metrics
+from tests.helpers import ROOT, small_job
+
+
+def _job(tmp_path, name: str, tune: dict, **over):
+    base = small_job(**{"runs_dir": str(tmp_path), "name": name, "trainer.num_workers": 1, "model.hidden": "[16]",
+                        "logging.progress": "false", "data.batch_size": 64, **over})
+    base["tune"] = {"metric": "val/acc", "mode": "max", **tune}
+    return load_job(None, base=base)
+
+
+def test_asha_stops_bad_trials_early_and_best_yaml_trains(ray_session, tmp_path):
+    # Grid order is deterministic and one trial runs at a time, so the good lr reaches ASHA's first rung first
+    # and the hopeless lr (1e-6) is stopped there.
+    job = _job(tmp_path, "asha", {"scheduler": "asha", "search_alg": "grid", "grace_period": 1,
+                                  "reduction_factor": 2, "max_concurrent_trials": 1,
+                                  "space": {"optim.lr": "choice([0.02, 0.000001])"}}, **{"trainer.max_epochs": 4})
+    rows, cfg = run_search(job)
+    assert [r["optim.lr"] for r in rows] == [0.02, 0.000001]  # sorted best first
+    good, bad = rows
+    assert good["status"] == bad["status"] == "ok"
+    assert good["epochs"] == 4 and bad["epochs"] < 4, rows
+    assert good["val/acc"] > bad["val/acc"]
+    # The stopped trial's Train run was really aborted: it never reached its last epoch nor wrote a summary.
+    bad_epochs = [e["epoch"] for e in read_metrics(bad["run_dir"]) if e["event"] == "epoch"]
+    assert bad_epochs and max(bad_epochs) < 4
+    assert not (tmp_path / "asha" / "trials" / bad["trial"] / "run0" / "summary.json").exists()
+    assert (tmp_path / "asha" / RESULTS_FILE).read_text().splitlines()[1].startswith(good["trial"])
+
+    # best.yaml is a complete train spec: it loads, has no tune section, carries the best lr, and trains as is.
+    best = load_job(tmp_path / "asha" / BEST_FILE, ["name=best", "trainer.max_epochs=1"])
+    assert best.optim.lr == 0.02 and best.tune is None and list(best.model.hidden) == [16]
+    summary = fit_job(best)
+    assert summary["epochs"] == 1 and summary["test"]["test/acc"] > 0.5
+
+    # --resume on the finished search restores Tune's state and reproduces the same table.
+    again, _ = run_search(job, resume=True)
+    assert [(r["trial"], r["epochs"]) for r in again] == [(r["trial"], r["epochs"]) for r in rows]
+
+
+def test_optuna_search_runs_with_list_valued_choices(ray_session, tmp_path):
+    job = _job(tmp_path, "optuna", {"search_alg": "optuna", "num_samples": 2, "space": {
+        "optim.lr": "loguniform(1e-3, 3e-2)", "model.hidden": "choice([[8], [16, 8]])"}}, **{"trainer.max_epochs": 1})
+    rows, _ = run_search(job)
+    assert len(rows) == 2 and all(r["status"] == "ok" and r["epochs"] == 1 for r in rows), rows
+    assert all(r["model.hidden"] in ([8], [16, 8]) and 1e-3 <= r["optim.lr"] <= 3e-2 for r in rows)
+    best = load_job(tmp_path / "optuna" / BEST_FILE)
+    assert list(best.model.hidden) == rows[0]["model.hidden"] and best.optim.lr == pytest.approx(rows[0]["optim.lr"])
+
+
+def test_trials_that_cannot_fit_the_cluster_fail_before_starting(ray_session, tmp_path):
+    space = {"space": {"optim.lr": "loguniform(1e-3, 1e-2)"}}
+    with pytest.raises(ConfigError, match=r"^tune: a trial cannot fit the cluster: trainer\.num_workers: 8 workers"):
+        run_search(_job(tmp_path, "big", space, **{"trainer.num_workers": 8}))
+    assert not (tmp_path / "big").exists()
+    with pytest.raises(ConfigError, match=r"^tune: a trial needs 5 CPUs \(tune\.trial_cpus 1 \+ 4 workers x 1 CPUs\), "
+                                          r"the cluster has 4"):
+        run_search(_job(tmp_path, "driver", {"trial_cpus": 1, **space}, **{"trainer.num_workers": 4}))
+    # A searched worker count is planned at its largest value.
+    with pytest.raises(ConfigError, match=r"^tune: a trial cannot fit the cluster: trainer\.num_workers: 6 workers"):
+        run_search(_job(tmp_path, "searched", {"space": {"trainer.num_workers": "choice([1, 6])"}}))
+
+
+def test_concurrency_is_capped_so_every_trial_gets_its_workers(ray_session, tmp_path):
+    from dtrain.launch.search_space import read_tune_section
+
+    cfg, _ = read_tune_section({"num_samples": 8, "max_concurrent_trials": 8, "trial_cpus": 0.5,
+                                "space": {"optim.lr": "loguniform(1e-3, 1e-2)"}})
+    limit, driver, note = plan_concurrency([small_job(**{"trainer.num_workers": 2})], cfg)
+    assert limit == 1 and driver == {"CPU": 0.5}  # 4 CPUs / (0.5 + 2 x 1) = 1 trial at a time
+    assert "lowered to 1" in note
+    cfg.trial_cpus, cfg.max_concurrent_trials = 0, None
+    limit, driver, _ = plan_concurrency([small_job(**{"trainer.num_workers": 2})], cfg)
+    assert limit == 2 and driver["CPU"] == 0
+
+
+def test_cli_tune_reports_bad_space_key(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {name: mlp}\ntune:\n  metric: val/acc\n  space:\n    model.depth: randint(1, 4)\n")
+    proc = subprocess.run([sys.executable, "-m", "dtrain", "tune", str(job), f"runs_dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "dtrain: error: tune.space.model.depth: 1 does not fit the job: unknown key 'model.depth'")
