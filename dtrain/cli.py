@@ -55,6 +55,26 @@ def _check_buildable(job) -> None:
     build_model(obj.model, data.meta)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from dtrain.launch.tune import BEST_FILE, JOB_FILE, RESULTS_FILE, print_table, run_search
+
+    if args.resume:
+        search_dir = Path(args.job)
+        if not (search_dir / JOB_FILE).is_file():
+            raise DtrainError(f"{search_dir}: not a search directory (no {JOB_FILE}); --resume takes runs/<search>")
+        job = _load(str(search_dir / JOB_FILE), args.overrides)
+    else:
+        job = _load(args.job, args.overrides)
+    _check_buildable(job)
+    rows, tune_cfg = run_search(job, address=args.address, resume=args.resume)
+    search_dir = Path(job.runs_dir).resolve() / job.name
+    print_table(rows, tune_cfg.metric)
+    print(f"[dtrain] results: {search_dir / RESULTS_FILE}")
+    if (search_dir / BEST_FILE).exists():
+        print(f"[dtrain] best job: {search_dir / BEST_FILE}  (run it with: dtrain train {search_dir / BEST_FILE})")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     job = _load(args.job, args.overrides)
     print(OmegaConf.to_yaml(job, resolve=True), end="")
@@ -133,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
     p.add_argument("--resume", action="store_true", help="continue the run in the given run directory")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="search hyperparameters/architecture with Ray Tune (the job's tune: section)")
+    p.add_argument("job", help="job YAML with a tune section, or a search directory with --resume")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tune.num_samples=16")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted search in runs/<search>")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("config", help="print the resolved job config")
     p.add_argument("job")

@@ -27,13 +27,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any], folder: Path | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None)
 
-    checkpoint = ray.train.get_checkpoint()
+    # A run's own latest checkpoint wins; init_checkpoint only seeds a fresh run (dtrain tune's PBT exploit).
+    checkpoint = ray.train.get_checkpoint() or _initial_checkpoint(config)
     resume_dir = Path(checkpoint.to_directory()) if checkpoint else None
     try:
         run_worker(config["job"], config["run_dir"], report, ray.train.torch.get_device(), resume_dir)
     finally:
         if resume_dir is not None:
             shutil.rmtree(resume_dir, ignore_errors=True)
+
+
+def _initial_checkpoint(config: dict[str, Any]) -> Any:
+    from ray.train import Checkpoint
+
+    return Checkpoint(config["init_checkpoint"]) if config.get("init_checkpoint") else None
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -81,8 +88,11 @@ def run_dir_for(job: DictConfig) -> Path:
 
 
 def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False,
-            callbacks: list | None = None) -> dict[str, Any]:
-    """Run job through Ray Train; returns summary.json's content. Writes runs/<name>/config.yaml first."""
+            callbacks: list | None = None, init_checkpoint: str | None = None) -> dict[str, Any]:
+    """Run job through Ray Train; returns summary.json's content. Writes runs/<name>/config.yaml first.
+
+    init_checkpoint: a checkpoint folder to start from when the run has none of its own (weights, optimizer, state).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -96,7 +106,7 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
     workers, use_gpu = resolve_resources(job)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": to_dict(job), "run_dir": str(run_dir)},
+        train_loop_config={"job": to_dict(job), "run_dir": str(run_dir), "init_checkpoint": init_checkpoint},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": job.trainer.cpus_per_worker}),
         run_config=RunConfig(name=job.name, storage_path=str(run_dir.parent),
