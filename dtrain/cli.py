@@ -52,6 +52,10 @@ def _check_buildable(job) -> None:
 
     obj = to_objects(job)
     data = load_data(obj.data)
+    n_train = len(data.train[0])
+    if obj.optim.descent == "minibatch" and obj.data.batch_size > n_train:
+        raise DtrainError(f"data.batch_size: {obj.data.batch_size} is larger than the training set "
+                          f"({n_train} samples after the val/test split)")
     build_model(obj.model, data.meta)
 
 

@@ -1,14 +1,33 @@
-"""Checkpoint files: written atomically (temporary file + rename), loaded with weights_only=True."""
+"""Checkpoint files and folders: written atomically, sealed by a manifest, verified before resuming.
+
+A checkpoint folder holds every rank's files (Ray Train merges the ranks' folders; the spawn runner does the same)
+and one ``manifest_rank<r>.json`` per rank, written after that rank's files: name, size and sha256 of each file,
+plus the world size and training position. A folder is usable only if the manifests of all ranks are present and
+every listed file matches, so a truncated or corrupt checkpoint is detected before anything is loaded from it.
+Tensors are loaded with ``torch.load(weights_only=True)``.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from dtrain.errors import DtrainError
+
+MANIFEST = "manifest_rank{rank}.json"
+
+
+class CheckpointError(DtrainError):
+    """No usable checkpoint to resume from (all candidates missing, truncated or corrupt)."""
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -27,24 +46,118 @@ def safe_load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, rank: int, world: int, info: dict[str, Any]) -> None:
+    """Seal the files this rank wrote into its folder: manifest_rank<rank>.json (size + sha256 each), written last."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.is_file() and not p.name.startswith("manifest_rank"))
+    entries = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in files}
+    body = json.dumps({"rank": rank, "world": world, "files": entries, **info}, indent=1)
+    path = folder / MANIFEST.format(rank=rank)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: Path, rank: int = 0) -> dict[str, Any] | None:
+    """A rank's manifest, or None if it is missing or unreadable."""
+    try:
+        return json.loads((Path(folder) / MANIFEST.format(rank=rank)).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why folder is not a complete, intact checkpoint (one line), or None if every rank's files check out."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "not a folder"
+    head = read_manifest(folder, 0)
+    if head is None:
+        return f"{MANIFEST.format(rank=0)} is missing or unreadable"
+    for rank in range(int(head.get("world", 1))):
+        manifest = head if rank == 0 else read_manifest(folder, rank)
+        if manifest is None:
+            return f"{MANIFEST.format(rank=rank)} is missing or unreadable"
+        for name, want in manifest["files"].items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            size = path.stat().st_size
+            if size != want["size"]:
+                return f"{name} is truncated or changed ({size} bytes, manifest says {want['size']})"
+            if _sha256(path) != want["sha256"]:
+                return f"{name} is corrupt (sha256 does not match the manifest)"
+    return None
+
+
+def checkpoint_order(folder: Path) -> tuple[int, float]:
+    """Sort key, oldest first: the optimizer step its manifest records, then the folder's modification time."""
+    manifest = read_manifest(folder, 0) or {}
+    step = manifest.get("step", -1)
+    try:
+        mtime = Path(folder).stat().st_mtime
+    except OSError:
+        mtime = 0.0
+    return (int(step) if isinstance(step, int) else -1, mtime)
+
+
+def pick_checkpoint(candidates: Iterable[Path], warn: bool = True) -> Path | None:
+    """The first intact checkpoint of candidates (newest first); each broken one is reported on stderr.
+
+    Returns None when there are no candidates; raises CheckpointError when there are some but none is intact.
+    """
+    problems = []
+    for folder in candidates:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            if problems and warn:
+                print(f"[dtrain] warning: resuming from the previous checkpoint {folder}", file=sys.stderr, flush=True)
+            return Path(folder)
+        problems.append(f"{folder}: {problem}")
+        if warn:
+            print(f"[dtrain] warning: checkpoint {folder} is unusable ({problem}); trying the previous one",
+                  file=sys.stderr, flush=True)
+    if problems:
+        raise CheckpointError(f"no usable checkpoint to resume from; newest: {problems[0]}")
+    return None
+
+
 def rng_state() -> dict[str, Any]:
     """This process's RNG states (torch CPU/CUDA, numpy, python) as tensors, so weights_only loading accepts them."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
     state = {"torch": torch.get_rng_state(),
              "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
              "numpy_pos": torch.tensor([pos, has_gauss]), "numpy_gauss": torch.tensor(gauss, dtype=torch.float64),
-             "python_seed": torch.tensor(random.getrandbits(62))}
+             # Python's state is 625 ints below 2**32 (exact in int64), plus an optional cached gaussian.
+             "python_state": torch.tensor(internal, dtype=torch.int64),
+             "python_gauss": torch.tensor([float("nan") if py_gauss is None else py_gauss], dtype=torch.float64),
+             "python_version": torch.tensor(version)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state() captured, so a resumed rank draws the same numbers an uninterrupted one would."""
     torch.set_rng_state(state["torch"])
     pos, has_gauss = (int(v) for v in state["numpy_pos"])
     keys = state["numpy_keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, pos, has_gauss, float(state["numpy_gauss"])))
-    # Python's own state is a 625-tuple of ints; we reseed it deterministically instead of storing it.
-    random.seed(int(state["python_seed"]))
+    if "python_state" in state:
+        gauss = float(state["python_gauss"][0])
+        random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python_state"].tolist()),
+                         None if gauss != gauss else gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

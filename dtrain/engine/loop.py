@@ -18,7 +18,8 @@ from torch import nn
 from dtrain.data.base import DataBundle
 from dtrain.data.sharding import ShardedLoader
 from dtrain.engine import dist
-from dtrain.engine.checkpoint import atomic_save, rng_state, safe_load, set_rng_state
+from dtrain.engine.checkpoint import atomic_save, rng_state, safe_load, set_rng_state, write_manifest
+from dtrain.engine.faults import maybe_kill
 from dtrain.engine.strategy import Strategy
 from dtrain.errors import TrainingError
 from dtrain.models.base import CatalogModel
@@ -152,6 +153,7 @@ def _train_epoch(job: Any, wrapped: nn.Module, loader: ShardedLoader, strategy: 
         window_loss, step_started, step_samples = None, time.perf_counter(), 0
         if job.checkpoint.every_n_steps and state.step % job.checkpoint.every_n_steps == 0 and i + 1 < n_batches:
             _report(strategy, state, ctx, {"epoch": state.epoch, "step": state.step}, save=True)
+        maybe_kill(ctx.rank, state.step)  # test-only fault injection (DTRAIN_TEST_KILL); a no-op otherwise
         if t.max_steps and state.step >= t.max_steps:
             break
     return _reduce_sums(sums, "train")
@@ -216,6 +218,8 @@ def _report(strategy: Strategy, state: TrainState, ctx: RunContext, metrics: dic
         if ctx.rank == 0:
             atomic_save(dataclasses.asdict(state), folder / STATE_FILE)
         atomic_save(rng_state(), folder / f"rng_rank{ctx.rank}.pt")
+        # Sealed last: a checkpoint missing any rank's manifest or file is detected and skipped on resume.
+        write_manifest(folder, ctx.rank, ctx.world, {k: getattr(state, k) for k in ("stage", "epoch", "batch", "step")})
         ctx.report(metrics, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Run the engine in N local processes without Ray (gloo on 127.0.0.1): for tests, benchmarks and debugging.
 
-Checkpoints reported by the loop are copied to <run_dir>/checkpoints/<step>; the newest one is resumed from.
+Checkpoints reported by the loop are assembled in <run_dir>/checkpoints/.partial_step_<step> and renamed to
+step_<step> once every rank has added its files; the newest intact one is resumed from.
 """
 
 from __future__ import annotations
@@ -25,15 +26,22 @@ class LocalReporter:
 
     def __call__(self, metrics: dict[str, Any], folder: Path | None) -> None:
         self.reports.append(metrics)
+        target = self.root / f"step_{metrics['step']:08d}" if folder is not None else None
+        partial = self.root / f".partial_{target.name}" if target else None
         if folder is not None:
-            target = self.root / f"step_{metrics['step']:08d}"
-            shutil.copytree(folder, target, dirs_exist_ok=True)  # every rank adds its files, as Ray merges them
+            shutil.copytree(folder, partial, dirs_exist_ok=True)  # every rank adds its files, as Ray merges them
         dist.barrier() if dist.is_initialized() else None
+        if target is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+            shutil.rmtree(target, ignore_errors=True)  # a replayed step after a resume replaces its old copy
+            os.replace(partial, target)  # atomic: a crash leaves either no step_<n> or a complete one
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
+def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
+    """The newest intact checkpoint of a spawn run (broken ones are reported and skipped), or None."""
+    from dtrain.engine.checkpoint import checkpoint_order, pick_checkpoint
+
+    found = sorted((Path(run_dir) / "checkpoints").glob("step_*"), key=checkpoint_order, reverse=True)
+    return pick_checkpoint(found, warn=warn)
 
 
 def _free_port() -> int:
@@ -50,7 +58,7 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        resume_dir = latest_checkpoint(Path(run_dir)) if resume else None
+        resume_dir = latest_checkpoint(Path(run_dir), warn=rank == 0) if resume else None
         summary = run_worker(job, run_dir, LocalReporter(Path(run_dir)), torch.device("cpu"), resume_dir)
         if rank == 0:
             out.put(summary)

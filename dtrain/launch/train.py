@@ -29,18 +29,44 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # A run's own latest checkpoint wins; init_checkpoint only seeds a fresh run (dtrain tune's PBT exploit).
     checkpoint = ray.train.get_checkpoint() or _initial_checkpoint(config)
-    resume_dir = Path(checkpoint.to_directory()) if checkpoint else None
+    # Local storage is read in place (the loop only reads it); remote storage is downloaded first.
+    remote = checkpoint is not None and checkpoint.filesystem.type_name != "local"
+    downloaded = Path(checkpoint.to_directory()) if remote else None
     try:
+        resume_dir = _resume_dir(checkpoint, downloaded, Path(config["run_dir"]), config.get("resume", False))
         run_worker(config["job"], config["run_dir"], report, ray.train.torch.get_device(), resume_dir)
     finally:
-        if resume_dir is not None:
-            shutil.rmtree(resume_dir, ignore_errors=True)
+        if downloaded is not None:
+            shutil.rmtree(downloaded, ignore_errors=True)
 
 
 def _initial_checkpoint(config: dict[str, Any]) -> Any:
     from ray.train import Checkpoint
 
     return Checkpoint(config["init_checkpoint"]) if config.get("init_checkpoint") else None
+
+
+def _resume_dir(checkpoint: Any, downloaded: Path | None, run_dir: Path, resume: bool) -> Path | None:
+    """The newest intact checkpoint_* folder of the run dir, after a worker failure or with --resume; else None.
+
+    Ray hands out only the latest checkpoint its controller registered, and only if its snapshot file was written
+    before the run stopped (a Ctrl-C can come first). So the run dir itself is scanned: Ray names the folders by
+    time, each one's manifest says if it is complete, and a corrupt newest one falls back to the previous one.
+    That needs a local or shared file system; with remote storage, Ray's latest checkpoint is the only candidate.
+    """
+    import ray.train
+
+    from dtrain.engine.checkpoint import pick_checkpoint
+
+    if checkpoint is None and not resume:
+        return None
+    if downloaded is not None:
+        found = [downloaded]
+    elif checkpoint is not None and Path(checkpoint.path).resolve().parent != run_dir.resolve():
+        found = [Path(checkpoint.path)]  # another run's checkpoint (init_checkpoint)
+    else:
+        found = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), reverse=True)
+    return pick_checkpoint(found, warn=ray.train.get_context().get_world_rank() == 0)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -83,6 +109,25 @@ def resolve_resources(job: DictConfig) -> tuple[int, bool]:
     return workers, use_gpu
 
 
+def check_local_resources(job: DictConfig) -> None:
+    """Fail fast if the job cannot fit on this machine, when Ray is about to be started here (no --address)."""
+    import ray
+
+    if ray.is_initialized():
+        return  # connected already: resolve_resources checks against what that Ray has
+    import torch
+
+    t, cpus = job.trainer, os.cpu_count() or 1
+    use_gpu = str(t.use_gpu).lower()
+    if use_gpu == "true" and not torch.cuda.is_available():
+        raise ConfigError("trainer.use_gpu: true, but this machine has no GPU (use --address for a GPU cluster)")
+    gpus = torch.cuda.device_count() if use_gpu != "false" else 0
+    workers = t.num_workers or (gpus or 2)
+    if workers * t.cpus_per_worker > cpus:
+        raise ConfigError(f"trainer.num_workers: {workers} workers x {t.cpus_per_worker:g} CPUs need "
+                          f"{workers * t.cpus_per_worker:g} CPUs, this machine has {cpus}")
+
+
 def run_dir_for(job: DictConfig) -> Path:
     return Path(job.runs_dir).resolve() / job.name
 
@@ -96,26 +141,33 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from dtrain.engine.faults import env_for_workers
+
     run_dir = run_dir_for(job)
     if run_dir.exists() and (run_dir / CONFIG_FILE).exists() and not resume:
         raise ConfigError(f"name: run directory {run_dir} already exists; pass --resume to continue it "
                           "or choose another name=")
+    if address is None:
+        check_local_resources(job)  # before an embedded Ray starts (slow) and before the run dir is written
+    init_ray(address)
+    workers, use_gpu = resolve_resources(job)  # before the run dir exists: a job that cannot fit leaves nothing
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(job, run_dir / CONFIG_FILE)
-    init_ray(address)
-    workers, use_gpu = resolve_resources(job)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": to_dict(job), "run_dir": str(run_dir), "init_checkpoint": init_checkpoint},
+        train_loop_config={"job": to_dict(job), "run_dir": str(run_dir), "init_checkpoint": init_checkpoint,
+                           "resume": resume},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": job.trainer.cpus_per_worker}),
         run_config=RunConfig(name=job.name, storage_path=str(run_dir.parent),
                              failure_config=FailureConfig(max_failures=job.trainer.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
-                             callbacks=callbacks),
+                             callbacks=callbacks, worker_runtime_env={"env_vars": env_for_workers()}),
     )
     try:
         trainer.fit()
+    except SystemExit:  # Ray Train's Ctrl-C handler aborted the run (workers stopped) and exits: say so
+        raise KeyboardInterrupt from None
     except Exception as err:  # Ray wraps worker exceptions; surface a user error as itself
         user = find_user_error(err)
         if user is not None:

@@ -1,0 +1,93 @@
+"""Non-finite loss or gradients: the step is skipped and counted; K in a row stop the run with a clear message;
+non-finite weights are never checkpointed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from dtrain.config import to_objects
+from dtrain.data import load_data
+from dtrain.data.sharding import shard_indices
+from dtrain.engine.checkpoint import checkpoint_problem, safe_load
+from dtrain.engine.loop import RunContext, TrainState, _report, fit
+from dtrain.engine.spawn import LocalReporter, latest_checkpoint
+from dtrain.engine.strategy import build_strategy
+from dtrain.errors import TrainingError
+from dtrain.models import build_model
+from tests.helpers import small_job
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add overhead (and contention with the other tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(run_dir, poison=None, scale=1.0, **over):
+    """Train in this process (one rank, no process group); poison: training rows set to NaN; scale: of all x."""
+    job = to_objects(small_job(**over))
+    data = load_data(job.data)
+    if poison is not None:
+        x = data.train[0].clone()
+        x[poison] = float("nan")
+        data = dataclasses.replace(data, train=(x, *data.train[1:]))
+    data = dataclasses.replace(data, train=(data.train[0] * scale, *data.train[1:]))
+    torch.manual_seed(job.trainer.seed)
+    model = build_model(job.model, data.meta)
+    strategy = build_strategy(job.trainer, job.optim, torch.device("cpu"))
+    events = []
+    ctx = RunContext(0, 1, LocalReporter(run_dir), events.append)
+    return job, data, strategy, ctx, lambda: fit(job, model, data, strategy, ctx), events
+
+
+def test_nan_samples_skip_exactly_their_steps_and_training_goes_on(tmp_path):
+    poison = torch.tensor([3, 400, 1000])
+    job, data, strategy, ctx, train, events = _run(tmp_path, poison, **{"trainer.max_epochs": 3, "optim.lr": 0.01})
+    summary = train()
+    n, bs = len(data.train[0]), job.data.batch_size
+    # The batches of each epoch that hold a poisoned row: exactly the steps that must be skipped.
+    expected = sum(bool(torch.isin(idx, poison).any()) for epoch in range(3)
+                   for idx, _, _ in shard_indices(n, bs, 0, 1, shuffle=True, seed=job.trainer.seed, epoch=epoch))
+    assert expected >= 3
+    assert summary["skipped_steps"] == expected
+    assert summary["stop_reason"] == "completed" and summary["steps"] == 3 * len(range(0, n, bs))
+    assert summary["test"]["test/acc"] > 0.85  # the other steps trained normally
+    weights = safe_load(latest_checkpoint(tmp_path) / "model.pt")["model"]
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+    assert [e for e in events if e.get("event") == "end"][0]["skipped_steps"] == expected
+
+
+def test_k_nonfinite_steps_in_a_row_stop_the_run_with_a_clear_message(tmp_path):
+    # Adam's first step moves every weight by ~lr: finite (1e30 < float32 max), but every later loss overflows.
+    *_, train, events = _run(tmp_path, **{"optim.lr": 1e30, "trainer.max_nonfinite_steps": 4})
+    with pytest.raises(TrainingError, match=r"^training stopped: 4 consecutive steps had a non-finite loss or "
+                                            r"gradient \(step 5\); lower optim.lr or set trainer.grad_clip$"):
+        train()
+    assert not (tmp_path / "checkpoints").exists()  # stopped mid-epoch, before any checkpoint
+
+
+def test_nonfinite_weights_are_never_checkpointed(tmp_path):
+    # Inputs x1000 give first-layer gradients of several units (finite loss, finite norm): SGD at lr=1e38 then moves
+    # those weights past float32's largest value (3.4e38), so the weights are inf after a step that was not skipped.
+    *_, train, _ = _run(tmp_path, scale=1e3, **{"optim.name": "sgd", "optim.lr": 1e38, "checkpoint.every_n_steps": 1})
+    with pytest.raises(TrainingError, match="the weights became non-finite; the last good checkpoint is kept"):
+        train()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_report_refuses_nonfinite_weights_and_keeps_the_last_good_checkpoint(tmp_path):
+    job, _, strategy, ctx, train, _ = _run(tmp_path, **{"trainer.max_epochs": 1})
+    train()
+    good = latest_checkpoint(tmp_path)
+    with torch.no_grad():
+        next(strategy.unwrapped().parameters())[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match="non-finite"):
+        _report(strategy, TrainState(epoch=1, step=999), ctx, {"epoch": 1, "step": 999}, save=True)
+    assert latest_checkpoint(tmp_path) == good and checkpoint_problem(good) is None
+    assert not list((tmp_path / "checkpoints").glob("*999*"))
