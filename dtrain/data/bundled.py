@@ -15,9 +15,12 @@ def _sklearn(loader_name: str) -> Arrays:
     return Arrays(x, y, "classification", num_classes=int(y.max()) + 1)
 
 
-def digits() -> Arrays:
-    """scikit-learn's 8x8 handwritten digits (1797 samples, 64 features, 10 classes)."""
-    return _sklearn("load_digits")
+def digits(image: bool = False) -> Arrays:
+    """scikit-learn's 8x8 handwritten digits (1797 samples, 64 features, 10 classes); image: shape (1, 8, 8)."""
+    arrays = _sklearn("load_digits")
+    if image:
+        arrays.x = arrays.x.reshape(-1, 1, 8, 8)
+    return arrays
 
 
 def breast_cancer() -> Arrays:

@@ -95,19 +95,34 @@ def init_weight(w: Tensor, name: str, nonlinearity: str = "relu") -> None:
         raise ConfigError(f"model.init: expected one of {', '.join(INITS)}, got {name!r}")
 
 
-def init_module(module: nn.Module, name: str, nonlinearity: str = "relu") -> None:
-    """Initialise the weights of every Linear/Conv/RNN layer in module; biases start at zero."""
-    if name == "default":
+def init_module(module: nn.Module, name: str, nonlinearity: str = "relu", recurrent: str | None = None) -> None:
+    """Initialise the weights of every Linear/Conv/RNN layer in module; biases start at zero.
+
+    Recurrent layers: input-to-hidden weights use `name`, hidden-to-hidden weights `recurrent` (default: `name`),
+    one gate block at a time, so e.g. orthogonal makes each gate's recurrent matrix orthogonal.
+    """
+    recurrent = recurrent or name
+    if name == "default" and recurrent == "default":
         return
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and name != "default":
             init_weight(m.weight, name, nonlinearity)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.RNN, nn.LSTM, nn.GRU)):
             for pname, p in m.named_parameters():
+                scheme = recurrent if pname.startswith("weight_hh") else name
+                if scheme == "default":
+                    continue
                 if pname.startswith("weight"):
-                    init_weight(p, name, nonlinearity)
+                    for block in p.data.split(m.hidden_size):  # one block per gate
+                        init_weight(block, scheme, "tanh")
                 else:
                     nn.init.zeros_(p)
+
+
+def activation_of(cfg: object) -> nn.Module:
+    """The activation a model config names (fields activation, leaky_slope, swish_beta, learnable_beta)."""
+    return activation(cfg.activation, slope=getattr(cfg, "leaky_slope", 0.01), beta=getattr(cfg, "swish_beta", 1.0),
+                      learnable_beta=getattr(cfg, "learnable_beta", False))
 

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from dtrain.errors import ConfigError
 from dtrain.models.base import CatalogModel, DataMeta, StepOutput, flat_dim, supervised_step
-from dtrain.models.layers import activation, init_module
+from dtrain.models.layers import activation_of, init_module
 
 
 @dataclass
@@ -15,14 +16,21 @@ class PerceptronConfig:
     name: str = "perceptron"
     init: str = "zeros"
     """Weight initialisation (see dtrain.models.layers.INITS)."""
+    loss: str = "cross_entropy"
+    """Classification loss: cross_entropy (softmax outputs) or perceptron (Rosenblatt's criterion: the margin by
+    which the best wrong class beats the true one, zero once a sample is classified correctly)."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("cross_entropy", "perceptron"):
+            raise ConfigError(f"model.loss: expected cross_entropy or perceptron, got {self.loss!r}")
 
 
 class Perceptron(CatalogModel):
-    """One linear layer from inputs to outputs: a linear classifier (softmax/cross-entropy) or regressor."""
+    """One linear layer from inputs to outputs: a linear classifier or regressor (cannot represent XOR)."""
 
     def __init__(self, cfg: PerceptronConfig, meta: DataMeta) -> None:
         super().__init__()
-        self.task = meta.task
+        self.task, self.loss = meta.task, cfg.loss
         self.linear = nn.Linear(flat_dim(meta.input_shape), meta.num_classes or meta.output_dim or 1)
         init_module(self, cfg.init)
 
@@ -30,7 +38,13 @@ class Perceptron(CatalogModel):
         return self.linear(x.flatten(1))
 
     def forward(self, batch: tuple[Tensor, ...]) -> StepOutput:
-        return supervised_step(self, batch, self.task)
+        if self.task != "classification" or self.loss == "cross_entropy":
+            return supervised_step(self, batch, self.task)
+        x, y = batch
+        scores = self.predict(x).float()
+        loss = (scores.max(dim=-1).values - scores.gather(1, y[:, None]).squeeze(1)).mean()
+        acc = (scores.argmax(dim=-1) == y).float().mean()
+        return StepOutput(loss, {"loss": loss.detach(), "acc": acc})
 
 
 @dataclass
@@ -61,9 +75,7 @@ class MLP(CatalogModel):
         layers: list[nn.Module] = [nn.Flatten()]
         width = flat_dim(meta.input_shape)
         for h in cfg.hidden:
-            layers += [nn.Linear(width, h),
-                       activation(cfg.activation, slope=cfg.leaky_slope, beta=cfg.swish_beta,
-                                  learnable_beta=cfg.learnable_beta)]
+            layers += [nn.Linear(width, h), activation_of(cfg)]
             if cfg.dropout > 0:
                 layers.append(nn.Dropout(cfg.dropout))
             width = h
