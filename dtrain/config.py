@@ -164,6 +164,10 @@ class TrainerConfig:
         _check(self.grad_clip_mode in ("norm", "value"), "trainer.grad_clip_mode", "norm or value", self.grad_clip_mode)
         _check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", "an integer >= 1", self.log_every_n_steps)
         _check(self.max_failures >= 0, "trainer.max_failures", "an integer >= 0", self.max_failures)
+        if self.strategy == "deepspeed":  # raw DeepSpeed keys that contradict our own fields fail at load time
+            from dtrain.engine.deepspeed import deepspeed_config  # (does not import deepspeed itself)
+
+            deepspeed_config(self)
 
 
 @dataclass
@@ -297,6 +301,7 @@ def build_job(user: DictConfig, where: str = "job") -> DictConfig:
         schema = OmegaConf.structured(JobConfig)
         schema.model = OmegaConf.structured(model_cls)
         OmegaConf.set_struct(schema, True)
+        OmegaConf.set_struct(schema.trainer.deepspeed.config, False)  # free-form: raw keys DeepSpeed checks
         tune = user.get("tune") if "tune" in user else None
         rest = OmegaConf.masked_copy(user, [k for k in user.keys() if k != "tune"])
         merged = OmegaConf.merge(schema, rest)

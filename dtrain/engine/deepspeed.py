@@ -143,12 +143,17 @@ class DeepSpeedStrategy:
 
     def setup(self, model: nn.Module, lr: float, total_steps: int, steps_per_epoch: int) -> nn.Module:
         import deepspeed  # imported here: it is slow to import and only needed under this strategy
+        from deepspeed.accelerator import get_accelerator
 
+        if self.engine is None and self.trainer_cfg.deepspeed.zero_stage == 3 and len(model.stages()) > 1:
+            # set_stage (run by the loop before setup) rearranges weights, which ZeRO-3 keeps partitioned away
+            raise ConfigError("trainer.deepspeed.zero_stage: a staged model (layer-wise pre-training) runs under "
+                              "ZeRO 0-2, got 3")
         if self.engine is not None:  # a later stage of a staged model: start from the full fp32 weights again
             model = self._release(model)
-        if self.dtype == torch.float16 and not deepspeed.get_accelerator().is_fp16_supported():
+        if self.dtype == torch.float16 and not get_accelerator().is_fp16_supported():
             raise ConfigError(f"trainer.precision: fp16-mixed is not supported by DeepSpeed on "
-                              f"{deepspeed.get_accelerator().device_name()}; use bf16-mixed or 32")
+                              f"{get_accelerator().device_name()}; use bf16-mixed or 32")
         config = deepspeed_config(self.trainer_cfg, self.micro_batch_size or 1, dist.world_size())
         # Ray Train and torchrun set LOCAL_RANK, which DeepSpeed insists on; a local spawn is a single node.
         os.environ.setdefault("LOCAL_RANK", str(dist.rank()))
@@ -298,11 +303,12 @@ def _state_bytes(obj: Any, seen: set[int] | None = None) -> int:
     """Bytes of every distinct tensor reachable from an optimizer (its state, flat partitions and master copies)."""
     seen = set() if seen is None else seen
     if isinstance(obj, Tensor):
-        key = obj.untyped_storage().data_ptr() if obj.numel() else id(obj)
+        # the tensor's own bytes, not its storage's: ZeRO's partitions are views into larger flat buffers
+        key = (obj.data_ptr(), obj.numel()) if obj.numel() else id(obj)
         if key in seen:
             return 0
         seen.add(key)
-        return obj.untyped_storage().nbytes()
+        return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
         return sum(_state_bytes(v, seen) for v in obj.values())
     if isinstance(obj, list | tuple):

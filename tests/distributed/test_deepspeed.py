@@ -1,0 +1,205 @@
+"""DeepSpeed as a drop-in for DDP on CPU (gloo, 2 ranks): same trajectory at ZeRO-0, every stage trains, ZeRO shards
+what it promises (measured inside the workers), native checkpoints resume exactly and give back fp32 weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dtrain.config import build_job, load_job, to_objects
+from dtrain.data import load_data
+from dtrain.engine.deepspeed import MEMORY_ENV, TAG, deepspeed_config
+from dtrain.engine.spawn import spawn_workers
+from dtrain.errors import ConfigError
+from dtrain.models import build_model
+from dtrain.tracking import read_metrics
+from tests.helpers import JOBS, small_job
+
+pytestmark = pytest.mark.slow
+
+# 1294 training samples / (32 x 2 ranks) = 21 steps per epoch; a 256-wide hidden layer so that the sharded state is
+# mostly weights (19k parameters), not padding. Checkpoints every epoch; the resume test restarts from epoch 1.
+BASE = {"model.hidden": "[256]", "trainer.max_epochs": 2, "trainer.log_every_n_steps": 1, "trainer.grad_clip": 1.0,
+        "optim.scheduler": "cosine", "optim.warmup_steps": 3}
+
+
+def _job(**over) -> dict:
+    return small_job(**{**BASE, **over})
+
+
+def _ds(stage: int, **over) -> dict:
+    return _job(**{"trainer.strategy": "deepspeed", "trainer.deepspeed.zero_stage": stage, **over})
+
+
+@pytest.fixture(scope="session")
+def deepspeed_op():
+    """Build DeepSpeed's CPU communication op once (~60 s the first time, then cached in ~/.cache/torch_extensions),
+    here in the test process, so that the spawned workers only load it."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, deepspeed_op):
+    """One 2-epoch run per strategy/stage (fp32), each rank writing what it holds after its first step."""
+    root = tmp_path_factory.mktemp("deepspeed")
+    out = {"root": root}
+    mp = pytest.MonkeyPatch()
+    try:
+        for name, job in [("ddp", _job()), *((f"zero{s}", _ds(s)) for s in range(4))]:
+            mp.setenv(MEMORY_ENV, str(root / name / "memory"))
+            out[name] = {"summary": spawn_workers(job, root / name, world=2), "dir": root / name, "job": job}
+    finally:
+        mp.undo()
+    return out
+
+
+def _steps(run_dir) -> list[dict]:
+    return [e for e in read_metrics(run_dir) if e["event"] == "step"]
+
+
+def _memory(run) -> list[dict]:
+    return [json.loads((run["dir"] / "memory" / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_zero0_follows_the_ddp_trajectory(runs):
+    ddp, zero0 = _steps(runs["ddp"]["dir"]), _steps(runs["zero0"]["dir"])
+    assert len(ddp) == len(zero0) == 42
+    for a, b in zip(ddp, zero0, strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4, abs=1e-5)
+        # the gradient norm comes from DeepSpeed (before clipping, like DDP's) and the schedule is the same
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-6)
+    assert runs["zero0"]["summary"]["test"]["test/acc"] == pytest.approx(runs["ddp"]["summary"]["test"]["test/acc"],
+                                                                       abs=0.01)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_every_zero_stage_trains(runs, stage):
+    run = runs[f"zero{stage}"]
+    steps = _steps(run["dir"])
+    assert len(steps) == 42 and run["summary"]["skipped_steps"] == 0
+    assert all(0 < s["train/grad_norm"] < 100 for s in steps)
+    first, last = sum(s["train/loss"] for s in steps[:5]), sum(s["train/loss"] for s in steps[-5:])
+    assert last < 0.6 * first
+    assert run["summary"]["test"]["test/acc"] > 0.7  # 10 classes; 2 short epochs
+    # ZeRO only changes where the state lives, not the arithmetic: the trajectory stays DDP's
+    ddp = _steps(runs["ddp"]["dir"])
+    assert [s["train/loss"] for s in steps] == pytest.approx([s["train/loss"] for s in ddp], rel=1e-3, abs=1e-4)
+
+
+def test_per_rank_state_shrinks_as_zero_promises(runs):
+    mem = {s: _memory(runs[f"zero{s}"]) for s in range(4)}
+    n = mem[0][0]["num_params"]
+    assert n > 15_000 and all(m["num_params"] == n for s in mem for m in mem[s])
+
+    def close(value, expected):  # ZeRO pads its flat partitions to an alignment: a few bytes more than half
+        return expected <= value <= expected * 1.01 + 64
+
+    for rank in range(2):
+        z0, z1, z2, z3 = (mem[s][rank] for s in range(4))
+        # ZeRO-0: every rank holds everything: Adam's two fp32 moments, fp32 gradients and weights
+        assert close(z0["optimizer_state_bytes"], 2 * 4 * n)
+        assert z0["grad_bytes"] == z0["param_bytes"] == 4 * n
+        # stage 1 partitions the optimizer state, 2 also the gradients, 3 also the weights: each rank holds half
+        for z in (z1, z2, z3):
+            assert close(z["optimizer_state_bytes"], z0["optimizer_state_bytes"] / 2)
+        for z in (z2, z3):
+            assert close(z["grad_bytes"], z0["grad_bytes"] / 2)
+        assert z1["param_bytes"] == z2["param_bytes"] == 4 * n
+        assert close(z3["param_bytes"], z0["param_bytes"] / 2)
+
+
+def test_checkpoint_recovers_fp32_weights_with_zero_to_fp32(runs):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    for stage in (2, 3):
+        run = runs[f"zero{stage}"]
+        folder = run["dir"] / "checkpoints" / "step_00000042" / "deepspeed"
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG)
+        job = to_objects(run["job"])
+        data = load_data(job.data)
+        model = build_model(job.model, data.meta)
+        model.load_state_dict(state, strict=True)
+        assert all(t.dtype == torch.float32 for t in state.values())
+        with torch.no_grad():
+            acc = model(data.test).metrics["acc"].item()
+        assert acc == pytest.approx(run["summary"]["test"]["test/acc"], abs=1e-6)
+
+
+def test_resume_continues_the_same_run(runs, deepspeed_op):
+    """Restart the ZeRO-3 run from its epoch-1 checkpoint: epoch 2 replays exactly."""
+    full = runs["zero3"]
+    resumed = runs["root"] / "zero3-resumed"
+    shutil.copytree(full["dir"] / "checkpoints" / "step_00000021", resumed / "checkpoints" / "step_00000021")
+    summary = spawn_workers(full["job"], resumed, world=2, resume=True)
+    assert [e["step"] for e in read_metrics(resumed) if e["event"] == "resume"] == [21]
+    again, before = _steps(resumed), _steps(full["dir"])[21:]
+    assert [s["step"] for s in again] == list(range(22, 43))
+    assert [s["train/loss"] for s in again] == pytest.approx([s["train/loss"] for s in before], rel=1e-6)
+    assert [s["lr"] for s in again] == pytest.approx([s["lr"] for s in before], rel=1e-9)
+    assert summary["test"]["test/acc"] == pytest.approx(full["summary"]["test"]["test/acc"], abs=1e-9)
+
+
+def test_bf16_trains_through_ray(ray_session, deepspeed_op, tmp_path):
+    """The job file under Ray Train, ZeRO-2 with bf16 weights; Ray's merged checkpoint is DeepSpeed-readable."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from dtrain.launch.train import fit_job
+
+    job = load_job(JOBS / "mlp_digits_deepspeed.yaml", [f"runs_dir={tmp_path}", "name=ds", "trainer.max_epochs=3",
+                                                         "logging.progress=false", "logging.wandb.enabled=false"])
+    assert job.trainer.deepspeed.zero_stage == 2 and job.trainer.precision == "bf16-mixed"
+    summary = fit_job(job)
+    assert summary["world_size"] == 2 and summary["skipped_steps"] == 0
+    assert summary["test"]["test/acc"] > 0.85
+    epochs = [e for e in read_metrics(tmp_path / "ds") if e["event"] == "epoch"]
+    assert epochs[-1]["val/loss"] < epochs[0]["val/loss"]
+    checkpoint = sorted((tmp_path / "ds").glob("checkpoint_*/deepspeed"))[-1]
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+    model = build_model(to_objects(job).model, load_data(to_objects(job).data).meta)
+    model.load_state_dict(state, strict=True)
+
+
+def _trainer(**over):
+    return to_objects(build_job(OmegaConf.create(_ds(0, **over)))).trainer
+
+
+def test_translated_config():
+    cfg = deepspeed_config(_trainer(**{"trainer.deepspeed.zero_stage": 3, "trainer.deepspeed.offload_optimizer": True,
+                                       "trainer.precision": "bf16-mixed", "trainer.grad_accum": 4,
+                                       "trainer.deepspeed.config": "{zero_optimization: {reduce_bucket_size: 1000}}"}),
+                           micro_batch=32, world=2)
+    assert cfg["train_micro_batch_size_per_gpu"] == 32 and cfg["gradient_accumulation_steps"] == 4
+    assert cfg["train_batch_size"] == 256 and cfg["gradient_clipping"] == 1.0
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    assert cfg["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}, "reduce_bucket_size": 1000}
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ("{gradient_clipping: 0.5}", "trainer.deepspeed.config.gradient_clipping: 0.5 conflicts with 1.0 set by "
+                                 "trainer.grad_clip; set it in one place"),
+    ("{zero_optimization: {stage: 2}}", "trainer.deepspeed.config.zero_optimization.stage: 2 conflicts with 0 set by "
+                                        "trainer.deepspeed.zero_stage"),
+    ("{bf16: {enabled: true}}", "trainer.deepspeed.config.bf16.enabled: True conflicts with False set by "
+                                "trainer.precision"),
+    ("{optimizer: {type: Adam}}", "trainer.deepspeed.config.optimizer: not allowed, it is set by optim.*"),
+])
+def test_conflicting_raw_keys_are_one_line_config_errors(raw, message):
+    with pytest.raises(ConfigError) as err:
+        deepspeed_config(_trainer(**{"trainer.deepspeed.config": raw}))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_conflicts_are_caught_when_the_job_loads():
+    with pytest.raises(ConfigError, match="trainer.deepspeed.config.gradient_clipping: 0.5 conflicts"):
+        load_job(JOBS / "mlp_digits_deepspeed.yaml", ["trainer.deepspeed.config={gradient_clipping: 0.5}"])
+    # raw keys that only tune DeepSpeed pass through, and equal values are no conflict
+    job = load_job(JOBS / "mlp_digits_deepspeed.yaml", ["trainer.deepspeed.config={gradient_clipping: 1.0, "
+                                                        "zero_optimization: {reduce_bucket_size: 5000}}"])
+    assert deepspeed_config(to_objects(job).trainer)["zero_optimization"]["reduce_bucket_size"] == 5000
