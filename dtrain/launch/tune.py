@@ -260,6 +260,10 @@ def run_search(job: DictConfig, *, address: str | None = None,
     if rows and all(r["status"] == "error" for r in rows):
         raise _first_error(grid)
     write_outputs(rows, to_dict(job), cfg, params, search_dir)
+    if grid.num_terminated + grid.num_errors < len(grid):  # Ctrl-C: Tune saved its state and returned early
+        print(f"[dtrain] tune: search interrupted ({grid.num_terminated} of {len(grid)} trials finished); "
+              f"continue it with: dtrain tune {search_dir} --resume", flush=True)
+        raise KeyboardInterrupt
     return rows, cfg
 
 
@@ -329,10 +333,11 @@ def result_rows(grid: Any, cfg: TuneConfig, params: dict[str, Param], search_dir
         history = frame[cfg.metric].dropna().tolist() if frame is not None and cfg.metric in frame else []
         pick = max if cfg.mode == "max" else min
         runs = sorted((search_dir / "trials" / trial).glob("run*"), key=lambda p: int(p.name[3:] or 0))
-        rows.append({"trial": trial, "status": "error" if result.error else "ok", "epochs": len(history),
+        status = "error" if result.error else "ok" if result.config is not None else "pending"
+        rows.append({"trial": trial, "status": status, "epochs": len(history),
                      cfg.metric: pick(history) if history else math.nan,
                      f"last {cfg.metric}": history[-1] if history else math.nan,
-                     **{key: p.decode(result.config.get(key)) for key, p in params.items()},
+                     **{key: p.decode((result.config or {}).get(key)) for key, p in params.items()},
                      "run_dir": str(runs[-1]) if runs else ""})
     sign = -1 if cfg.mode == "max" else 1
     return sorted(rows, key=lambda r: (math.isnan(r[cfg.metric]), sign * r[cfg.metric]
