@@ -32,5 +32,16 @@ cluster-up: $(STAMP)
 cluster-down:
 	bash cluster/local/down.sh
 
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# Benchmarks (not tests): overhead, start-up, ZeRO memory, precision (+ GPU when CUDA is there); one table at the end.
+# BENCH_ARGS="--quick" checks that everything runs; "--sections overhead,zero" picks some.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
 clean:
 	rm -rf runs wandb .pytest_cache

@@ -75,8 +75,12 @@ class ShardedLoader:
     def iter_from(self, skip: int = 0) -> Iterator[Batch]:
         """Batches of the current epoch, skipping the first `skip` (used when resuming mid-epoch)."""
         device = self.tensors[0].device
-        for idx, global_size, real in self.plan()[skip:]:
-            idx = idx.to(device)
+        plan = self.plan()[skip:]
+        if not plan:
+            return
+        # One host-to-device copy of the epoch's indices: a blocking copy per batch would stall a GPU every step.
+        indices = torch.cat([idx for idx, _, _ in plan]).to(device).split([len(idx) for idx, _, _ in plan])
+        for idx, (_, global_size, real) in zip(indices, plan, strict=True):
             yield Batch(tuple(t.index_select(0, idx) for t in self.tensors), global_size, real)
 
     def __iter__(self) -> Iterator[Batch]:

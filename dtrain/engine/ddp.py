@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
@@ -40,7 +41,10 @@ class DDPStrategy:
         else:
             self.model = self.raw
         self.params = trainable(self.raw)
-        self.optimizer = build_optimizer(self.params, self.optim_cfg, lr)
+        # Fused on CUDA: one kernel per step instead of several per tensor (1.4x steps/s on a bf16 MLP of 210M
+        # parameters, BENCHMARKS.md); the GradScaler hands it the inf check and scale without a host sync.
+        fused = self.device.type == "cuda" or None
+        self.optimizer = build_optimizer(self.params, self.optim_cfg, lr, fused=fused)
         self.scheduler = build_scheduler(self.optimizer, self.optim_cfg, total_steps, steps_per_epoch)
         return self.model
 
@@ -60,7 +64,7 @@ class DDPStrategy:
         scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-        finite = bool(torch.isfinite(norm))
+        finite = math.isfinite(norm.item())  # one device-to-host copy; torch.isfinite would launch 4 kernels first
         clip = self.trainer_cfg.grad_clip
         if finite and clip is not None:
             if self.trainer_cfg.grad_clip_mode == "norm":

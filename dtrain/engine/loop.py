@@ -132,10 +132,13 @@ def _train_epoch(job: Any, wrapped: nn.Module, loader: ShardedLoader, strategy: 
         state.batch = i + 1
         if not last_micro:
             continue
+        # Read the loss back before step() queues the optimizer, so this host sync waits for backward only and the
+        # next batch is launched while the optimizer still runs (checked after step(), it drained the GPU each step).
+        loss_finite = math.isfinite(window_loss.item())  # .item() + math: one copy, no 4-kernel torch.isfinite
         result = strategy.step()
         state.step += 1
         state.samples += step_samples
-        if result.skipped or not bool(torch.isfinite(window_loss)):
+        if result.skipped or not loss_finite:
             state.skipped_steps += 1
             state.history["nonfinite_run"] = state.history.get("nonfinite_run", 0) + 1
             if state.history["nonfinite_run"] >= t.max_nonfinite_steps:

@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 
-def build_optimizer(params: Any, cfg: Any, lr: float) -> torch.optim.Optimizer:
-    """sgd (with momentum), adam or adamw over params."""
+def build_optimizer(params: Any, cfg: Any, lr: float, fused: bool | None = None) -> torch.optim.Optimizer:
+    """sgd (with momentum), adam or adamw over params; fused=True picks torch's one-kernel CUDA implementation."""
     params = [p for p in params if p.requires_grad]
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int,

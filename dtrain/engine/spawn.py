@@ -50,16 +50,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bool, out: Any) -> None:
+def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bool, out: Any,
+           device_type: str = "cpu") -> None:
     from dtrain.engine.worker import run_worker
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     try:
         resume_dir = latest_checkpoint(Path(run_dir), warn=rank == 0) if resume else None
-        summary = run_worker(job, run_dir, LocalReporter(Path(run_dir)), torch.device("cpu"), resume_dir)
+        summary = run_worker(job, run_dir, LocalReporter(Path(run_dir)), device, resume_dir)
         if rank == 0:
             out.put(summary)
     finally:
@@ -67,10 +71,16 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
             dist.destroy_process_group()
 
 
-def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resume: bool = False) -> dict[str, Any]:
-    """Train job in `world` local processes; returns rank 0's summary."""
+def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resume: bool = False,
+                  device: str = "cpu") -> dict[str, Any]:
+    """Train job in `world` local processes on device "cpu" (gloo) or "cuda" (one GPU per rank, NCCL);
+    returns rank 0's summary."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected cpu or cuda, got {device!r}")
+    if device == "cuda" and world > torch.cuda.device_count():
+        raise ValueError(f"device=cuda: {world} ranks need {world} GPUs, found {torch.cuda.device_count()}")
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    mp.start_processes(_entry, args=(world, _free_port(), job, str(run_dir), resume, out), nprocs=world,
+    mp.start_processes(_entry, args=(world, _free_port(), job, str(run_dir), resume, out, device), nprocs=world,
                        start_method="spawn", join=True)
     return out.get()

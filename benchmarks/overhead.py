@@ -1,0 +1,156 @@
+"""Framework overhead: steady-state steps/s of dtrain against a hand-written DDP loop, side by side in one run.
+
+Every runner trains the same catalog MLP on the same digits split, with the same per-rank batch, Adam, the same
+number of processes (gloo on 127.0.0.1, one thread each) and the same number of epochs; throughput counts only the
+steps after warm-up. Runners are interleaved and repeated, and each one's median is compared with the hand loop's:
+
+    hand      plain torch DDP, written here (benchmarks.overhead._hand_worker)
+    engine    dtrain's engine alone: dtrain.engine.spawn.spawn_workers (no Ray)
+    ray       the full `dtrain train` path: dtrain.launch.train.fit_job through Ray Train
+    lightning PyTorch Lightning's Trainer (ddp_spawn, gloo) on the same module and data
+
+    python -m benchmarks.overhead [--runners hand,engine,ray,lightning] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from benchmarks.common import median, mlp_job, save
+
+WORLD = 2
+
+
+def _setup(job: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(job objects, data, model) exactly as dtrain's worker builds them (same seed, same split, same weights)."""
+    from dtrain.config import to_objects
+    from dtrain.data import load_data
+    from dtrain.models import build_model
+
+    cfg = to_objects(job)
+    torch.manual_seed(cfg.trainer.seed)
+    data = load_data(cfg.data)
+    return cfg, data, build_model(cfg.model, data.meta)
+
+
+def _steady_rate(stamps: list[tuple[int, float]], warmup: int) -> float:
+    steady = [(s, t) for s, t in stamps if s >= warmup]
+    (s0, t0), (s1, t1) = steady[0], steady[-1]
+    return (s1 - s0) / (t1 - t0)
+
+
+def _hand_worker(rank: int, port: int, job: dict[str, Any], warmup: int, out_file: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    cfg, data, model = _setup(job)
+    # The catalog MLP's layers (model.net) as a plain module: the hand loop owns the loss, like any DDP script.
+    ddp = torch.nn.parallel.DistributedDataParallel(model.net, broadcast_buffers=False)
+    opt = torch.optim.Adam(ddp.parameters(), lr=cfg.optim.lr)
+    x, y = data.train
+    batch, step, stamps = cfg.data.batch_size, 0, []
+    for epoch in range(cfg.trainer.max_epochs):
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        for start in range(0, len(x), batch * WORLD):
+            idx = order[start:start + batch * WORLD][rank::WORLD]
+            loss = F.cross_entropy(ddp(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            stamps.append((step, time.perf_counter()))
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(_steady_rate(stamps, warmup)))
+    dist.destroy_process_group()
+
+
+def run_hand(job: dict[str, Any], warmup: int) -> float:
+    from dtrain.engine.spawn import _free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rate.json")
+        mp.start_processes(_hand_worker, args=(_free_port(), job, warmup, out), nprocs=WORLD, start_method="spawn")
+        return json.loads(Path(out).read_text())
+
+
+def _metrics_rate(run_dir: Path, warmup: int) -> float:
+    """Steady steps/s from the wall-clock stamps of the step events rank 0 wrote to metrics.jsonl."""
+    from dtrain.tracking import read_metrics
+
+    return _steady_rate([(r["step"], r["time"]) for r in read_metrics(run_dir) if r.get("event") == "step"], warmup)
+
+
+def run_engine(job: dict[str, Any], warmup: int) -> float:
+    from dtrain.engine.spawn import spawn_workers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spawn_workers(job, tmp, world=WORLD)
+        return _metrics_rate(Path(tmp), warmup)
+
+
+def run_ray(job: dict[str, Any], warmup: int) -> float:
+    from omegaconf import OmegaConf
+
+    from dtrain.launch.train import fit_job
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = OmegaConf.create(job)
+        cfg.runs_dir, cfg.name = tmp, "overhead"
+        fit_job(cfg)
+        return _metrics_rate(Path(tmp) / "overhead", warmup)
+
+
+def run_lightning(job: dict[str, Any], warmup: int) -> float:
+    from benchmarks.lightning_peer import train_lightning
+
+    return train_lightning(job, warmup, WORLD)
+
+
+RUNNERS = {"hand": run_hand, "engine": run_engine, "ray": run_ray, "lightning": run_lightning}
+
+
+def run(runners: list[str], repeats: int, hidden: list[int], batch: int, epochs: int, warmup: int) -> dict[str, Any]:
+    """Interleave the runners `repeats` times; medians and ratios to the hand-written loop."""
+    job = mlp_job(hidden, batch, epochs, num_workers=WORLD)
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for rep in range(repeats):
+        for name in runners:
+            rates[name].append(RUNNERS[name](job, warmup))
+            print(f"[overhead] repeat {rep} {name}: {rates[name][-1]:.1f} steps/s", flush=True)
+    medians = {name: median(v) for name, v in rates.items()}
+    hand = medians.get("hand")
+    return {"setting": {"model": f"mlp hidden={hidden}", "data": "digits (1437 train)", "batch_per_rank": batch,
+                        "processes": WORLD, "epochs": epochs, "warmup_steps": warmup, "repeats": repeats},
+            "steps_s": rates, "median_steps_s": medians,
+            "ratio_to_hand": {k: v / hand for k, v in medians.items()} if hand else {}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runners", default="hand,engine,ray,lightning")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hidden", default="1024,1024")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    result = run(args.runners.split(","), args.repeats, [int(h) for h in args.hidden.split(",")], args.batch,
+                 args.epochs, args.warmup)
+    print(json.dumps(result["median_steps_s"]), json.dumps(result["ratio_to_hand"]))
+    print(save("overhead", result, args.out))
+
+
+if __name__ == "__main__":
+    main()

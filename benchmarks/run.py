@@ -1,0 +1,101 @@
+"""`make bench`: run the benchmarks (each in its own process) and print one table of what they measured.
+
+    python -m benchmarks.run [--sections overhead,startup,zero,precision,gpu] [--quick] [--table-only]
+
+Results go to benchmarks/results/<name>.json (with the machine's details); --table-only prints the table from the
+JSON files already there (e.g. ones fetched from a GPU machine into --results DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS, machine
+
+QUICK = {"overhead": ["--repeats", "1", "--epochs", "3", "--warmup", "5", "--runners", "hand,engine"],
+         "startup": ["--repeats", "1", "--runs", "import,engine"],
+         "zero": ["--epochs", "2", "--warmup", "5", "--hidden", "64"],
+         "precision": ["--quick", "--repeats", "1"], "gpu": ["--quick", "--repeats", "1"]}
+MODULES = {"overhead": "benchmarks.overhead", "startup": "benchmarks.startup", "zero": "benchmarks.zero_memory",
+           "precision": "benchmarks.precision", "gpu": "benchmarks.gpu"}
+
+
+def _load(folder: Path, name: str) -> dict[str, Any] | None:
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def table(folder: Path) -> list[tuple[str, str, str, str]]:
+    """(benchmark, configuration, measurement, relative) rows from the result files in folder."""
+    rows: list[tuple[str, str, str, str]] = []
+    if r := _load(folder, "overhead"):
+        for name, v in r["median_steps_s"].items():
+            rows.append(("overhead", name, f"{v:.1f} steps/s", f"{r['ratio_to_hand'].get(name, 0):.3f} x hand"))
+    if r := _load(folder, "startup"):
+        for name, v in r["first_step_s"].items():
+            rows.append(("startup", name, f"{v:.1f} s to first step", f"{r['total_s'][name]:.1f} s total"))
+    if r := _load(folder, "zero_memory"):
+        for name, row in r["rows"].items():
+            m = row["per_rank"][0]
+            mem = f"p/g/o {m['param_bytes'] / 2**20:.1f}/{m['grad_bytes'] / 2**20:.1f}/" \
+                  f"{m['optimizer_state_bytes'] / 2**20:.1f} MiB"
+            rows.append(("zero", name, f"{mem}, {row['steps_s']:.1f} steps/s", f"{row['vs_ddp']:.2f} x ddp bytes"))
+    for name in ("precision_cpu", "gpu"):
+        r = _load(folder, name)
+        if not r:
+            continue
+        where = r.get("device") or r["machine"].get("cpu", "cpu")
+        for p in r.get("precision", r.get("rows", [])):
+            mfu = f", MFU {p['engine_mfu']:.0%}" if "engine_mfu" in p else ""
+            rows.append((f"precision ({where})", f"{p['work']} {p['precision']}",
+                         f"{p['engine_steps_s']:.1f} steps/s, {p['engine_tflops']:.2f} TFLOP/s{mfu}",
+                         f"{p['speedup_vs_fp32']:.2f} x fp32, {p['engine_vs_hand']:.3f} x hand"))
+        if "small_mlp" in r:
+            s = r["small_mlp"]
+            rows.append((f"hot path ({where})", "small mlp fp32", f"{s['engine_steps_s']:.0f} steps/s",
+                         f"{s['engine_vs_hand']:.3f} x hand"))
+    return rows
+
+
+def print_table(rows: list[tuple[str, str, str, str]]) -> None:
+    header = ("benchmark", "configuration", "measured", "relative")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="overhead,startup,zero,precision,gpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks that all runs")
+    parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--results", default=str(RESULTS))
+    args = parser.parse_args()
+    folder = Path(args.results)
+    failed = []
+    if not args.table_only:
+        import torch
+
+        for section in args.sections.split(","):
+            if section == "gpu" and not torch.cuda.is_available():
+                print("[bench] gpu: skipped (no CUDA GPU here)", flush=True)
+                continue
+            extra = QUICK[section] if args.quick else []
+            print(f"[bench] {section} ...", flush=True)
+            cmd = [sys.executable, "-m", MODULES[section], "--out", str(folder), *extra]
+            if subprocess.run(cmd).returncode != 0:
+                failed.append(section)
+    print("\nmachine:", json.dumps(machine()))
+    print_table(table(folder))
+    if failed:
+        print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Start-up: seconds from the command to the first training step, each measured in a fresh process.
+
+    dtrain train   `dtrain train jobs/mlp_digits.yaml` (embedded local Ray, 2 workers, W&B off)
+    ray plain      a minimal Ray Train TorchTrainer script (benchmarks/ray_plain.py), 2 workers, same model and data
+    engine         the engine alone: dtrain.engine.spawn.spawn_workers, 2 gloo processes, no Ray
+    import         `python -c "import dtrain.cli"`, and `dtrain train`'s own imports before Ray starts
+
+The first step's wall-clock time comes from metrics.jsonl (dtrain) or a stamp file (the plain script).
+
+    python -m benchmarks.startup [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import median, save
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+JOB = ["trainer.max_epochs=1", "trainer.log_every_n_steps=1", "logging.wandb.enabled=false", "logging.progress=false"]
+
+
+def _first_step(run_dir: Path) -> float:
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "step":
+            return record["time"]
+    raise RuntimeError(f"{run_dir}: no step event")
+
+
+def dtrain_train(tmp: Path) -> tuple[float, float]:
+    started = time.time()
+    subprocess.run([str(BIN / "dtrain"), "train", str(ROOT / "jobs/mlp_digits.yaml"), "name=startup",
+                    f"runs_dir={tmp}", *JOB], check=True, cwd=tmp, capture_output=True)
+    return _first_step(tmp / "startup") - started, time.time() - started
+
+
+def ray_plain(tmp: Path) -> tuple[float, float]:
+    started = time.time()
+    stamp = tmp / "first_step"
+    subprocess.run([sys.executable, "-m", "benchmarks.ray_plain", str(stamp)], check=True, cwd=ROOT,
+                   capture_output=True)
+    return float(stamp.read_text()) - started, time.time() - started
+
+
+def engine(tmp: Path) -> tuple[float, float]:
+    started = time.time()
+    code = ("import sys; from benchmarks.common import mlp_job; from dtrain.engine.spawn import spawn_workers; "
+            "spawn_workers(mlp_job([256, 128], 32, 1, log_every_n_steps=1), sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(tmp)], check=True, cwd=ROOT, capture_output=True)
+    return _first_step(tmp) - started, time.time() - started
+
+
+def imports(tmp: Path) -> tuple[float, float]:
+    """Seconds to import the CLI, and to import what `dtrain train` needs before Ray starts (its launch module)."""
+    def timed(code: str) -> float:
+        started = time.time()
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+        return time.time() - started
+    return timed("import dtrain.cli"), timed("import dtrain.cli, dtrain.launch.train, ray, ray.train.torch")
+
+
+RUNS = {"dtrain train": dtrain_train, "ray plain": ray_plain, "engine": engine, "import": imports}
+
+
+def run(names: list[str], repeats: int) -> dict[str, Any]:
+    """Interleaved fresh-process runs; median seconds to the first step and to the end of the 1-epoch run."""
+    raw: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    for rep in range(repeats):
+        for name in names:
+            with tempfile.TemporaryDirectory() as tmp:
+                raw[name].append(RUNS[name](Path(tmp)))
+            print(f"[startup] repeat {rep} {name}: {raw[name][-1][0]:.1f} s, {raw[name][-1][1]:.1f} s", flush=True)
+    return {"raw": raw, "first_step_s": {n: median([a for a, _ in v]) for n, v in raw.items()},
+            "total_s": {n: median([b for _, b in v]) for n, v in raw.items()},
+            "note": "import row: first_step_s = import dtrain.cli, total_s = + dtrain.launch.train, ray, ray.train"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="import,engine,ray plain,dtrain train")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    result = run(args.runs.split(","), args.repeats)
+    print(json.dumps(result["first_step_s"]))
+    print(save("startup", result, args.out))
+
+
+if __name__ == "__main__":
+    main()
