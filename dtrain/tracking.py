@@ -139,11 +139,17 @@ def wandb_run_id(run_dir: str | Path, fixed: str | None = None) -> tuple[str, bo
 
 
 def latest_checkpoint_dir(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint folder of a run: Ray Train's <run_dir>/checkpoint_<time> or spawn's checkpoints/step_*."""
+    """The newest intact checkpoint folder of a run (Ray Train's <run_dir>/checkpoint_<time>, spawn's
+    checkpoints/step_*), checked against its manifests; None if there is none."""
+    from dtrain.engine.checkpoint import CheckpointError, checkpoint_order, pick_checkpoint
+
     run_dir = Path(run_dir)
     found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
     found += [p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir()]
-    return max(found, key=lambda p: p.name) if found else None  # both name formats sort by time
+    try:
+        return pick_checkpoint(sorted(found, key=checkpoint_order, reverse=True), warn=False)
+    except CheckpointError:
+        return None
 
 
 class WandbSink:
@@ -202,7 +208,7 @@ class WandbSink:
 
         folder = latest_checkpoint_dir(self.run_dir)
         if folder is None:
-            print("[dtrain] W&B: no checkpoint to upload (checkpoint.every_n_epochs=0?)", flush=True)
+            print("[dtrain] W&B: no intact checkpoint to upload (checkpoint.every_n_epochs=0?)", flush=True)
             return
         step = _checkpoint_step(folder)
         if step is not None and step != record.get("steps"):
@@ -228,12 +234,10 @@ def _numbers(record: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, fl
 
 
 def _checkpoint_step(folder: Path) -> int | None:
-    state = folder / "train_state.pt"
-    if not state.is_file():
-        return None
-    from dtrain.engine.checkpoint import safe_load
+    from dtrain.engine.checkpoint import read_manifest
 
-    return int(safe_load(state)["step"])
+    step = (read_manifest(folder, 0) or {}).get("step")
+    return step if isinstance(step, int) else None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
