@@ -158,7 +158,8 @@ class DeepSpeedStrategy:
         # Ray Train and torchrun set LOCAL_RANK, which DeepSpeed insists on; a local spawn is a single node.
         os.environ.setdefault("LOCAL_RANK", str(dist.rank()))
         model = model.to(self.device)
-        self.template = copy.deepcopy(model)  # a plain copy to hand out full fp32 weights in (see unwrapped)
+        if self.dtype is not None or self.trainer_cfg.deepspeed.zero_stage == 3:
+            self.template = copy.deepcopy(model)  # a plain fp32 copy to hand out full weights in (see unwrapped)
         optimizer = build_optimizer(trainable(model), self.optim_cfg, lr)
         plain_fp32 = self.dtype is None and config["zero_optimization"]["stage"] == 0
         if plain_fp32 and not config["gradient_clipping"]:
@@ -258,8 +259,10 @@ class DeepSpeedStrategy:
                 with _gathered(p):
                     full = p.detach().clone()
             out[name] = full.float().cpu()
-        for name, b in module.named_buffers():
-            out[name] = b.detach().clone().cpu()
+        for mod_name, mod in module.named_modules():
+            for name, b in mod._buffers.items():
+                if b is not None and name not in mod._non_persistent_buffers_set:  # as state_dict keeps them
+                    out[f"{mod_name}.{name}" if mod_name else name] = b.detach().clone().cpu()
         return out
 
     def _release(self, model: nn.Module) -> nn.Module:

@@ -203,3 +203,26 @@ def test_conflicts_are_caught_when_the_job_loads():
     job = load_job(JOBS / "mlp_digits_deepspeed.yaml", ["trainer.deepspeed.config={gradient_clipping: 1.0, "
                                                         "zero_optimization: {reduce_bucket_size: 5000}}"])
     assert deepspeed_config(to_objects(job).trainer)["zero_optimization"]["reduce_bucket_size"] == 5000
+
+
+def _setup(job: dict):
+    from dtrain.engine.strategy import build_strategy
+
+    cfg = to_objects(job)
+    model = build_model(cfg.model, load_data(cfg.data).meta)
+    build_strategy(cfg.trainer, cfg.optim, torch.device("cpu")).setup(model, 1e-3, 10, 10)
+
+
+def test_staged_model_under_zero3_is_a_config_error(deepspeed_op):
+    job = load_job(JOBS / "dbn_digits.yaml", ["trainer.strategy=deepspeed", "trainer.deepspeed.zero_stage=3"])
+    with pytest.raises(ConfigError, match="trainer.deepspeed.zero_stage: a staged model .* runs under ZeRO 0-2"):
+        _setup(OmegaConf.to_container(job))
+
+
+def test_fp16_without_accelerator_support_is_a_config_error(deepspeed_op):
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this accelerator has fp16; the error is for DeepSpeed's CPU backend")
+    with pytest.raises(ConfigError, match="trainer.precision: fp16-mixed is not supported by DeepSpeed on cpu"):
+        _setup(_ds(0, **{"trainer.precision": "fp16-mixed"}))
