@@ -43,12 +43,12 @@ class RBMLayer(nn.Module):
 
     def hidden_mean(self, v: Tensor) -> Tensor:
         """E[h | v]: sigmoid (Bernoulli) or linear (Gaussian) of Wv + c; also the feature map."""
-        pre = self.linear(v)
+        pre = self.linear(v.to(self.linear.weight.dtype))  # the weights' dtype: bf16/fp16 under DeepSpeed
         return torch.sigmoid(pre) if self.hidden == "bernoulli" else pre
 
     def visible_mean(self, h: Tensor) -> Tensor:
         """E[v | h]."""
-        pre = F.linear(h, self.linear.weight.t(), self.v_bias)
+        pre = F.linear(h.to(self.v_bias.dtype), self.linear.weight.t(), self.v_bias)
         return torch.sigmoid(pre) if self.visible == "bernoulli" else pre
 
     @staticmethod
