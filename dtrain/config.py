@@ -301,6 +301,7 @@ def build_job(user: DictConfig, where: str = "job") -> DictConfig:
         schema = OmegaConf.structured(JobConfig)
         schema.model = OmegaConf.structured(model_cls)
         OmegaConf.set_struct(schema, True)
+        OmegaConf.set_struct(schema.data.options, False)  # free-form: each data set checks its own options
         OmegaConf.set_struct(schema.trainer.deepspeed.config, False)  # free-form: raw keys DeepSpeed checks
         tune = user.get("tune") if "tune" in user else None
         rest = OmegaConf.masked_copy(user, [k for k in user.keys() if k != "tune"])

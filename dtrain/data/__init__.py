@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dtrain.data import bundled
+from dtrain.data import bundled, files, generated, series
 from dtrain.data.base import Arrays, DataBundle
 from dtrain.errors import ConfigError, DataError
 from dtrain.models.base import DataMeta
@@ -22,6 +22,12 @@ DATASETS: dict[str, Callable[..., Arrays]] = {
     "iris": bundled.iris,
     "wine": bundled.wine,
     "xor": bundled.xor,
+    "adding": generated.adding,
+    "periodic": generated.periodic,
+    "sunspots": series.sunspots,
+    "mnist": files.mnist,
+    "npz": files.npz,
+    "csv": files.csv,
 }
 
 
@@ -66,9 +72,10 @@ def _maybe(y: np.ndarray | None, idx: Any) -> np.ndarray | None:
 
 
 def fourier_features(x: np.ndarray) -> np.ndarray:
-    """Append the FFT magnitude spectrum of each sample (flattened) to its features."""
+    """Append the FFT magnitude spectrum of each sample to its flattened features (sequences (N, L, C): along time,
+    per channel)."""
     flat = x.reshape(len(x), -1)
-    spec = np.abs(np.fft.rfft(flat, axis=-1, norm="ortho"))
+    spec = np.abs(np.fft.rfft(x if x.ndim == 3 else flat, axis=1, norm="ortho")).reshape(len(x), -1)
     return np.concatenate([flat, spec], axis=-1)
 
 
