@@ -3,7 +3,8 @@ through the real engine and compared with a peer on the very same split: scikit-
 MLPClassifier, the 0.167 baseline of the adding problem, and the persistence forecast of the sunspot series.
 
 The job files run 2 DDP workers; here one worker takes the same global batch (the sharded loader makes the two
-equivalent, tested in tests/distributed), trained in this process to keep the suite fast.
+equivalent, tested in tests/distributed), trained in this process to keep the suite fast. Shortened runs then
+show the same job files under DeepSpeed (2 spawned workers) and through Ray Train.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dtrain.config import load_job, to_dict, to_objects
 from dtrain.data import load_data
 from dtrain.data.generated import ADDING_BASELINE_MSE
 from dtrain.data.series import persistence_mse
-from dtrain.engine.spawn import LocalReporter, latest_checkpoint
+from dtrain.engine.spawn import LocalReporter, latest_checkpoint, spawn_workers
 from dtrain.engine.worker import run_worker
 from tests.helpers import JOBS
 
@@ -151,6 +152,26 @@ def test_gradient_descent_variants_train_a_perceptron_on_iris(descent, epochs, s
     n_train = len(load_data(to_objects(job).data).train[0])
     assert n_train == 108 and summary["steps"] == epochs * (n_train if descent == "stochastic" else steps_per_epoch)
     assert summary["test"]["test/acc"] >= 0.8
+
+
+@pytest.mark.parametrize("job_file", ["cnn_digits.yaml", "lstm_sunspots.yaml"])
+def test_catalog_models_train_under_deepspeed(job_file, tmp_path):
+    """The same job files under DeepSpeed ZeRO-1 with 2 spawned gloo workers (shortened)."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load()  # build once here, not in both workers
+    short = {"cnn_digits.yaml": ["trainer.max_epochs=3", "model.channels=[8,16]", "model.hidden=[32]",
+                                 "model.dropout=0", "optim.scheduler=none", "optim.lr=0.005"],
+             "lstm_sunspots.yaml": ["trainer.max_epochs=20"]}[job_file]
+    job = load_job(JOBS / job_file, [f"runs_dir={tmp_path}", "name=ds", "logging.progress=false",
+                                     "logging.wandb.enabled=false", "checkpoint.every_n_epochs=0",
+                                     "trainer.strategy=deepspeed", "trainer.deepspeed.zero_stage=1", *short])
+    test = spawn_workers(to_dict(job), tmp_path, world=2)["test"]
+    if "test/acc" in test:
+        assert test["test/acc"] > 0.85  # chance is 0.1
+    else:
+        bundle = load_data(to_objects(job).data)
+        assert test["test/mse"] < 0.6 * persistence_mse(bundle.test[0].numpy(), bundle.test[1].numpy())
 
 
 def test_cnn_trains_through_ray(ray_session, tmp_path):
