@@ -28,6 +28,12 @@ BIN = Path(sys.executable).parent
 JOB = ["trainer.max_epochs=1", "trainer.log_every_n_steps=1", "logging.wandb.enabled=false", "logging.progress=false"]
 
 
+def _run(cmd: list[str], cwd: Path) -> None:
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
 def _first_step(run_dir: Path) -> float:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -38,16 +44,15 @@ def _first_step(run_dir: Path) -> float:
 
 def dtrain_train(tmp: Path) -> tuple[float, float]:
     started = time.time()
-    subprocess.run([str(BIN / "dtrain"), "train", str(ROOT / "jobs/mlp_digits.yaml"), "name=startup",
-                    f"runs_dir={tmp}", *JOB], check=True, cwd=tmp, capture_output=True)
+    _run([str(BIN / "dtrain"), "train", str(ROOT / "jobs/mlp_digits.yaml"), "name=startup", f"runs_dir={tmp}", *JOB],
+         tmp)
     return _first_step(tmp / "startup") - started, time.time() - started
 
 
 def ray_plain(tmp: Path) -> tuple[float, float]:
     started = time.time()
     stamp = tmp / "first_step"
-    subprocess.run([sys.executable, "-m", "benchmarks.ray_plain", str(stamp)], check=True, cwd=ROOT,
-                   capture_output=True)
+    _run([sys.executable, "-m", "benchmarks.ray_plain", str(stamp)], ROOT)
     return float(stamp.read_text()) - started, time.time() - started
 
 
@@ -55,7 +60,7 @@ def engine(tmp: Path) -> tuple[float, float]:
     started = time.time()
     code = ("import sys; from benchmarks.common import mlp_job; from dtrain.engine.spawn import spawn_workers; "
             "spawn_workers(mlp_job([256, 128], 32, 1, log_every_n_steps=1), sys.argv[1])")
-    subprocess.run([sys.executable, "-c", code, str(tmp)], check=True, cwd=ROOT, capture_output=True)
+    _run([sys.executable, "-c", code, str(tmp)], ROOT)
     return _first_step(tmp) - started, time.time() - started
 
 
