@@ -271,7 +271,7 @@ def load_job(
             user = OmegaConf.load(path)
         except Exception as err:  # yaml errors carry multi-line context; keep the first line
             if "Invalid loaded object type" in str(err):
-                raise ConfigError(f"{path}: expected a mapping of sections (model, data, optim, trainer, ...)") from None
+                raise ConfigError(f"{path}: expected a mapping of sections (model, data, trainer, ...)") from None
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(user, DictConfig):
             raise ConfigError(f"{path}: expected a mapping of sections (model, data, optim, trainer, ...)")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+
 import pytest
+
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):

@@ -40,6 +40,8 @@ class TrainState:
     step: int = 0
     samples: int = 0
     skipped_steps: int = 0
+    epochs_done: int = 0
+    """Epochs completed over all stages."""
     best: float | None = None
     best_epoch: int = -1
     bad_epochs: int = 0
@@ -86,7 +88,7 @@ def fit(job: Any, model: CatalogModel, data: DataBundle, strategy: Strategy, ctx
             train.set_epoch(state.stage * 10_000 + state.epoch)
             train_metrics = _train_epoch(job, wrapped, train, strategy, state, ctx)
             val_metrics = evaluate(wrapped, data.val, batch_size, strategy, ctx, "val")
-            state.epoch, state.batch = state.epoch + 1, 0
+            state.epoch, state.batch, state.epochs_done = state.epoch + 1, 0, state.epochs_done + 1
             metrics = {"stage": stage.name, "epoch": state.epoch, "step": state.step, **train_metrics, **val_metrics}
             _early_stopping(job, state, metrics)
             ctx.log({"event": "epoch", **metrics})
@@ -101,7 +103,7 @@ def fit(job: Any, model: CatalogModel, data: DataBundle, strategy: Strategy, ctx
     test_metrics = evaluate(wrapped, data.test, batch_size, strategy, ctx, "test")
     wall = time.perf_counter() - started
     summary = {"final": {**state.history.get("last", {}), **test_metrics}, "best": state.history.get("best", {}),
-               "test": test_metrics, "epochs": state.epoch, "steps": state.step, "stages": len(stages),
+               "test": test_metrics, "epochs": state.epochs_done, "steps": state.step, "stages": len(stages),
                "skipped_steps": state.skipped_steps, "stop_reason": state.stop_reason or "completed",
                "wall_time_s": wall, "train_samples_per_s": state.samples / max(wall, 1e-9), "world_size": ctx.world}
     ctx.log({"event": "end", **summary})

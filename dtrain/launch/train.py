@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -13,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dtrain.config import to_dict
 from dtrain.errors import ConfigError, DtrainError
+from dtrain.launch.progress import ProgressFollower
 from dtrain.tracking import CONFIG_FILE, SUMMARY_FILE
 
 
@@ -27,6 +29,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any], folder: Path | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None)
 
+    for name in ("ray.train", "ray.train.v2._internal.execution"):  # a line per report/checkpoint is noise here
+        logging.getLogger(name).setLevel(logging.WARNING)
     # A run's own latest checkpoint wins; init_checkpoint only seeds a fresh run (dtrain tune's PBT exploit).
     checkpoint = ray.train.get_checkpoint() or _initial_checkpoint(config)
     # Local storage is read in place (the loop only reads it); remote storage is downloaded first.
@@ -71,7 +75,6 @@ def _resume_dir(checkpoint: Any, downloaded: Path | None, run_dir: Path, resume:
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Connect to a cluster at address, or start an embedded single-node Ray bound to 127.0.0.1."""
-    import logging
 
     import ray
 
@@ -164,6 +167,9 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
                              checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
                              callbacks=callbacks, worker_runtime_env={"env_vars": env_for_workers()}),
     )
+    follower = ProgressFollower(run_dir) if job.logging.progress else None
+    if follower:
+        follower.start()
     try:
         trainer.fit()
     except SystemExit:  # Ray Train's Ctrl-C handler aborted the run (workers stopped) and exits: say so
@@ -173,6 +179,9 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
         if user is not None:
             raise user from None
         raise
+    finally:
+        if follower:
+            follower.stop()
     summary_file = run_dir / SUMMARY_FILE
     return json.loads(summary_file.read_text()) if summary_file.exists() else {}
 
