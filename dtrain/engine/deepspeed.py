@@ -155,6 +155,7 @@ class DeepSpeedStrategy:
             raise ConfigError(f"trainer.precision: fp16-mixed is not supported by DeepSpeed on "
                               f"{get_accelerator().device_name()}; use bf16-mixed or 32")
         config = deepspeed_config(self.trainer_cfg, self.micro_batch_size or 1, dist.world_size())
+        _quiet_deepspeed()
         # Ray Train and torchrun set LOCAL_RANK, which DeepSpeed insists on; a local spawn is a single node.
         os.environ.setdefault("LOCAL_RANK", str(dist.rank()))
         model = model.to(self.device)
@@ -276,6 +277,18 @@ class DeepSpeedStrategy:
                     key = f"{mod_name}.{name}" if mod_name else name
                     mod._parameters[name] = nn.Parameter(full[key].to(self.device), requires_grad=p.requires_grad)
         return model
+
+
+def _quiet_deepspeed() -> None:
+    """DeepSpeed logs its whole config and every phase of initialize at INFO; the loop reports what matters."""
+    import logging
+    import warnings
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    # DeepSpeed still calls the deprecated collective in ZeRO-3; nothing a user can act on
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
 
 
 def _measure_norm_when_clipping(engine: Any) -> None:
