@@ -68,6 +68,9 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
             out.put(summary)
     finally:
         if dist.is_initialized():
+            # Leave together: a rank tearing gloo down while its peer is still mid-collective can abort the peer
+            # ("terminate called without an active exception") after training has already finished.
+            dist.barrier()
             dist.destroy_process_group()
 
 
