@@ -66,11 +66,13 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
         summary = run_worker(job, run_dir, LocalReporter(Path(run_dir)), device, resume_dir)
         if rank == 0:
             out.put(summary)
-    finally:
         if dist.is_initialized():
             # Leave together: a rank tearing gloo down while its peer is still mid-collective can abort the peer
-            # ("terminate called without an active exception") after training has already finished.
+            # ("terminate called without an active exception") after training has already finished. Only on
+            # success: after an error the peer may never reach the barrier.
             dist.barrier()
+    finally:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
