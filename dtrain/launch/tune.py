@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -54,9 +55,11 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     from dtrain.launch.train import fit_job
 
-    trial_dir = Path(setup["search_dir"]) / "trials" / tune.get_context().get_trial_id()
+    trial_id = tune.get_context().get_trial_id()
+    trial_dir = Path(setup["search_dir"]) / "trials" / trial_id
     segment = sum(1 for p in trial_dir.glob("run*") if p.is_dir()) if trial_dir.exists() else 0
-    job = build_job(OmegaConf.create(trial_job(setup["base"], setup["params"], config, setup["search_name"])))
+    job = build_job(OmegaConf.create(trial_job(setup["base"], setup["params"], config, setup["search_name"],
+                                               trial_id)))
     job.runs_dir, job.name = str(trial_dir), f"run{segment}"
     init = _initial_checkpoint(trial_dir / f"init{segment}", job)
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
@@ -106,12 +109,16 @@ def _abort(controller: Any) -> None:
         pass
 
 
-def trial_job(base: dict, params: dict[str, Param], sample: dict[str, Any], search_name: str) -> dict:
-    """The job a trial trains: the search's job with the sampled values and no tune section."""
+def trial_job(base: dict, params: dict[str, Param], sample: dict[str, Any], search_name: str,
+              trial_id: str = "trial") -> dict:
+    """The job a trial trains: the search's job with the sampled values and no tune section; one W&B run per
+    trial (grouped by search, named by trial, one id shared by the trial's segments after PBT exploits/resumes)."""
     job = apply_params(base, params, sample)
     job.pop("tune", None)
     wandb = job.setdefault("logging", {}).setdefault("wandb", {})
     wandb["group"] = wandb.get("group") or search_name
+    wandb["name"] = wandb.get("name") or trial_id
+    wandb["id"] = re.sub(r"[^A-Za-z0-9_-]", "-", f"{search_name}-{trial_id}")[-64:]
     job.setdefault("checkpoint", {})["keep"] = max(2, job.get("checkpoint", {}).get("keep", 2))
     return job
 

@@ -152,3 +152,16 @@ def test_retarget_optimizer_sets_the_new_lr_and_reseals(tmp_path):
     sched2.step()  # the schedule continues from the new base lr
     assert sched2.base_lrs == [0.002]
     assert json.loads((tmp_path / "manifest_rank0.json").read_text())["files"]["model.pt"]["size"] > 0
+
+
+def test_each_trial_is_its_own_wandb_run_grouped_by_search():
+    from omegaconf import OmegaConf
+
+    from dtrain.config import build_job
+    from dtrain.launch.tune import trial_job
+
+    base = {"model": {"name": "mlp"}, "data": {"name": "iris"}, "tune": {"space": {}}}
+    job = trial_job(base, {}, {}, "search:one", "abc_00001")
+    wandb = build_job(OmegaConf.create(job)).logging.wandb
+    assert (wandb.group, wandb.name, wandb.id) == ("search:one", "abc_00001", "search-one-abc_00001")
+    assert "tune" not in job
