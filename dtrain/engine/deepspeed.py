@@ -78,6 +78,8 @@ def _translate(t: Any, micro_batch: int | None, world: int | None) -> tuple[dict
         "managed_gradient_accumulation": False,
         # our optimizers are plain torch ones (Adam/AdamW/SGD); ZeRO partitions their state like any other
         "zero_allow_untested_optimizer": True,
+        # and with offload they step on the CPU copies as they are (DeepSpeedCPUAdam would be a faster, JIT-built op)
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": _QUIET,
         "wall_clock_breakdown": False,
     }
