@@ -84,7 +84,12 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     # Make this package importable by the workers Ray starts (they may run from another working directory).
     # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train otherwise echoes every worker print twice (log + stdout).
     runtime_env = {"env_vars": {"PYTHONPATH": _package_root() + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+                                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                # The controller takes reports when it polls the workers (default every 2 s) and a
+                                # worker's next report waits for that: polling at 0.2 s makes a per-epoch report
+                                # cost milliseconds instead of up to 2 s (measured: the make-train job 60 s -> 20 s).
+                                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get(
+                                    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")}}
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
