@@ -82,8 +82,9 @@ def fit(job: Any, model: CatalogModel, data: DataBundle, strategy: Strategy, ctx
         if ctx.resume_dir is not None:
             _resume(strategy, state, ctx)
             ctx.resume_dir = None
-        ctx.log({"event": "stage", "stage": stage.name, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
-                 "global_batch": batch_size * ctx.world * t.grad_accum})
+        done_in_stage = state.epoch * steps_per_epoch + state.batch // t.grad_accum  # > 0 when resumed mid-stage
+        ctx.log({"event": "stage", "stage": stage.name, "first_step": state.step - done_in_stage, "epochs": epochs,
+                 "steps_per_epoch": steps_per_epoch, "global_batch": batch_size * ctx.world * t.grad_accum})
         while state.epoch < epochs and not state.stopped:
             train.set_epoch(state.stage * 10_000 + state.epoch)
             train_metrics = _train_epoch(job, wrapped, train, strategy, state, ctx)

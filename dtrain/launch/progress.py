@@ -36,15 +36,14 @@ class ProgressFollower(threading.Thread):
                     if event == "stage":
                         total = record["epochs"] * record["steps_per_epoch"]
                         task = progress.add_task(f"{record['stage']}", total=total, info="")
-                        base = None
+                        base = record.get("first_step", 0)  # the global step this stage began at
                     elif event == "step" and task is not None:
-                        base = record["step"] - 1 if base is None else base
                         loss = record.get("train/loss")
                         info = f"loss {loss:.4f}" if isinstance(loss, float) else ""
                         progress.update(task, completed=record["step"] - base, info=info)
                     elif event == "epoch" and task is not None:
                         shown = " ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith("val/"))
-                        progress.update(task, info=f"epoch {record['epoch']} {shown}")
+                        progress.update(task, completed=record["step"] - base, info=f"epoch {record['epoch']} {shown}")
                     elif event == "end":
                         return
                 if stopping:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -29,7 +30,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any], folder: Path | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None)
 
-    for name in ("ray.train", "ray.train.v2._internal.execution"):  # a line per report/checkpoint is noise here
+    # A line per report/checkpoint is noise here. Ray Train's report logger is named after its file, not its module.
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    for name in ("ray.train", spec.origin if spec else ""):
         logging.getLogger(name).setLevel(logging.WARNING)
     # A run's own latest checkpoint wins; init_checkpoint only seeds a fresh run (dtrain tune's PBT exploit).
     checkpoint = ray.train.get_checkpoint() or _initial_checkpoint(config)
@@ -146,7 +149,7 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
 
     init_checkpoint: a checkpoint folder to start from when the run has none of its own (weights, optimizer, state).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from dtrain.engine.faults import env_for_workers
@@ -170,7 +173,8 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
         run_config=RunConfig(name=job.name, storage_path=str(run_dir.parent),
                              failure_config=FailureConfig(max_failures=job.trainer.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
-                             callbacks=callbacks, worker_runtime_env={"env_vars": env_for_workers()}),
+                             callbacks=callbacks, worker_runtime_env={"env_vars": env_for_workers()},
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
     follower = ProgressFollower(run_dir) if job.logging.progress else None
     if follower:
