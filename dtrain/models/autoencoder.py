@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from dtrain.errors import ConfigError
 from dtrain.models.base import CatalogModel, DataMeta, Stage, StepOutput, flat_dim
 from dtrain.models.layers import activation, init_module
-from dtrain.models.rbm import RBMLayer, freeze_all_but, rbm_input
+from dtrain.models.rbm import RBMLayer, freeze_all_but, pretraining_stages, rbm_input
 
 
 def _stack(widths: list[int], hidden_act: str, last_act: str, dropout: float) -> nn.Sequential:
@@ -148,8 +148,7 @@ class DeepAutoencoder(CatalogModel):
         self.stage = "finetune"
 
     def stages(self) -> list[Stage]:
-        pre = [Stage(f"rbm{i}", self.cfg.pretrain_epochs, self.cfg.pretrain_lr) for i in range(len(self.rbms))]
-        return (pre if self.cfg.pretrain else []) + [Stage("finetune", self.cfg.finetune_epochs, self.cfg.finetune_lr)]
+        return pretraining_stages(self.cfg, len(self.rbms))
 
     def set_stage(self, stage: Stage) -> None:
         self.stage = stage.name

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from dtrain.errors import ConfigError
 from dtrain.models.base import CatalogModel, DataMeta, Stage, StepOutput, flat_dim, supervised_step
-from dtrain.models.rbm import UNITS, RBMLayer, freeze_all_but, rbm_input
+from dtrain.models.rbm import UNITS, RBMLayer, freeze_all_but, pretraining_stages, rbm_input
 
 
 @dataclass
@@ -65,8 +65,7 @@ class DBN(CatalogModel):
         self.stage = "finetune"
 
     def stages(self) -> list[Stage]:
-        pre = [Stage(f"rbm{i}", self.cfg.pretrain_epochs, self.cfg.pretrain_lr) for i in range(len(self.rbms))]
-        return (pre if self.cfg.pretrain else []) + [Stage("finetune", self.cfg.finetune_epochs, self.cfg.finetune_lr)]
+        return pretraining_stages(self.cfg, len(self.rbms))
 
     def set_stage(self, stage: Stage) -> None:
         self.stage = stage.name

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtrain.errors import ConfigError
-from dtrain.models.base import CatalogModel, DataMeta, StepOutput, flat_dim
+from dtrain.models.base import CatalogModel, DataMeta, Stage, StepOutput, flat_dim
 from dtrain.models.layers import init_weight
 
 UNITS = ("bernoulli", "gaussian")
@@ -141,3 +141,9 @@ def freeze_all_but(model: nn.Module, trainable: list[nn.Module]) -> None:
     for module in trainable:
         for p in module.parameters():
             p.requires_grad_(True)
+
+
+def pretraining_stages(cfg: object, n_rbms: int) -> list[Stage]:
+    """Greedy layer-wise RBM stages (when cfg.pretrain), then fine-tuning: the stages of DBN and deep autoencoder."""
+    pre = [Stage(f"rbm{i}", cfg.pretrain_epochs, cfg.pretrain_lr) for i in range(n_rbms)] if cfg.pretrain else []
+    return pre + [Stage("finetune", cfg.finetune_epochs, cfg.finetune_lr)]
