@@ -34,3 +34,13 @@ def ray_session():
     yield ray
     ray.shutdown()
 
+
+@pytest.fixture
+def one_thread():
+    """Tiny models in-process: intra-op threads only add overhead and contention with other tests."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

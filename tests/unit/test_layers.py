@@ -19,13 +19,7 @@ from dtrain.models.recurrent import LSTMConfig, Recurrent, RNNConfig
 DIGITS = DataMeta(input_shape=(64,), num_classes=10)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _digits(n: int = 600) -> tuple[torch.Tensor, torch.Tensor]:

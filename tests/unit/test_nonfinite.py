@@ -19,14 +19,7 @@ from dtrain.errors import TrainingError
 from dtrain.models import build_model
 from tests.helpers import small_job
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and contention with the other tests)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(run_dir, poison=None, scale=1.0, **over):
