@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from dtrain.engine import dist
 from dtrain.engine.optim import build_optimizer, build_scheduler, trainable
-from dtrain.engine.strategy import StepResult
+from dtrain.engine.strategy import StepResult, nonfinite
 from dtrain.errors import ConfigError
 
 CHECKPOINT_DIR = "deepspeed"
@@ -193,12 +193,15 @@ class DeepSpeedStrategy:
         # The loop already divided by the accumulation window: DeepSpeed must sum micro-batch gradients as they are.
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> StepResult:
-        self.engine.step()
+    def step(self, loss: Tensor) -> StepResult:
+        self.engine.step()  # DeepSpeed reads its overflow flag back to the host itself
         norm = self.engine.get_global_grad_norm()
         norm = torch.as_tensor(float("nan") if norm is None else float(norm), device=self.device)
-        fp16 = self.dtype == torch.float16  # an fp16 overflow is the loss scaler's business, as under DDP
-        return StepResult(norm, skipped=not self.engine.was_step_applied() and not fp16)
+        if self.dtype == torch.float16 or self.engine.was_step_applied():
+            # An fp16 overflow is the loss scaler's business, as under DDP. Where DeepSpeed has no overflow check
+            # (fp32, ZeRO-0) it applied the step regardless: a non-finite loss still counts towards stopping.
+            return StepResult(norm, nonfinite(loss))
+        return StepResult(norm, torch.ones((), device=self.device))
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])

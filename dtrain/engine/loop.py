@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dtrain.data.base import DataBundle
 from dtrain.data.sharding import ShardedLoader
@@ -73,6 +73,7 @@ def fit(job: Any, model: CatalogModel, data: DataBundle, strategy: Strategy, ctx
     started = time.perf_counter()
     state = TrainState(**safe_load(ctx.resume_dir / STATE_FILE)) if ctx.resume_dir else TrainState()
     stages = model.stages()
+    guard = NonFiniteGuard(state, t.max_nonfinite_steps, t.log_every_n_steps, dev)
     while state.stage < len(stages) and not state.stopped:
         stage = stages[state.stage]
         model.set_stage(stage)
@@ -87,7 +88,7 @@ def fit(job: Any, model: CatalogModel, data: DataBundle, strategy: Strategy, ctx
                  "steps_per_epoch": steps_per_epoch, "global_batch": batch_size * ctx.world * t.grad_accum})
         while state.epoch < epochs and not state.stopped:
             train.set_epoch(state.stage * 10_000 + state.epoch)
-            train_metrics = _train_epoch(job, wrapped, train, strategy, state, ctx)
+            train_metrics = _train_epoch(job, wrapped, train, strategy, state, ctx, guard)
             val_metrics = evaluate(wrapped, data.val, batch_size, strategy, ctx, "val")
             state.epoch, state.batch, state.epochs_done = state.epoch + 1, 0, state.epochs_done + 1
             metrics = {"stage": stage.name, "epoch": state.epoch, "step": state.step, **train_metrics, **val_metrics}
@@ -111,12 +112,69 @@ def fit(job: Any, model: CatalogModel, data: DataBundle, strategy: Strategy, ctx
     return summary
 
 
+class NonFiniteGuard:
+    """Counts skipped (non-finite) steps and stops the run after `limit` of them in a row.
+
+    Each step's flag is written into a buffer on the device; the host reads the buffer only in check(), which the
+    loop calls where it reads metrics back anyway (log steps, checkpoints, epoch ends): a training step never waits
+    for the device. Skipped steps leave the weights untouched, so a run of them noticed a few steps late costs
+    nothing but those steps.
+    """
+
+    def __init__(self, state: TrainState, limit: int, capacity: int, device: torch.device) -> None:
+        self.state, self.limit = state, limit
+        self.flags, self.n = torch.zeros(capacity, device=device), 0
+
+    def add(self, skipped: Tensor) -> None:
+        if self.n == len(self.flags):
+            self.check()
+        self.flags[self.n].copy_(skipped)
+        self.n += 1
+
+    def check(self) -> None:
+        """Account for the steps added since the last check (the newest is state.step)."""
+        state, flags, self.n = self.state, self.flags[:self.n].tolist(), 0
+        run = state.history.get("nonfinite_run", 0)
+        for step, skipped in enumerate(flags, start=state.step - len(flags) + 1):
+            run = run + 1 if skipped else 0
+            state.skipped_steps += bool(skipped)
+            if run >= self.limit:
+                raise TrainingError(f"training stopped: {self.limit} consecutive steps had a non-finite loss or "
+                                    f"gradient (step {step}); lower optim.lr or set trainer.grad_clip")
+        state.history["nonfinite_run"] = run
+
+
+class MetricSums:
+    """Sample-weighted sums of a model's metrics, kept on the device: one stack and one add per batch."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.totals: Tensor | None = None
+        self.n = 0
+
+    def add(self, metrics: dict[str, Tensor], weight: int) -> None:
+        values = torch.stack([v.detach().float() for v in metrics.values()])
+        if self.totals is None:
+            self.keys, self.totals = list(metrics), torch.zeros_like(values)
+        self.totals.add_(values, alpha=weight)
+        self.n += weight
+
+    def reduce(self, prefix: str) -> dict[str, float]:
+        """Means over all ranks' samples (one collective), as {prefix/key: value}."""
+        if self.totals is None:
+            return {}
+        packed = dist.all_reduce_sum(torch.cat([self.totals, self.totals.new_tensor([self.n])]))
+        *totals, n = packed.tolist()
+        return {f"{prefix}/{k}": v / max(n, 1.0) for k, v in zip(self.keys, totals, strict=True)}
+
+
 def _train_epoch(job: Any, wrapped: nn.Module, loader: ShardedLoader, strategy: Strategy, state: TrainState,
-                 ctx: RunContext) -> dict[str, float]:
+                 ctx: RunContext, guard: NonFiniteGuard) -> dict[str, float]:
     t = job.trainer
     n_batches, accum = len(loader), t.grad_accum
-    sums: dict[str, torch.Tensor] = {}
-    window_loss, step_started, step_samples = None, time.perf_counter(), 0
+    sums = MetricSums()
+    window_loss, step_samples = None, 0
+    log_started, log_steps, log_samples = time.perf_counter(), 0, 0  # since the last logged step
     wrapped.train()
     for i, batch in enumerate(loader.iter_from(state.batch), start=state.batch):
         window_start = i - i % accum
@@ -126,43 +184,35 @@ def _train_epoch(job: Any, wrapped: nn.Module, loader: ShardedLoader, strategy: 
             out = wrapped(batch.tensors)
         # Weight by this rank's share of the global batch: DDP then averages to exactly the global-batch gradient.
         weight = batch.real * ctx.world / batch.global_size / window
-        strategy.backward(out.loss * weight)
+        strategy.backward(out.loss if weight == 1 else out.loss * weight)
         window_loss = out.loss.detach() if window_loss is None else window_loss + out.loss.detach()
-        for k, v in out.metrics.items():
-            sums[k] = sums.get(k, 0) + v.detach().float() * batch.real
-        sums["_n"] = sums.get("_n", 0) + batch.real
+        sums.add(out.metrics, batch.real)
         step_samples += batch.global_size
         state.batch = i + 1
         if not last_micro:
             continue
-        # Read the loss back before step() queues the optimizer, so this host sync waits for backward only and the
-        # next batch is launched while the optimizer still runs (checked after step(), it drained the GPU each step).
-        loss_finite = math.isfinite(window_loss.item())  # .item() + math: one copy, no 4-kernel torch.isfinite
-        result = strategy.step()
+        result = strategy.step(window_loss)
+        guard.add(result.skipped)
         state.step += 1
         state.samples += step_samples
-        if result.skipped or not loss_finite:
-            state.skipped_steps += 1
-            state.history["nonfinite_run"] = state.history.get("nonfinite_run", 0) + 1
-            if state.history["nonfinite_run"] >= t.max_nonfinite_steps:
-                raise TrainingError(f"training stopped: {t.max_nonfinite_steps} consecutive steps had a non-finite "
-                                    f"loss or gradient (step {state.step}); lower optim.lr or set trainer.grad_clip")
-        else:
-            state.history["nonfinite_run"] = 0
+        log_steps, log_samples = log_steps + 1, log_samples + step_samples
+        window_loss, step_samples = None, 0
         if state.step % t.log_every_n_steps == 0:
-            now = time.perf_counter()
+            guard.check()  # reads the device back: the clock below covers the device's work, not just the host's
             logged = dist.mean_across_ranks({f"train/{k}": v for k, v in out.metrics.items()}
                                             | {"train/grad_norm": result.grad_norm})
+            elapsed = max(time.perf_counter() - log_started, 1e-9)
             ctx.log({"event": "step", "step": state.step, "epoch": state.epoch + i / n_batches, "lr": strategy.lr(),
-                     "samples_per_s": step_samples / max(now - step_started, 1e-9),
-                     "step_time_s": now - step_started, **logged})
-        window_loss, step_started, step_samples = None, time.perf_counter(), 0
+                     "samples_per_s": log_samples / elapsed, "step_time_s": elapsed / log_steps, **logged})
+            log_started, log_steps, log_samples = time.perf_counter(), 0, 0
         if job.checkpoint.every_n_steps and state.step % job.checkpoint.every_n_steps == 0 and i + 1 < n_batches:
+            guard.check()
             _report(strategy, state, ctx, {"epoch": state.epoch, "step": state.step}, save=True)
         maybe_kill(ctx.rank, state.step)  # test-only fault injection (DTRAIN_TEST_KILL); a no-op otherwise
         if t.max_steps and state.step >= t.max_steps:
             break
-    return _reduce_sums(sums, "train")
+    guard.check()
+    return sums.reduce("train")
 
 
 @torch.no_grad()
@@ -173,27 +223,13 @@ def evaluate(wrapped: nn.Module, tensors: tuple[torch.Tensor, ...], batch_size: 
         return {}
     loader = ShardedLoader(tensors, batch_size, ctx.rank, ctx.world, shuffle=False, eval_mode=True)
     wrapped.eval()
-    sums: dict[str, torch.Tensor] = {}
+    sums = MetricSums()
     for batch in loader:
         with strategy.autocast():
             out = wrapped(batch.tensors)
-        for k, v in out.metrics.items():
-            sums[k] = sums.get(k, 0) + v.detach().float() * batch.real
-        sums["_n"] = sums.get("_n", 0) + batch.real
+        sums.add(out.metrics, batch.real)
     wrapped.train()
-    return _reduce_sums(sums, prefix)
-
-
-def _reduce_sums(sums: dict[str, Any], prefix: str) -> dict[str, float]:
-    if not sums:
-        return {}
-    keys = sorted(sums)
-    device = next((v.device for v in sums.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
-    stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=device).reshape(()) for k in keys])
-    dist.all_reduce_sum(stacked)
-    totals = dict(zip(keys, stacked.tolist(), strict=True))
-    n = max(totals.pop("_n"), 1.0)
-    return {f"{prefix}/{k}": v / n for k, v in totals.items()}
+    return sums.reduce(prefix)
 
 
 def _early_stopping(job: Any, state: TrainState, metrics: dict[str, Any]) -> None:

@@ -10,7 +10,8 @@ from torch import nn
 
 
 def build_optimizer(params: Any, cfg: Any, lr: float, fused: bool | None = None) -> torch.optim.Optimizer:
-    """sgd (with momentum), adam or adamw over params; fused=True picks torch's one-kernel CUDA implementation."""
+    """sgd (with momentum), adam or adamw over params; fused=True picks torch's one-kernel implementation
+    (CPU or CUDA), which can skip a step on the device (found_inf)."""
     params = [p for p in params if p.requires_grad]
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)

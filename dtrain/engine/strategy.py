@@ -13,11 +13,13 @@ from torch import Tensor, nn
 
 @dataclass
 class StepResult:
-    """Outcome of one optimizer step: the total gradient norm before clipping and whether the step was skipped
-    because the gradients were not finite (fp16 loss-scale overflows, which the scaler handles, do not count)."""
+    """Outcome of one optimizer step, as device tensors so that the loop never waits for the device to learn it."""
 
     grad_norm: Tensor
-    skipped: bool
+    """Total gradient norm before clipping."""
+    skipped: Tensor
+    """0-dim float, 1.0 when the step was skipped because the gradients were not finite. Under fp16 an overflow is
+    the loss scaler's business (it skips the step and lowers the scale), so there a non-finite loss counts instead."""
 
 
 class Strategy(Protocol):
@@ -35,8 +37,10 @@ class Strategy(Protocol):
 
     def backward(self, loss: Tensor) -> None: ...
 
-    def step(self) -> StepResult:
-        """Unscale, measure and clip gradients, step optimizer and schedule unless non-finite, zero gradients."""
+    def step(self, loss: Tensor) -> StepResult:
+        """Unscale, measure and clip the gradients; step the optimizer unless they are not finite; step the
+        schedule; zero the gradients. loss: the window's loss (detached). No host synchronisation where the
+        optimizer allows it."""
 
     def lr(self) -> float: ...
 
@@ -59,3 +63,9 @@ def build_strategy(trainer_cfg: Any, optim_cfg: Any, device: torch.device) -> St
     from dtrain.engine.ddp import DDPStrategy
 
     return DDPStrategy(trainer_cfg, optim_cfg, device)
+
+
+def nonfinite(x: Tensor) -> Tensor:
+    """1.0 if the scalar x is inf or NaN, else 0.0, as a tensor on x's device: x * 0 is NaN exactly then (two
+    kernels, and no host read-back)."""
+    return (x.detach().float() * 0).nan_to_num(nan=1.0)

@@ -66,11 +66,11 @@ class SOM(CatalogModel):
         # Training steps so far: drives the decay, and travels in checkpoints so a resumed run continues it.
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
-    def decay(self) -> float:
-        """1 / (1 + 2t/T): the factor on sigma and on the step size now."""
+    def decay(self) -> Tensor:
+        """1 / (1 + 2t/T): the factor on sigma and on the step size now (a device tensor: no host read-back)."""
         if self.cfg.decay_steps == 0:
-            return 1.0
-        return 1.0 / (1.0 + 2.0 * float(self.steps) / self.cfg.decay_steps)
+            return torch.ones((), device=self.steps.device)
+        return 1.0 / (1.0 + 2.0 / self.cfg.decay_steps * self.steps)
 
     def sq_distances(self, x: Tensor) -> Tensor:
         """||x - w_j||² for every sample and unit (B x units), differentiable in the weights."""
