@@ -25,10 +25,12 @@ def test_make_train_job_reaches_097_on_digits(ray_session, tmp_path):
     assert epochs[-1]["val/loss"] < epochs[0]["val/loss"]
 
 
-def test_cli_train_writes_run_directory(tmp_path):
+def test_cli_train_on_a_running_cluster_writes_run_directory(ray_session, tmp_path):
+    # `dtrain train --address` joins this session's cluster (the embedded-Ray CLI path is the Ctrl-C test's).
+    address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.run(
         [sys.executable, "-m", "dtrain", "train", str(JOBS / "mlp_digits.yaml"), "trainer.max_epochs=1",
-         f"runs_dir={tmp_path}", "name=cli", "logging.wandb.enabled=false"],
+         f"runs_dir={tmp_path}", "name=cli", "logging.wandb.enabled=false", "--address", address],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "test/acc" in proc.stdout
