@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
-from benchmarks import precision
+from benchmarks import hot_path, precision
 from benchmarks.common import median, save, synthetic_classification
 from dtrain.data.sharding import ShardedLoader
-from dtrain.models.mlp import MLP, MLPConfig
 
 
 def matmul_ceiling(n: int = 8192, repeats: int = 10) -> dict[str, float]:
@@ -60,17 +59,6 @@ def loader_rate(batch: int, shape: tuple[int, ...], n_batches: int = 50) -> dict
     return {"batch": batch, "shape": list(shape), "loader_samples_s": median(rates)}
 
 
-def small_mlp(repeats: int) -> dict[str, Any]:
-    """Engine vs hand loop on a digits-sized MLP, where per-step host work (not the GPU) sets the pace."""
-    work = precision.Work("mlp-small", lambda m: MLP(MLPConfig(hidden=[256, 128]), m), (64,), 10, 256, 300, 50)
-    x, y = synthetic_classification(work.batch * work.steps, work.shape, work.classes, device="cuda")
-    dev = torch.device("cuda")
-    hand = median([precision.hand_loop(work, "32", dev, x, y) for _ in range(repeats)])
-    engine = median([precision.engine_loop(work, "32", dev, x, y, log_every=50) for _ in range(repeats)])
-    return {"work": work.name, "batch": work.batch, "hand_steps_s": hand, "engine_steps_s": engine,
-            "engine_vs_hand": engine / hand}
-
-
 def fused_adam(repeats: int) -> list[dict[str, Any]]:
     """Hand loop on the large MLP with torch's default (foreach) Adam against its fused Adam kernel."""
     work = precision.works("cuda", False)[0]
@@ -88,7 +76,7 @@ def profile_small_mlp(path: Path) -> dict[str, int]:
     """torch.profiler over the engine's steps on the small MLP; writes the op table, returns host-sync counts."""
     from torch.profiler import ProfilerActivity, profile
 
-    work = precision.Work("mlp-small", lambda m: MLP(MLPConfig(hidden=[256, 128]), m), (64,), 10, 256, 100, 20)
+    work = hot_path.small_mlp(steps=100, warmup=20)
     x, y = synthetic_classification(work.batch * work.steps, work.shape, work.classes, device="cuda")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         precision.engine_loop(work, "32", torch.device("cuda"), x, y, log_every=20)
@@ -124,7 +112,7 @@ def main() -> None:
         print("fused adam:", result["fused_adam"], flush=True)
         save("gpu", result, out)
     if "small" not in skip:
-        result["small_mlp"] = small_mlp(args.repeats)
+        result["small_mlp"] = hot_path.run("cuda", args.repeats)
         print("small mlp:", result["small_mlp"], flush=True)
         save("gpu", result, out)
     if "profile" not in skip:

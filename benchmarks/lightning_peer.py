@@ -43,7 +43,7 @@ class MLPModule(L.LightningModule):
             Path(self.out_file).write_text(json.dumps(self.stamps))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.cfg.optim.lr)
+        return torch.optim.Adam(self.parameters(), lr=self.cfg.optim.lr, fused=True)  # as the engine builds it
 
     def setup(self, stage: str) -> None:
         torch.set_num_threads(1)

@@ -57,7 +57,7 @@ def _hand_worker(rank: int, port: int, job: dict[str, Any], warmup: int, out_fil
     cfg, data, model = _setup(job)
     # The catalog MLP's layers (model.net) as a plain module: the hand loop owns the loss, like any DDP script.
     ddp = torch.nn.parallel.DistributedDataParallel(model.net, broadcast_buffers=False)
-    opt = torch.optim.Adam(ddp.parameters(), lr=cfg.optim.lr)
+    opt = torch.optim.Adam(ddp.parameters(), lr=cfg.optim.lr, fused=True)  # as the engine builds it
     x, y = data.train
     batch, step, stamps = cfg.data.batch_size, 0, []
     for epoch in range(cfg.trainer.max_epochs):

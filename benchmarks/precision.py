@@ -72,13 +72,12 @@ def _sync(device: torch.device) -> None:
 
 
 def hand_loop(work: Work, precision: str, device: torch.device, x: torch.Tensor, y: torch.Tensor,
-              fused: bool | str | None = "auto") -> float:
+              fused: bool | None = True) -> float:
     """Steps/s of the plain PyTorch loop over the steps after warm-up (fused: torch's fused Adam kernel)."""
     torch.manual_seed(0)
     model = work.build(DataMeta(work.shape, num_classes=work.classes)).to(device)
-    # The same Adam as the engine's DDPStrategy picks (fused on CUDA) unless asked otherwise, so the ratio is
-    # framework overhead alone.
-    fused = (device.type == "cuda" or None) if fused == "auto" else fused
+    # The same Adam as the engine's DDPStrategy picks (fused) unless asked otherwise, so the ratio is framework
+    # overhead alone.
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16-mixed")
     dtype = AUTOCAST[precision]

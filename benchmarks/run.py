@@ -1,6 +1,6 @@
 """`make bench`: run the benchmarks (each in its own process) and print one table of what they measured.
 
-    python -m benchmarks.run [--sections overhead,startup,zero,precision,gpu] [--quick] [--table-only]
+    python -m benchmarks.run [--sections overhead,startup,zero,precision,hotpath,gpu] [--quick] [--table-only]
 
 Results go to benchmarks/results/<name>.json (with the machine's details); --table-only prints the table from the
 JSON files already there (e.g. ones fetched from a GPU machine into --results DIR).
@@ -20,9 +20,10 @@ from benchmarks.common import RESULTS, machine
 QUICK = {"overhead": ["--repeats", "1", "--epochs", "3", "--warmup", "5", "--runners", "hand,engine"],
          "startup": ["--repeats", "1", "--runs", "import,engine"],
          "zero": ["--epochs", "2", "--warmup", "5", "--hidden", "64"],
-         "precision": ["--quick", "--repeats", "1"], "gpu": ["--quick", "--repeats", "1"]}
+         "precision": ["--quick", "--repeats", "1"], "hotpath": ["--repeats", "1", "--steps", "150"],
+         "gpu": ["--quick", "--repeats", "1"]}
 MODULES = {"overhead": "benchmarks.overhead", "startup": "benchmarks.startup", "zero": "benchmarks.zero_memory",
-           "precision": "benchmarks.precision", "gpu": "benchmarks.gpu"}
+           "precision": "benchmarks.precision", "hotpath": "benchmarks.hot_path", "gpu": "benchmarks.gpu"}
 
 
 def _load(folder: Path, name: str) -> dict[str, Any] | None:
@@ -55,10 +56,13 @@ def table(folder: Path) -> list[tuple[str, str, str, str]]:
             rows.append((f"precision ({where})", f"{p['work']} {p['precision']}",
                          f"{p['engine_steps_s']:.1f} steps/s, {p['engine_tflops']:.2f} TFLOP/s{mfu}",
                          f"{p['speedup_vs_fp32']:.2f} x fp32, {p['engine_vs_hand']:.3f} x hand"))
-        if "small_mlp" in r:
-            s = r["small_mlp"]
-            rows.append((f"hot path ({where})", "small mlp fp32", f"{s['engine_steps_s']:.0f} steps/s",
-                         f"{s['engine_vs_hand']:.3f} x hand"))
+    gpu = _load(folder, "gpu") or {}
+    for r in (_load(folder, "hot_path_cpu"), gpu.get("small_mlp")):
+        if r:
+            e = r.get("engine_dispatch")
+            counts = f", {e['ops_per_step']:.0f} ops + {e['read_backs_per_step']:.2f} read-backs per step" if e else ""
+            rows.append((f"hot path ({r.get('device', gpu.get('device'))})", "small mlp fp32",
+                         f"{r['engine_steps_s']:.0f} steps/s{counts}", f"{r['engine_vs_hand']:.3f} x hand"))
     return rows
 
 
@@ -71,7 +75,7 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="overhead,startup,zero,precision,gpu")
+    parser.add_argument("--sections", default="overhead,startup,zero,precision,hotpath,gpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks that all runs")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))
