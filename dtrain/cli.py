@@ -31,8 +31,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         job = _load(str(run_dir / "config.yaml"), args.overrides)
     else:
         job = _load(args.job, args.overrides)
-    _check_buildable(job)
-    summary = fit_job(job, address=args.address, resume=args.resume)
+    data = _check_buildable(job)
+    summary = fit_job(job, address=args.address, resume=args.resume, data=data)
     run_dir = run_dir_for(job)
     print(f"[dtrain] run finished: {run_dir}")
     for key, value in sorted(summary.get("test", {}).items()):
@@ -44,8 +44,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_buildable(job) -> None:
-    """Load the data and build the model once on the driver, so bad input fails fast and clearly, before Ray."""
+def _check_buildable(job):
+    """Load the data and build the model once on the driver, so bad input fails fast and clearly, before Ray.
+    Returns the loaded data (`dtrain train` hands it to the workers)."""
     from dtrain.config import to_objects
     from dtrain.data import load_data
     from dtrain.models import build_model
@@ -57,6 +58,7 @@ def _check_buildable(job) -> None:
         raise DtrainError(f"data.batch_size: {obj.data.batch_size} is larger than the training set "
                           f"({n_train} samples after the val/test split)")
     build_model(obj.model, data.meta)
+    return data
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

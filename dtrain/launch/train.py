@@ -21,6 +21,7 @@ from dtrain.tracking import CONFIG_FILE, SUMMARY_FILE
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: report through ray.train, resume from ray.train.get_checkpoint()."""
+    import ray
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -41,7 +42,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     downloaded = Path(checkpoint.to_directory()) if remote else None
     try:
         resume_dir = _resume_dir(checkpoint, downloaded, Path(config["run_dir"]), config.get("resume", False))
-        run_worker(config["job"], config["run_dir"], report, ray.train.torch.get_device(), resume_dir)
+        data = ray.get(config["data"]) if config.get("data") is not None else None  # loaded once, by the driver
+        run_worker(config["job"], config["run_dir"], report, ray.train.torch.get_device(), resume_dir, data)
     finally:
         if downloaded is not None:
             shutil.rmtree(downloaded, ignore_errors=True)
@@ -144,11 +146,14 @@ def run_dir_for(job: DictConfig) -> Path:
 
 
 def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False,
-            callbacks: list | None = None, init_checkpoint: str | None = None) -> dict[str, Any]:
+            callbacks: list | None = None, init_checkpoint: str | None = None, data: Any = None) -> dict[str, Any]:
     """Run job through Ray Train; returns summary.json's content. Writes runs/<name>/config.yaml first.
 
     init_checkpoint: a checkpoint folder to start from when the run has none of its own (weights, optimizer, state).
+    data: the job's DataBundle if the caller loaded it already: it goes to the workers through Ray's object store
+    (one load for the whole run, and workers never need the data files or their readers); else each worker loads it.
     """
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -167,7 +172,7 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(job), "run_dir": str(run_dir), "init_checkpoint": init_checkpoint,
-                           "resume": resume},
+                           "resume": resume, "data": None if data is None else ray.put(data)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": job.trainer.cpus_per_worker}),
         run_config=RunConfig(name=job.name, storage_path=str(run_dir.parent),
