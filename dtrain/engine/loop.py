@@ -73,7 +73,7 @@ def fit(job: Any, model: CatalogModel, data: DataBundle, strategy: Strategy, ctx
     started = time.perf_counter()
     state = TrainState(**safe_load(ctx.resume_dir / STATE_FILE)) if ctx.resume_dir else TrainState()
     stages = model.stages()
-    guard = NonFiniteGuard(state, t.max_nonfinite_steps, t.log_every_n_steps, dev)
+    guard = NonFiniteGuard(state, t.max_nonfinite_steps, min(t.log_every_n_steps, 1024), dev)
     while state.stage < len(stages) and not state.stopped:
         stage = stages[state.stage]
         model.set_stage(stage)
@@ -126,7 +126,7 @@ class NonFiniteGuard:
         self.flags, self.n = torch.zeros(capacity, device=device), 0
 
     def add(self, skipped: Tensor) -> None:
-        if self.n == len(self.flags):
+        if self.n == len(self.flags):  # more steps than logging windows hold: read back now and then anyway
             self.check()
         self.flags[self.n].copy_(skipped)
         self.n += 1

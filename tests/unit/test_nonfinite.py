@@ -84,3 +84,20 @@ def test_report_refuses_nonfinite_weights_and_keeps_the_last_good_checkpoint(tmp
         _report(strategy, TrainState(epoch=1, step=999), ctx, {"epoch": 1, "step": 999}, save=True)
     assert latest_checkpoint(tmp_path) == good and checkpoint_problem(good) is None
     assert not list((tmp_path / "checkpoints").glob("*999*"))
+
+
+def test_guard_counts_runs_across_read_backs_and_a_full_buffer():
+    from dtrain.engine.loop import NonFiniteGuard
+
+    state = TrainState()
+    guard = NonFiniteGuard(state, limit=4, capacity=3, device=torch.device("cpu"))
+    # Steps 1-9: a run of 3 (steps 2-4) ends before the limit; the run from step 7 reaches 4 at step 10.
+    flags = [0, 1, 1, 1, 0, 0, 1, 1, 1, 1]
+    with pytest.raises(TrainingError, match=r"4 consecutive steps .* \(step 10\)"):
+        for i, flag in enumerate(flags):
+            guard.add(torch.tensor(float(flag)))  # the buffer fills every 3 steps and is read back then
+            state.step += 1
+            if state.step == 5:
+                guard.check()  # a logged step between the two runs
+        guard.check()
+    assert state.skipped_steps == 7 and i == len(flags) - 1
