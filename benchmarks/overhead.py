@@ -9,7 +9,10 @@ steps after warm-up. Runners are interleaved and repeated, and each one's median
     ray       the full `dtrain train` path: dtrain.launch.train.fit_job through Ray Train
     lightning PyTorch Lightning's Trainer (ddp_spawn, gloo) on the same module and data
 
-    python -m benchmarks.overhead [--runners hand,engine,ray,lightning] [--repeats 3]
+    python -m benchmarks.overhead [--runners hand,engine,ray,lightning] [--repeats 3] [--boundary]
+
+--boundary adds the cost of an epoch end on the Ray path (validation, metric reduction, ray.train.report) against
+a step inside an epoch, from `dtrain train` with a step event every step.
 """
 
 from __future__ import annotations
@@ -117,6 +120,28 @@ def run_lightning(job: dict[str, Any], warmup: int) -> float:
     return train_lightning(job, warmup, WORLD)
 
 
+def ray_epoch_boundary(epochs: int = 12) -> dict[str, Any]:
+    """`dtrain train` through Ray on the make-train job with a step event every step: the median time between two
+    steps inside an epoch against two steps either side of an epoch end (validation, metrics, ray.train.report)."""
+    from dtrain.config import load_job
+    from dtrain.launch.train import fit_job
+    from dtrain.tracking import read_metrics
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        job = load_job(root / "jobs/mlp_digits.yaml", [
+            f"runs_dir={tmp}", "name=boundary", f"trainer.max_epochs={epochs}", "trainer.log_every_n_steps=1",
+            "trainer.early_stopping.monitor=null", "checkpoint.every_n_epochs=0", "logging.progress=false",
+            "logging.wandb.enabled=false"])
+        fit_job(job)
+        steps = [e for e in read_metrics(Path(tmp) / "boundary") if e["event"] == "step"]
+    inside, boundary = [], []
+    for a, b in zip(steps, steps[1:]):
+        (boundary if int(a["epoch"]) != int(b["epoch"]) else inside).append(b["time"] - a["time"])
+    return {"step_inside_epoch_ms": median(inside) * 1e3, "step_across_epoch_end_ms": median(boundary) * 1e3,
+            "epochs": epochs}
+
+
 RUNNERS = {"hand": run_hand, "engine": run_engine, "ray": run_ray, "lightning": run_lightning}
 
 
@@ -144,10 +169,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--boundary", action="store_true", help="also time Ray's epoch ends (ray_epoch_boundary)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     result = run(args.runners.split(","), args.repeats, [int(h) for h in args.hidden.split(",")], args.batch,
                  args.epochs, args.warmup)
+    if args.boundary:
+        result["ray_epoch_boundary"] = ray_epoch_boundary()
+        print("[overhead] ray epoch boundary:", json.dumps(result["ray_epoch_boundary"]), flush=True)
     print(json.dumps(result["median_steps_s"]), json.dumps(result["ratio_to_hand"]))
     print(save("overhead", result, args.out))
 

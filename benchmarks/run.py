@@ -22,6 +22,7 @@ QUICK = {"overhead": ["--repeats", "1", "--epochs", "3", "--warmup", "5", "--run
          "zero": ["--epochs", "2", "--warmup", "5", "--hidden", "64"],
          "precision": ["--quick", "--repeats", "1"], "hotpath": ["--repeats", "1", "--steps", "150"],
          "gpu": ["--quick", "--repeats", "1"]}
+FULL = {"overhead": ["--boundary"]}
 MODULES = {"overhead": "benchmarks.overhead", "startup": "benchmarks.startup", "zero": "benchmarks.zero_memory",
            "precision": "benchmarks.precision", "hotpath": "benchmarks.hot_path", "gpu": "benchmarks.gpu"}
 
@@ -37,6 +38,9 @@ def table(folder: Path) -> list[tuple[str, str, str, str]]:
     if r := _load(folder, "overhead"):
         for name, v in r["median_steps_s"].items():
             rows.append(("overhead", name, f"{v:.1f} steps/s", f"{r['ratio_to_hand'].get(name, 0):.3f} x hand"))
+        if b := r.get("ray_epoch_boundary"):
+            rows.append(("overhead", "ray epoch end", f"{b['step_across_epoch_end_ms']:.1f} ms across an epoch end",
+                         f"{b['step_inside_epoch_ms']:.1f} ms inside an epoch"))
     if r := _load(folder, "startup"):
         for name, v in r["first_step_s"].items():
             rows.append(("startup", name, f"{v:.1f} s to first step", f"{r['total_s'][name]:.1f} s total"))
@@ -89,7 +93,7 @@ def main() -> int:
             if section == "gpu" and not torch.cuda.is_available():
                 print("[bench] gpu: skipped (no CUDA GPU here)", flush=True)
                 continue
-            extra = QUICK[section] if args.quick else []
+            extra = QUICK[section] if args.quick else FULL.get(section, [])
             print(f"[bench] {section} ...", flush=True)
             cmd = [sys.executable, "-m", MODULES[section], "--out", str(folder), *extra]
             if subprocess.run(cmd).returncode != 0:

@@ -61,3 +61,15 @@ def test_cli_config_prints_resolved_yaml():
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "num_workers: 4" in proc.stdout and "strategy: ddp" in proc.stdout
+
+
+def test_ray_train_controller_polls_fast_for_few_workers_and_slower_for_many(monkeypatch):
+    import os
+
+    from dtrain.launch.train import POLL_ENV, _controller_env, poll_interval
+
+    assert [poll_interval(n) for n in (1, 8, 9, 64, 1000)] == ["0.05", "0.05", "0.1", "0.4", "2"]
+    monkeypatch.delenv(POLL_ENV, raising=False)
+    with _controller_env({POLL_ENV: "0.05"}):
+        assert os.environ[POLL_ENV] == "0.05"
+    assert POLL_ENV not in os.environ  # the driver's environment is left as it was
