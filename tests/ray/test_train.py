@@ -37,19 +37,3 @@ def test_cli_train_on_a_running_cluster_writes_run_directory(ray_session, tmp_pa
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert summary["epochs"] == 1 and summary["world_size"] == 2
     assert 0.5 < summary["test"]["test/acc"] <= 1.0
-
-
-def test_workers_train_on_the_data_the_driver_loaded(ray_session, tmp_path):
-    # `dtrain train` loads the data once on the driver and ships it through Ray's object store: here the shipped
-    # training split is cut to 256 rows, so the workers' step count shows which data they trained on.
-    import dataclasses
-
-    from dtrain.config import to_objects
-    from dtrain.data import load_data
-
-    job = load_job(JOBS / "mlp_digits.yaml", [f"runs_dir={tmp_path}", "name=shipped", "logging.progress=false",
-                                              "trainer.max_epochs=1", "data.batch_size=32"])
-    full = load_data(to_objects(job).data)
-    shipped = dataclasses.replace(full, train=tuple(t[:256] for t in full.train))
-    summary = fit_job(job, data=shipped)
-    assert summary["steps"] == 256 // (32 * 2) < len(full.train[0]) // (32 * 2)
