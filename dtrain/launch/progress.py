@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 from dtrain.tracking import METRICS_FILE
 
@@ -12,9 +13,9 @@ from dtrain.tracking import METRICS_FILE
 class ProgressFollower(threading.Thread):
     """Tails <run_dir>/metrics.jsonl from its current end and draws one rich progress bar per stage."""
 
-    def __init__(self, run_dir: Path, poll_s: float = 0.5) -> None:
+    def __init__(self, run_dir: Path, poll_s: float = 0.5, console: Any = None) -> None:
         super().__init__(daemon=True, name="dtrain-progress")
-        self.path, self.poll_s = Path(run_dir) / METRICS_FILE, poll_s
+        self.path, self.poll_s, self.console = Path(run_dir) / METRICS_FILE, poll_s, console
         self.offset = self.path.stat().st_size if self.path.exists() else 0
         self._halt = threading.Event()
 
@@ -27,7 +28,7 @@ class ProgressFollower(threading.Thread):
 
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[info]}"))
-        with Progress(*columns, transient=False) as progress:
+        with Progress(*columns, transient=False, console=self.console) as progress:
             task, base = None, 0
             while True:
                 stopping = self._halt.is_set()  # read before draining so the last records are always shown
@@ -45,6 +46,11 @@ class ProgressFollower(threading.Thread):
                         shown = " ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith("val/"))
                         progress.update(task, completed=record["step"] - base, info=f"epoch {record['epoch']} {shown}")
                     elif event == "end":
+                        if task is not None and record.get("stop_reason", "completed") != "completed":
+                            # stopped early (early stopping, max_steps): the bar ends full at the step reached
+                            done = next(t.completed for t in progress.tasks if t.id == task)
+                            reason = record["stop_reason"].split(":")[0]  # e.g. "early stopping"
+                            progress.update(task, total=done, info=f"stopped: {reason}")
                         return
                 if stopping:
                     return

@@ -183,7 +183,10 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
     if follower:
         follower.start()
     try:
-        with _controller_env({POLL_ENV: os.environ.get(POLL_ENV) or poll_interval(workers)}):
+        controller = {POLL_ENV: os.environ.get(POLL_ENV) or poll_interval(workers)}
+        if address is None:  # Ray on this machine alone: no node can be preempted, and the watcher logs an error
+            controller[PREEMPTION_ENV] = os.environ.get(PREEMPTION_ENV) or "0"
+        with _controller_env(controller):
             trainer.fit()
     except SystemExit:  # Ray Train's Ctrl-C handler aborted the run (workers stopped) and exits: say so
         raise KeyboardInterrupt from None
@@ -200,6 +203,7 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
 
 
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def poll_interval(workers: int) -> str:
