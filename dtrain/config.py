@@ -143,7 +143,8 @@ class TrainerConfig:
     seed: int = 0
     """Seed of model initialisation, shuffling and dropout."""
     max_nonfinite_steps: int = 5
-    """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
+    """Stop after this many consecutive skipped steps: non-finite gradients (under fp16, where the loss scaler
+    handles overflows: a non-finite loss). Noticed at the next logged step, checkpoint or epoch end."""
     max_failures: int = 0
     """Worker-group restarts Ray Train may make after a failure (resuming from the latest checkpoint)."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
