@@ -44,6 +44,9 @@ class DDPStrategy:
         # parameters, BENCHMARKS.md), and it takes the skip decision as a device tensor (found_inf): no host sync.
         self.optimizer = build_optimizer(self.params, self.optim_cfg, lr, fused=True)
         self.scheduler = build_scheduler(self.optimizer, self.optim_cfg, total_steps, steps_per_epoch)
+        # A constant rate needs no schedule stepping (LambdaLR's step is host work worth ~1 % of a small model's step).
+        self.constant_lr = self.optim_cfg.scheduler == "none" and self.optim_cfg.warmup_steps == 0
+        self.one_group = len({(p.device, p.dtype) for p in self.params}) == 1
         return self.model
 
     def autocast(self) -> ContextManager:
@@ -61,7 +64,12 @@ class DDPStrategy:
         scaler, optimizer = self.precision.scaler, self.optimizer
         scaler.unscale_(optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if not grads:
+            norm = torch.zeros((), device=self.device)
+        elif self.one_group:  # get_total_norm's kernels without its per-call regrouping of the tensors
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        else:
+            norm = torch.nn.utils.get_total_norm(grads)
         clip = self.trainer_cfg.grad_clip
         if clip is not None:  # harmless on a non-finite step: the optimizer skips it below
             if self.trainer_cfg.grad_clip_mode == "norm":
@@ -81,9 +89,10 @@ class DDPStrategy:
             optimizer.grad_scale, optimizer.found_inf = None, skipped
             optimizer.step()
             del optimizer.grad_scale, optimizer.found_inf
-        self.scheduler.step()  # the schedule follows the step count, skipped steps included
+        if not self.constant_lr:
+            self.scheduler.step()  # the schedule follows the step count, skipped steps included
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(norm.detach(), skipped)
+        return StepResult(norm, skipped)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

@@ -73,7 +73,7 @@ def fit(job: Any, model: CatalogModel, data: DataBundle, strategy: Strategy, ctx
     started = time.perf_counter()
     state = TrainState(**safe_load(ctx.resume_dir / STATE_FILE)) if ctx.resume_dir else TrainState()
     stages = model.stages()
-    guard = NonFiniteGuard(state, t.max_nonfinite_steps, min(t.log_every_n_steps, 1024), dev)
+    guard = NonFiniteGuard(state, t.max_nonfinite_steps, min(t.log_every_n_steps, 1024))
     while state.stage < len(stages) and not state.stopped:
         stage = stages[state.stage]
         model.set_stage(stage)
@@ -115,25 +115,26 @@ def fit(job: Any, model: CatalogModel, data: DataBundle, strategy: Strategy, ctx
 class NonFiniteGuard:
     """Counts skipped (non-finite) steps and stops the run after `limit` of them in a row.
 
-    Each step's flag is written into a buffer on the device; the host reads the buffer only in check(), which the
+    The loop hands it each step's flag, a tensor on the device; the host reads the flags only in check(), which the
     loop calls where it reads metrics back anyway (log steps, checkpoints, epoch ends): a training step never waits
-    for the device. Skipped steps leave the weights untouched, so a run of them noticed a few steps late costs
-    nothing but those steps.
+    for the device, and keeping a flag launches nothing. Skipped steps leave the weights untouched, so a run of
+    them noticed a few steps late costs nothing but those steps.
     """
 
-    def __init__(self, state: TrainState, limit: int, capacity: int, device: torch.device) -> None:
-        self.state, self.limit = state, limit
-        self.flags, self.n = torch.zeros(capacity, device=device), 0
+    def __init__(self, state: TrainState, limit: int, capacity: int) -> None:
+        self.state, self.limit, self.capacity = state, limit, capacity
+        self.flags: list[Tensor] = []
 
     def add(self, skipped: Tensor) -> None:
-        if self.n == len(self.flags):  # more steps than logging windows hold: read back now and then anyway
+        if len(self.flags) == self.capacity:  # more steps than logging windows hold: read back now and then anyway
             self.check()
-        self.flags[self.n].copy_(skipped)
-        self.n += 1
+        self.flags.append(skipped)
 
     def check(self) -> None:
         """Account for the steps added since the last check (the newest is state.step)."""
-        state, flags, self.n = self.state, self.flags[:self.n].tolist(), 0
+        if not self.flags:
+            return
+        state, flags, self.flags = self.state, torch.stack(self.flags).tolist(), []
         run = state.history.get("nonfinite_run", 0)
         for step, skipped in enumerate(flags, start=state.step - len(flags) + 1):
             run = run + 1 if skipped else 0
@@ -145,22 +146,38 @@ class NonFiniteGuard:
 
 
 class MetricSums:
-    """Sample-weighted sums of a model's metrics, kept on the device: one stack and one add per batch."""
+    """Sample-weighted sums of a model's metrics, kept on the device.
 
-    def __init__(self) -> None:
+    add() only keeps a batch's metric tensors (no device work per batch); every `capacity` batches, and when read,
+    the kept ones are summed with one stack, one sum and one add per distinct batch weight (usually one: only an
+    epoch's last batch may be smaller).
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
         self.keys: list[str] = []
         self.totals: Tensor | None = None
-        self.n = 0
+        self.n, self.capacity, self.kept = 0, capacity, 0
+        self.pending: dict[int, list[Tensor]] = {}
 
     def add(self, metrics: dict[str, Tensor], weight: int) -> None:
-        values = torch.stack([v.detach().float() for v in metrics.values()])
-        if self.totals is None:
-            self.keys, self.totals = list(metrics), torch.zeros_like(values)
-        self.totals.add_(values, alpha=weight)
+        if not self.keys:
+            self.keys = list(metrics)
+        # Detached: a kept tensor must not hold its batch's autograd graph.
+        self.pending.setdefault(weight, []).extend(v.detach() if v.requires_grad else v for v in metrics.values())
         self.n += weight
+        self.kept += 1
+        if self.kept == self.capacity:
+            self._fold()
+
+    def _fold(self) -> None:
+        for weight, values in self.pending.items():
+            part = torch.stack(values).float().view(-1, len(self.keys)).sum(0)
+            self.totals = part.mul_(weight) if self.totals is None else self.totals.add_(part, alpha=weight)
+        self.pending, self.kept = {}, 0
 
     def reduce(self, prefix: str) -> dict[str, float]:
         """Means over all ranks' samples (one collective), as {prefix/key: value}."""
+        self._fold()
         if self.totals is None:
             return {}
         packed = dist.all_reduce_sum(torch.cat([self.totals, self.totals.new_tensor([self.n])]))

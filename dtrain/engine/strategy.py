@@ -66,6 +66,6 @@ def build_strategy(trainer_cfg: Any, optim_cfg: Any, device: torch.device) -> St
 
 
 def nonfinite(x: Tensor) -> Tensor:
-    """1.0 if the scalar x is inf or NaN, else 0.0, as a tensor on x's device: x * 0 is NaN exactly then (two
-    kernels, and no host read-back)."""
-    return (x.detach().float() * 0).nan_to_num(nan=1.0)
+    """1.0 if the scalar x (no autograd history) is inf or NaN, else 0.0, as a tensor on x's device: x * 0 is NaN
+    exactly then (two kernels, and no host read-back)."""
+    return (x.float() * 0).nan_to_num(nan=1.0)

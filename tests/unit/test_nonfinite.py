@@ -90,7 +90,7 @@ def test_guard_counts_runs_across_read_backs_and_a_full_buffer():
     from dtrain.engine.loop import NonFiniteGuard
 
     state = TrainState()
-    guard = NonFiniteGuard(state, limit=4, capacity=3, device=torch.device("cpu"))
+    guard = NonFiniteGuard(state, limit=4, capacity=3)
     # Steps 1-9: a run of 3 (steps 2-4) ends before the limit; the run from step 7 reaches 4 at step 10.
     flags = [0, 1, 1, 1, 0, 0, 1, 1, 1, 1]
     with pytest.raises(TrainingError, match=r"4 consecutive steps .* \(step 10\)"):
@@ -101,3 +101,21 @@ def test_guard_counts_runs_across_read_backs_and_a_full_buffer():
                 guard.check()  # a logged step between the two runs
         guard.check()
     assert state.skipped_steps == 7 and i == len(flags) - 1
+
+
+def test_metric_sums_are_exact_sample_weighted_means_across_folds():
+    """MetricSums keeps batches' metrics and sums them in folds (every `capacity` batches, one per distinct weight);
+    the result must be the exact sample-weighted mean, and kept tensors must not hold autograd graphs."""
+    from dtrain.engine.loop import MetricSums
+
+    rows = [(1.0, 0.5, 4), (2.0, 1.0, 4), (3.0, 0.0, 4), (4.0, 1.0, 2), (5.0, 0.25, 4), (6.0, 0.75, 3)]
+    sums = MetricSums(capacity=4)  # folds after the 4th batch and at reduce: weights 4 and 2, then 4 and 3
+    w = torch.ones((), requires_grad=True)
+    for loss, acc, n in rows:
+        sums.add({"loss": torch.tensor(loss) * w, "acc": torch.tensor(acc)}, n)  # loss carries a graph
+    assert not any(t.requires_grad for kept in sums.pending.values() for t in kept)
+    got = sums.reduce("train")
+    total = sum(n for *_, n in rows)
+    assert got["train/loss"] == pytest.approx(sum(v * n for v, _, n in rows) / total, rel=1e-6)
+    assert got["train/acc"] == pytest.approx(sum(a * n for _, a, n in rows) / total, rel=1e-6)
+    assert not sums.totals.requires_grad and MetricSums().reduce("val") == {}
