@@ -32,7 +32,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from dtrain.engine.worker import run_worker
 
     def report(metrics: dict[str, Any], folder: Path | None) -> None:
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None)
+        # Metrics alone go to Ray only when a controller callback consumes them (dtrain tune): dtrain train logs
+        # them itself, and each ray.train.report is a round trip through Ray's actors at every epoch end.
+        if folder is not None or config.get("report_metrics"):
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None)
 
     # A line per report/checkpoint is noise here. Ray Train's report logger is named after its file, not its module.
     spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
@@ -170,7 +173,8 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(job), "run_dir": str(run_dir), "init_checkpoint": init_checkpoint,
-                           "resume": resume, "data": None if data is None else ray.put(data)},
+                           "resume": resume, "data": None if data is None else ray.put(data),
+                           "report_metrics": bool(callbacks)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": job.trainer.cpus_per_worker}),
         run_config=RunConfig(name=job.name, storage_path=str(run_dir.parent),
@@ -209,10 +213,10 @@ PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 def poll_interval(workers: int) -> str:
     """Seconds between the Ray Train controller's polls of the workers (Ray's default: 2 s).
 
-    A worker's ray.train.report waits for the controller's next poll, so the interval is a cost at every epoch end
-    (measured on the make-train job: an epoch boundary takes 103 ms at 0.2 s, 14 ms at 0.05 s; 2 s made the whole
-    job 3x slower). Each poll is one call per worker: 0.05 s up to 8 workers, then longer, keeping the controller
-    at about 160 calls a second.
+    A worker's ray.train.report (each checkpoint, and each epoch's metrics under dtrain tune) waits for the
+    controller's next poll, so the interval is a cost at every such epoch end (measured on the make-train job: an
+    epoch boundary takes 103 ms at 0.2 s, 14 ms at 0.05 s; 2 s made the whole job 3x slower). Each poll is one call
+    per worker: 0.05 s up to 8 workers, then longer, keeping the controller at about 160 calls a second.
     """
     return f"{min(2.0, 0.05 * math.ceil(workers / 8)):g}"
 
