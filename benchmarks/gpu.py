@@ -112,7 +112,7 @@ def main() -> None:
         print("fused adam:", result["fused_adam"], flush=True)
         save("gpu", result, out)
     if "small" not in skip:
-        result["small_mlp"] = hot_path.run("cuda", args.repeats)
+        result["small_mlp"] = hot_path.run("cuda", 600 if args.quick else 3000)
         print("small mlp:", result["small_mlp"], flush=True)
         save("gpu", result, out)
     if "profile" not in skip:

@@ -1,12 +1,12 @@
 """Per-step cost of the engine against a hand-written loop on a small model, where host work sets the pace.
 
 Small MLP 64 -> 256 -> 128 -> 10, batch 256, one process, data on the device (CPU, or CUDA when there is one). The
-two loops run interleaved (medians of --repeats) through benchmarks.precision's hand_loop and engine_loop, and one
-more run of each counts what torch dispatched per optimizer step: operations (on a GPU, roughly kernel launches)
-and device read-backs (item()/float()/bool() of a tensor: on a GPU, each one stalls the host until the device is
-idle). The engine is timed over whole logging windows, as it reads the device back there anyway.
+speed ratio comes from benchmarks.paired (engine and hand loops in turns of 50 steps in one process); one more run
+of each loop (benchmarks.precision's hand_loop and engine_loop) counts what torch dispatched per optimizer step:
+operations (on a GPU, roughly kernel launches) and device read-backs (item()/float()/bool() of a tensor: on a GPU,
+each one stalls the host until the device is idle).
 
-    python -m benchmarks.hot_path [--device cpu|cuda] [--repeats 5] [--out DIR]
+    python -m benchmarks.hot_path [--device cpu|cuda] [--steps 3000] [--out DIR]
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks import precision
-from benchmarks.common import median, save, synthetic_classification
+from benchmarks import paired, precision
+from benchmarks.common import save, synthetic_classification
 from dtrain.models.mlp import MLP, MLPConfig
 
 READ_BACK = torch.ops.aten._local_scalar_dense.default
-LOG_EVERY = 50
+LOG_EVERY = 10  # dtrain's default trainer.log_every_n_steps
 
 
 def small_mlp(steps: int = 300, warmup: int = 50) -> precision.Work:
@@ -52,20 +52,16 @@ def per_step(loop: Any, work: precision.Work, device: torch.device, x: torch.Ten
             "top_ops": dict(counter.ops.most_common(12))}
 
 
-def run(device_name: str, repeats: int, steps: int = 300) -> dict[str, Any]:
+def run(device_name: str, steps: int = 3000) -> dict[str, Any]:
     device = torch.device(device_name)
-    work = small_mlp(steps)
-    x, y = synthetic_classification(work.batch * work.steps, work.shape, work.classes, device=device)
-    hand, engine = [], []
-    for _ in range(repeats):
-        hand.append(precision.hand_loop(work, "32", device, x, y))
-        engine.append(precision.engine_loop(work, "32", device, x, y, log_every=LOG_EVERY))
-        print(f"[hot_path] hand {hand[-1]:.1f}  engine {engine[-1]:.1f} steps/s", flush=True)
+    timed = paired.measure("small", 1, steps, log_every=LOG_EVERY, device=device_name)
+    print(paired.summary(timed), flush=True)
     counted = small_mlp(steps=100, warmup=0)
+    x, y = synthetic_classification(counted.batch * counted.steps, counted.shape, counted.classes, device=device)
     return {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-            "work": work.name, "batch": work.batch, "steps": work.steps, "warmup": work.warmup, "repeats": repeats,
-            "hand_steps_s": median(hand), "engine_steps_s": median(engine), "engine_vs_hand": median(engine) /
-            median(hand), "runs": {"hand": hand, "engine": engine},
+            "work": counted.name, "batch": counted.batch, "steps": steps,
+            "hand_steps_s": timed["hand_steps_s"], "engine_steps_s": timed["engine_steps_s"],
+            "engine_vs_hand": timed["engine_vs_hand"], "paired": timed,
             "hand_dispatch": per_step(precision.hand_loop, counted, device, x, y),
             "engine_dispatch": per_step(precision.engine_loop, counted, device, x, y, log_every=LOG_EVERY)}
 
@@ -73,13 +69,12 @@ def run(device_name: str, repeats: int, steps: int = 300) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(1)  # the host-bound regime, and quieter on a shared machine
-    result = run(args.device, args.repeats, args.steps)
+    result = run(args.device, args.steps)
     for who in ("hand", "engine"):
         d = result[f"{who}_dispatch"]
         print(f"[hot_path] {who}: {result[f'{who}_steps_s']:.1f} steps/s, {d['ops_per_step']:.1f} ops and "

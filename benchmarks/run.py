@@ -17,10 +17,11 @@ from typing import Any
 
 from benchmarks.common import RESULTS, machine
 
-QUICK = {"overhead": ["--repeats", "1", "--epochs", "3", "--warmup", "5", "--runners", "hand,engine"],
+QUICK = {"overhead": ["--repeats", "1", "--epochs", "3", "--warmup", "5", "--runners", "hand,engine",
+                      "--paired-steps", "300"],
          "startup": ["--repeats", "1", "--runs", "import,engine"],
          "zero": ["--epochs", "2", "--warmup", "5", "--hidden", "64"],
-         "precision": ["--quick", "--repeats", "1"], "hotpath": ["--repeats", "1", "--steps", "150"],
+         "precision": ["--quick", "--repeats", "1"], "hotpath": ["--steps", "300"],
          "gpu": ["--quick", "--repeats", "1"]}
 FULL = {"overhead": ["--boundary"]}
 MODULES = {"overhead": "benchmarks.overhead", "startup": "benchmarks.startup", "zero": "benchmarks.zero_memory",
@@ -38,6 +39,13 @@ def table(folder: Path) -> list[tuple[str, str, str, str]]:
     if r := _load(folder, "overhead"):
         for name, v in r["median_steps_s"].items():
             rows.append(("overhead", name, f"{v:.1f} steps/s", f"{r['ratio_to_hand'].get(name, 0):.3f} x hand"))
+        if p := r.get("paired"):
+            rows.append(("overhead", f"engine in turns with hand ({p['world']} procs)",
+                         f"{p['engine_steps_s']:.1f} vs {p['hand_steps_s']:.1f} steps/s",
+                         f"{p['engine_vs_hand']:.3f} x hand, {p['engine_vs_hand_metrics']:.3f} x hand+metrics"))
+        for cores in r.get("ray_cores_busy", [])[:1]:
+            rows.append(("overhead", "ray: cores busy (steady state)", ", ".join(f"{k} {v:.2f}" for k, v in
+                                                                              sorted(cores.items())), ""))
         if b := r.get("ray_epoch_boundary"):
             rows.append(("overhead", "ray epoch end", f"{b['step_across_epoch_end_ms']:.1f} ms across an epoch end",
                          f"{b['step_inside_epoch_ms']:.1f} ms inside an epoch"))
@@ -65,8 +73,9 @@ def table(folder: Path) -> list[tuple[str, str, str, str]]:
         if r:
             e = r.get("engine_dispatch")
             counts = f", {e['ops_per_step']:.0f} ops + {e['read_backs_per_step']:.2f} read-backs per step" if e else ""
+            vs_metrics = f", {r['paired']['engine_vs_hand_metrics']:.3f} x hand+metrics" if "paired" in r else ""
             rows.append((f"hot path ({r.get('device', gpu.get('device'))})", "small mlp fp32",
-                         f"{r['engine_steps_s']:.0f} steps/s{counts}", f"{r['engine_vs_hand']:.3f} x hand"))
+                         f"{r['engine_steps_s']:.0f} steps/s{counts}", f"{r['engine_vs_hand']:.3f} x hand{vs_metrics}"))
     return rows
 
 

@@ -1,0 +1,207 @@
+"""Engine overhead measured in paired blocks: dtrain's loop and hand-written loops take turns in the same processes.
+
+Whole-run comparisons on a shared machine drift by 10-15 % from one run to the next, more than the 3 % the engine
+is allowed to cost. Here all loops live in the same process(es): the engine (`loop.fit` with `DDPStrategy`, as
+`dtrain train` runs it on each rank) trains the job, logging every --log-every steps (dtrain's default 10), and
+every --block steps its log callback runs --block steps of each hand-written loop (its own copy of the model, DDP
+when there are 2 ranks, fused Adam, same batch size): `hand`, the bare loop, and `hand_metrics`, which also
+computes what the engine reports every step (training loss and accuracy summed on the device, total gradient
+norm). Each engine window has the hand windows right next to it, a second or less apart, so slow phases of the
+machine hit all of them. Reported: the ratio of total hand time to total engine time (the engine's epoch ends and
+metric read-backs included), and the median and quartiles of the per-pair ratios.
+
+    python -m benchmarks.paired [--work small|digits] [--world 1|2] [--steps 3000] [--block 50]
+                                 [--log-every 10] [--device cpu|cuda]
+
+  small   the hot-path case: MLP 64 -> 256 -> 128 -> 10, batch 256, synthetic data, where host work sets the pace
+  digits  the `make bench` overhead job: catalog MLP 64 -> 1024 -> 1024 -> 10 on digits, 64 rows per rank
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from benchmarks.common import median, mlp_job, save, synthetic_classification
+
+WARMUP_PAIRS = 2
+
+
+def _job(work: str, steps: int, log_every: int, world: int) -> dict[str, Any]:
+    if work == "small":  # digits' shape (64 features, 10 classes); _data swaps in synthetic rows
+        return mlp_job([256, 128], 256, 10**6, num_workers=world, log_every_n_steps=log_every, max_steps=steps)
+    return mlp_job([1024, 1024], 64, 10**6, num_workers=world, log_every_n_steps=log_every, max_steps=steps)
+
+
+def _data(job: dict[str, Any], work: str, steps: int) -> Any:
+    from dtrain.config import to_objects
+    from dtrain.data import load_data
+    from dtrain.data.base import DataBundle
+    from dtrain.models.base import DataMeta
+
+    if work == "small":
+        x, y = synthetic_classification(256 * 400, (64,), 10)
+        empty = (x[:0], y[:0])
+        return DataBundle((x, y), empty, empty, DataMeta((64,), num_classes=10))
+    return load_data(to_objects(job).data)
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, batch: int, rank: int, world: int) -> Iterator[tuple[Any, Any]]:
+    """The hand loop's batches, endlessly: a fresh permutation each epoch, each global batch dealt round-robin."""
+    epoch = 0
+    while True:
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch)).to(x.device)
+        for start in range(0, len(x) - batch * world + 1, batch * world):
+            idx = order[start:start + batch * world][rank::world]
+            yield x[idx], y[idx]
+        epoch += 1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _HandLoop:
+    """A plain PyTorch training loop over its own copy of net, run --block steps at a time."""
+
+    def __init__(self, net: torch.nn.Module, job: Any, x: torch.Tensor, y: torch.Tensor, rank: int, world: int,
+                 device: torch.device, metrics: bool) -> None:
+        net = copy.deepcopy(net).to(device)
+        self.model = net
+        if world > 1:
+            with warnings.catch_warnings():  # as in dtrain.engine.ddp: the name is deprecated, the behaviour kept
+                warnings.simplefilter("ignore", FutureWarning)
+                self.model = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+        self.params = list(net.parameters())
+        self.opt = torch.optim.Adam(self.params, lr=job.optim.lr, fused=True)
+        self.batches = _batches(x, y, job.data.batch_size, rank, world)
+        self.device, self.metrics = device, metrics
+        self.sums = torch.zeros(2, device=device)
+
+    def run(self, steps: int) -> float:
+        _sync(self.device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            xb, yb = next(self.batches)
+            logits = self.model(xb)
+            loss = F.cross_entropy(logits, yb)
+            loss.backward()
+            if self.metrics:
+                self.norm = torch.nn.utils.get_total_norm([p.grad for p in self.params])
+                self.sums += torch.stack([loss.detach(), (logits.argmax(-1) == yb).float().mean()])
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        _sync(self.device)
+        return time.perf_counter() - started
+
+
+def _rank(rank: int, world: int, port: int, job_dict: dict[str, Any], work: str, steps: int, block: int,
+          device_type: str, out_file: str) -> None:
+    from dtrain.config import to_objects
+    from dtrain.engine.ddp import DDPStrategy
+    from dtrain.engine.loop import RunContext, fit
+    from dtrain.models import build_model
+
+    torch.set_num_threads(1)
+    device = torch.device(device_type)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    job = to_objects(job_dict)
+    data = _data(job_dict, work, steps)
+    torch.manual_seed(job.trainer.seed)
+    model = build_model(job.model, data.meta)
+    x, y = (t.to(device) for t in data.train)
+    # Two hand-written loops, each with its own copy of the layers (same initial weights), DDP wrapper, fused Adam
+    # and batches: "hand" is the bare loop; "hand_metrics" also computes what the engine reports every step (the
+    # training loss and accuracy summed on the device, the total gradient norm), written as a user would.
+    hands = {name: _HandLoop(model.net, job, x, y, rank, world, device, metrics=name == "hand_metrics")
+             for name in ("hand", "hand_metrics")}
+    times: dict[str, list[float]] = {"engine": [], **{name: [] for name in hands}}
+    resumed = [time.perf_counter()]
+
+    def log(record: dict[str, Any]) -> None:
+        if record.get("event") != "step" or record["step"] % block:
+            return
+        times["engine"].append(time.perf_counter() - resumed[0])  # metrics were just read back: the device is idle
+        for name, hand in hands.items():
+            times[name].append(hand.run(block))
+        resumed[0] = time.perf_counter()
+
+    fit(job, model, data, DDPStrategy(job.trainer, job.optim, device), RunContext(rank, world, lambda m, f: None, log))
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(times))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def measure(work: str = "small", world: int = 1, steps: int = 3000, block: int = 50, log_every: int = 10,
+            device: str = "cpu") -> dict[str, Any]:
+    """Run the paired blocks; engine/hand as the ratio of total times and as the spread of per-pair ratios."""
+    from dtrain.engine.spawn import _free_port
+
+    if block % log_every:
+        raise ValueError(f"block: expected a multiple of log_every ({log_every}), got {block}")
+    job = _job(work, steps, log_every, world)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "times.json")
+        args = (world, _free_port(), job, work, steps, block, device, out)
+        if world == 1:
+            _rank(0, *args)
+        else:
+            mp.start_processes(_rank, args=args, nprocs=world, start_method="spawn")
+        times = {k: v[WARMUP_PAIRS:] for k, v in json.loads(Path(out).read_text()).items()}
+    result: dict[str, Any] = {"work": work, "world": world, "device": device, "block": block, "log_every": log_every,
+                              "pairs": len(times["engine"]), "times_s": times}
+    for name in ("hand", "hand_metrics"):
+        ratios = sorted(h / e for h, e in zip(times[name], times["engine"], strict=True))
+        q = len(ratios) // 4
+        result[f"{name}_steps_s"] = block * len(times[name]) / sum(times[name])
+        result[f"engine_vs_{name}"] = sum(times[name]) / sum(times["engine"])
+        result[f"engine_vs_{name}_pairs"] = {"median": median(ratios), "quartiles": [ratios[q], ratios[-q - 1]]}
+    result["engine_steps_s"] = block * len(times["engine"]) / sum(times["engine"])
+    return result
+
+
+def summary(r: dict[str, Any]) -> str:
+    pairs = r["engine_vs_hand_pairs"]
+    return (f"[paired] {r['work']} x{r['world']} ({r['pairs']} pairs of {r['block']} steps): engine "
+            f"{r['engine_steps_s']:.1f}, hand {r['hand_steps_s']:.1f}, hand+metrics {r['hand_metrics_steps_s']:.1f} "
+            f"steps/s; engine/hand {r['engine_vs_hand']:.3f} (pair median {pairs['median']:.3f}, quartiles "
+            f"{pairs['quartiles'][0]:.3f}-{pairs['quartiles'][1]:.3f}), engine/(hand+metrics) "
+            f"{r['engine_vs_hand_metrics']:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="small", choices=["small", "digits"])
+    parser.add_argument("--world", type=int, default=None, help="processes (default: 1 for small, 2 for digits)")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--block", type=int, default=50)
+    parser.add_argument("--log-every", type=int, default=10, help="the engine's trainer.log_every_n_steps")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    world = args.world or (1 if args.work == "small" else 2)
+    r = measure(args.work, world, args.steps, args.block, args.log_every, args.device)
+    print(summary(r), flush=True)
+    print(save(f"paired_{r['work']}_x{r['world']}", r, args.out))
+
+
+if __name__ == "__main__":
+    main()
