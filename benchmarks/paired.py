@@ -109,6 +109,33 @@ class _HandLoop:
         return time.perf_counter() - started
 
 
+class _Turns:
+    """The hand loops and the clock: wraps a log callback so that every `block` engine steps the hand loops run."""
+
+    def __init__(self, net: torch.nn.Module, job: Any, train: tuple[torch.Tensor, ...], rank: int, world: int,
+                 device: torch.device, block: int) -> None:
+        x, y = (t.to(device) for t in train)
+        # Two hand-written loops, each with its own copy of the layers (same initial weights), DDP wrapper, fused
+        # Adam and batches: "hand" is the bare loop; "hand_metrics" also computes what the engine reports every step
+        # (training loss and accuracy summed on the device, the total gradient norm), written as a user would.
+        self.hands = {name: _HandLoop(net, job, x, y, rank, world, device, metrics=name == "hand_metrics")
+                      for name in ("hand", "hand_metrics")}
+        self.times: dict[str, list[float]] = {"engine": [], **{name: [] for name in self.hands}}
+        self.block, self.resumed = block, time.perf_counter()
+
+    def wrap(self, log: Any) -> Any:
+        def timed_log(record: dict[str, Any]) -> None:
+            log(record)  # the engine's own logging is part of its window
+            if record.get("event") != "step" or record["step"] % self.block:
+                return
+            self.times["engine"].append(time.perf_counter() - self.resumed)  # just read back: the device is idle
+            for name, hand in self.hands.items():
+                self.times[name].append(hand.run(self.block))
+            self.resumed = time.perf_counter()
+
+        return timed_log
+
+
 def _rank(rank: int, world: int, port: int, job_dict: dict[str, Any], work: str, steps: int, block: int,
           device_type: str, out_file: str) -> None:
     from dtrain.config import to_objects
@@ -125,49 +152,87 @@ def _rank(rank: int, world: int, port: int, job_dict: dict[str, Any], work: str,
     data = _data(job_dict, work, steps)
     torch.manual_seed(job.trainer.seed)
     model = build_model(job.model, data.meta)
-    x, y = (t.to(device) for t in data.train)
-    # Two hand-written loops, each with its own copy of the layers (same initial weights), DDP wrapper, fused Adam
-    # and batches: "hand" is the bare loop; "hand_metrics" also computes what the engine reports every step (the
-    # training loss and accuracy summed on the device, the total gradient norm), written as a user would.
-    hands = {name: _HandLoop(model.net, job, x, y, rank, world, device, metrics=name == "hand_metrics")
-             for name in ("hand", "hand_metrics")}
-    times: dict[str, list[float]] = {"engine": [], **{name: [] for name in hands}}
-    resumed = [time.perf_counter()]
-
-    def log(record: dict[str, Any]) -> None:
-        if record.get("event") != "step" or record["step"] % block:
-            return
-        times["engine"].append(time.perf_counter() - resumed[0])  # metrics were just read back: the device is idle
-        for name, hand in hands.items():
-            times[name].append(hand.run(block))
-        resumed[0] = time.perf_counter()
-
-    fit(job, model, data, DDPStrategy(job.trainer, job.optim, device), RunContext(rank, world, lambda m, f: None, log))
+    turns = _Turns(model.net, job, data.train, rank, world, device, block)
+    ctx = RunContext(rank, world, lambda m, f: None, turns.wrap(lambda record: None))
+    fit(job, model, data, DDPStrategy(job.trainer, job.optim, device), ctx)
     if rank == 0:
-        Path(out_file).write_text(json.dumps(times))
+        Path(out_file).write_text(json.dumps(turns.times))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
 
 
+TIMES_FILE = "paired_times.json"
+
+
+def _ray_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function for --ray: dtrain's own, with the engine's fit wrapped so that its log
+    callback also runs the hand loops in turns (in this Ray worker, on this rank's share of the batches)."""
+    from dtrain.engine import worker
+    from dtrain.launch.train import train_loop_per_worker
+
+    real_fit = worker.fit
+
+    def fit(job: Any, model: Any, data: Any, strategy: Any, ctx: Any) -> dict[str, Any]:
+        turns = _Turns(model.net, job, data.train, ctx.rank, ctx.world, strategy.device, config["paired_block"])
+        ctx.log = turns.wrap(ctx.log)
+        summary = real_fit(job, model, data, strategy, ctx)
+        if ctx.rank == 0:
+            (Path(config["run_dir"]) / TIMES_FILE).write_text(json.dumps(turns.times))
+        return summary
+
+    worker.fit = fit
+    train_loop_per_worker(config)
+
+
+def _through_ray(job: dict[str, Any], block: int, tmp: str) -> dict[str, list[float]]:
+    """`dtrain train`'s path (fit_job: embedded Ray, Ray Train workers, rank 0's tracker) with the hand loops in
+    the same Ray workers. fit_job is dtrain's own; only the per-worker function is swapped for _ray_worker."""
+    from omegaconf import OmegaConf
+
+    from dtrain.launch import train as launch
+
+    cfg = OmegaConf.create(job)
+    cfg.runs_dir, cfg.name = tmp, "paired"
+
+    def per_worker(config: dict[str, Any]) -> None:  # pickled by value, block included
+        _ray_worker({**config, "paired_block": block})
+
+    real = launch.train_loop_per_worker
+    launch.train_loop_per_worker = per_worker
+    try:
+        launch.fit_job(cfg)
+    finally:
+        launch.train_loop_per_worker = real
+    return json.loads((Path(tmp) / "paired" / TIMES_FILE).read_text())
+
+
 def measure(work: str = "small", world: int = 1, steps: int = 3000, block: int = 50, log_every: int = 10,
-            device: str = "cpu") -> dict[str, Any]:
-    """Run the paired blocks; engine/hand as the ratio of total times and as the spread of per-pair ratios."""
+            device: str = "cpu", ray: bool = False) -> dict[str, Any]:
+    """Run the paired blocks (ray: inside `dtrain train`'s Ray workers); engine/hand as the ratio of total times and
+    as the spread of per-pair ratios."""
     from dtrain.engine.spawn import _free_port
 
     if block % log_every:
         raise ValueError(f"block: expected a multiple of log_every ({log_every}), got {block}")
     job = _job(work, steps, log_every, world)
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "times.json")
-        args = (world, _free_port(), job, work, steps, block, device, out)
-        if world == 1:
-            _rank(0, *args)
+        if ray:
+            if work != "digits":
+                raise ValueError("--ray: only --work digits (dtrain train loads its data set itself)")
+            raw = _through_ray(job, block, tmp)
         else:
-            mp.start_processes(_rank, args=args, nprocs=world, start_method="spawn")
-        times = {k: v[WARMUP_PAIRS:] for k, v in json.loads(Path(out).read_text()).items()}
+            out = os.path.join(tmp, "times.json")
+            args = (world, _free_port(), job, work, steps, block, device, out)
+            if world == 1:
+                _rank(0, *args)
+            else:
+                mp.start_processes(_rank, args=args, nprocs=world, start_method="spawn")
+            raw = json.loads(Path(out).read_text())
+    times = {k: v[WARMUP_PAIRS:] for k, v in raw.items()}
     result: dict[str, Any] = {"work": work, "world": world, "device": device, "block": block, "log_every": log_every,
-                              "pairs": len(times["engine"]), "times_s": times}
+                              "through": "dtrain train (Ray Train)" if ray else "engine", "pairs": len(times["engine"]),
+                              "times_s": times}
     for name in ("hand", "hand_metrics"):
         ratios = sorted(h / e for h, e in zip(times[name], times["engine"], strict=True))
         q = len(ratios) // 4
@@ -180,7 +245,7 @@ def measure(work: str = "small", world: int = 1, steps: int = 3000, block: int =
 
 def summary(r: dict[str, Any]) -> str:
     pairs = r["engine_vs_hand_pairs"]
-    return (f"[paired] {r['work']} x{r['world']} ({r['pairs']} pairs of {r['block']} steps): engine "
+    return (f"[paired] {r['work']} x{r['world']} via {r['through']} ({r['pairs']} pairs of {r['block']} steps): engine "
             f"{r['engine_steps_s']:.1f}, hand {r['hand_steps_s']:.1f}, hand+metrics {r['hand_metrics_steps_s']:.1f} "
             f"steps/s; engine/hand {r['engine_vs_hand']:.3f} (pair median {pairs['median']:.3f}, quartiles "
             f"{pairs['quartiles'][0]:.3f}-{pairs['quartiles'][1]:.3f}), engine/(hand+metrics) "
@@ -195,12 +260,13 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=50)
     parser.add_argument("--log-every", type=int, default=10, help="the engine's trainer.log_every_n_steps")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ray", action="store_true", help="run inside `dtrain train`'s Ray Train workers (digits)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     world = args.world or (1 if args.work == "small" else 2)
-    r = measure(args.work, world, args.steps, args.block, args.log_every, args.device)
+    r = measure(args.work, world, args.steps, args.block, args.log_every, args.device, args.ray)
     print(summary(r), flush=True)
-    print(save(f"paired_{r['work']}_x{r['world']}", r, args.out))
+    print(save(f"paired_{r['work']}_x{r['world']}" + ("_ray" if args.ray else ""), r, args.out))
 
 
 if __name__ == "__main__":
