@@ -111,9 +111,9 @@ def run_engine(job: dict[str, Any], warmup: int) -> float:
 
 
 class CpuSampler(threading.Thread):
-    """Samples the CPU seconds of this process's descendants while a run lasts, split into Ray Train's training
-    workers and the rest of Ray (GCS, raylet, dashboard, Train controller, idle workers): on a machine with few
-    cores the rest competes with training for them."""
+    """Samples the CPU seconds of this process (the driver) and its descendants while a run lasts, split into the
+    driver, Ray Train's training workers and the rest of Ray (GCS, raylet, dashboard, Train controller, idle
+    workers): on a machine with few cores the rest competes with training for them."""
 
     def __init__(self, period: float = 1.0) -> None:
         super().__init__(daemon=True)

@@ -46,7 +46,7 @@ def _job(work: str, steps: int, log_every: int, world: int) -> dict[str, Any]:
     return mlp_job([1024, 1024], 64, 10**6, num_workers=world, log_every_n_steps=log_every, max_steps=steps)
 
 
-def _data(job: dict[str, Any], work: str, steps: int) -> Any:
+def _data(job: dict[str, Any], work: str) -> Any:
     from dtrain.config import to_objects
     from dtrain.data import load_data
     from dtrain.data.base import DataBundle
@@ -149,7 +149,7 @@ def _rank(rank: int, world: int, port: int, job_dict: dict[str, Any], work: str,
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
     job = to_objects(job_dict)
-    data = _data(job_dict, work, steps)
+    data = _data(job_dict, work)
     torch.manual_seed(job.trainer.seed)
     model = build_model(job.model, data.meta)
     turns = _Turns(model.net, job, data.train, rank, world, device, block)

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dtrain.engine import dist
 from dtrain.engine.checkpoint import atomic_save, safe_load
-from dtrain.engine.optim import build_optimizer, build_scheduler, trainable
+from dtrain.engine.optim import build_optimizer, build_scheduler, constant_schedule, trainable
 from dtrain.engine.precision import Precision
 from dtrain.engine.strategy import StepResult, nonfinite
 
@@ -45,7 +45,7 @@ class DDPStrategy:
         self.optimizer = build_optimizer(self.params, self.optim_cfg, lr, fused=True)
         self.scheduler = build_scheduler(self.optimizer, self.optim_cfg, total_steps, steps_per_epoch)
         # A constant rate needs no schedule stepping (LambdaLR's step is host work worth ~1 % of a small model's step).
-        self.constant_lr = self.optim_cfg.scheduler == "none" and self.optim_cfg.warmup_steps == 0
+        self.constant_lr = constant_schedule(self.optim_cfg)
         self.one_group = len({(p.device, p.dtype) for p in self.params}) == 1
         return self.model
 

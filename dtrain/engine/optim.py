@@ -41,5 +41,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def constant_schedule(cfg: Any) -> bool:
+    """True when build_scheduler's factor is 1 at every step (no schedule, no warm-up): stepping it changes nothing."""
+    return cfg.scheduler == "none" and cfg.warmup_steps == 0
+
+
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
