@@ -1,6 +1,8 @@
 """Start-up: seconds from the command to the first training step, each measured in a fresh process.
 
     dtrain train   `dtrain train jobs/mlp_digits.yaml` (embedded local Ray, 2 workers, W&B off)
+    deepspeed      `dtrain train jobs/mlp_digits_deepspeed.yaml` (ZeRO-2, bf16) as on a fresh machine: an empty
+                   TORCH_EXTENSIONS_DIR, so any op DeepSpeed JIT-compiles is compiled within the measurement
     ray plain      a minimal Ray Train TorchTrainer script (benchmarks/ray_plain.py), 2 workers, same model and data
     engine         the engine alone: dtrain.engine.spawn.spawn_workers, 2 gloo processes, no Ray
     import         `python -c "import dtrain.cli"`, and `dtrain train`'s own imports before Ray starts
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,8 +31,8 @@ BIN = Path(sys.executable).parent
 JOB = ["trainer.max_epochs=1", "trainer.log_every_n_steps=1", "logging.wandb.enabled=false", "logging.progress=false"]
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
@@ -42,11 +45,15 @@ def _first_step(run_dir: Path) -> float:
     raise RuntimeError(f"{run_dir}: no step event")
 
 
-def dtrain_train(tmp: Path) -> tuple[float, float]:
+def dtrain_train(tmp: Path, job: str = "mlp_digits.yaml", env: dict[str, str] | None = None) -> tuple[float, float]:
     started = time.time()
-    _run([str(BIN / "dtrain"), "train", str(ROOT / "jobs/mlp_digits.yaml"), "name=startup", f"runs_dir={tmp}", *JOB],
-         tmp)
+    _run([str(BIN / "dtrain"), "train", str(ROOT / "jobs" / job), "name=startup", f"runs_dir={tmp}", *JOB], tmp, env)
     return _first_step(tmp / "startup") - started, time.time() - started
+
+
+def deepspeed_fresh(tmp: Path) -> tuple[float, float]:
+    fresh = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp / "torch_extensions")}  # empty: nothing compiled yet
+    return dtrain_train(tmp, "mlp_digits_deepspeed.yaml", fresh)
 
 
 def ray_plain(tmp: Path) -> tuple[float, float]:
@@ -73,7 +80,8 @@ def imports(tmp: Path) -> tuple[float, float]:
     return timed("import dtrain.cli"), timed("import dtrain.cli, dtrain.launch.train, ray, ray.train.torch")
 
 
-RUNS = {"dtrain train": dtrain_train, "ray plain": ray_plain, "engine": engine, "import": imports}
+RUNS = {"dtrain train": dtrain_train, "deepspeed": deepspeed_fresh, "ray plain": ray_plain, "engine": engine,
+        "import": imports}
 
 
 def run(names: list[str], repeats: int) -> dict[str, Any]:

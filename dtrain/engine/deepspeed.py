@@ -158,6 +158,7 @@ class DeepSpeedStrategy:
                               f"{get_accelerator().device_name()}; use bf16-mixed or 32")
         config = deepspeed_config(self.trainer_cfg, self.micro_batch_size or 1, dist.world_size())
         _quiet_deepspeed()
+        _skip_inference_comm_op()
         # Ray Train and torchrun set LOCAL_RANK, which DeepSpeed insists on; a local spawn is a single node.
         os.environ.setdefault("LOCAL_RANK", str(dist.rank()))
         model = model.to(self.device)
@@ -294,6 +295,23 @@ def _quiet_deepspeed() -> None:
     logger.setLevel(logging.WARNING)
     # DeepSpeed still calls the deprecated collective in ZeRO-3; nothing a user can act on
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
+
+
+def _skip_inference_comm_op() -> None:
+    """Keep DeepSpeed's communication backend from compiling its shared-memory all-reduce on CPU.
+
+    On the CPU accelerator, DeepSpeed's backend JIT-compiles that C++ op when it starts, 40-60 s the first time on a
+    machine (then cached in ~/.cache/torch_extensions). Only `inference_all_reduce` (tensor-parallel inference)
+    uses it; training's collectives go through torch.distributed (gloo) either way. DeepSpeed builds the op only
+    when its probe marks it compatible, and keeps the probe's result in one dict, so marking it not compatible
+    skips the build. Accelerators without the op have no builder for it: nothing to do.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def _measure_norm_when_clipping(engine: Any) -> None:

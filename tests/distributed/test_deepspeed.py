@@ -38,17 +38,8 @@ def _ds(stage: int, **over) -> dict:
     return _job(**{"trainer.strategy": "deepspeed", "trainer.deepspeed.zero_stage": stage, **over})
 
 
-@pytest.fixture(scope="session")
-def deepspeed_op():
-    """Build DeepSpeed's CPU communication op once (~60 s the first time, then cached in ~/.cache/torch_extensions),
-    here in the test process, so that the spawned workers only load it."""
-    from deepspeed.accelerator import get_accelerator
-
-    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, deepspeed_op):
+def runs(tmp_path_factory):
     """Runs on demand, each once per module (so each test's time holds at most two): "ddp" or "zero<stage>", fp32,
     2 epochs, each rank writing what it holds after its first step."""
     root = tmp_path_factory.mktemp("deepspeed")
@@ -59,6 +50,7 @@ def runs(tmp_path_factory, deepspeed_op):
             job = _job() if name == "ddp" else _ds(int(name.removeprefix("zero")))
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv(MEMORY_ENV, str(root / name / "memory"))
+                mp.setenv("TORCH_EXTENSIONS_DIR", str(root / "torch_extensions"))  # where a JIT-built op would go
                 done[name] = {"summary": spawn_workers(job, root / name, world=2), "dir": root / name, "job": job}
         return done[name]
 
@@ -100,6 +92,16 @@ def test_every_zero_stage_trains(runs, stage):
     assert [s["train/loss"] for s in steps] == pytest.approx([s["train/loss"] for s in ddp], rel=1e-3, abs=1e-4)
 
 
+def test_cpu_training_compiles_no_deepspeed_op(runs):
+    """DeepSpeed's CPU backend would JIT-compile its shared-memory all-reduce (inference only; 40-60 s on a fresh
+    machine) when it starts: dtrain skips it, and training's collectives go through gloo."""
+    from deepspeed.accelerator import get_accelerator
+
+    runs("zero1")
+    built = runs.root / "torch_extensions"
+    assert get_accelerator().device_name() != "cpu" or not built.exists() or not any(built.iterdir())
+
+
 def test_per_rank_state_shrinks_as_zero_promises(runs):
     mem = {s: _memory(runs(f"zero{s}")) for s in range(4)}
     n = mem[0][0]["num_params"]
@@ -139,7 +141,7 @@ def test_checkpoint_recovers_fp32_weights_with_zero_to_fp32(runs):
         assert acc == pytest.approx(run["summary"]["test"]["test/acc"], abs=1e-6)
 
 
-def test_resume_continues_the_same_run(runs, deepspeed_op):
+def test_resume_continues_the_same_run(runs):
     """Restart the ZeRO-3 run from its epoch-1 checkpoint: epoch 2 replays exactly."""
     full = runs("zero3")
     resumed = runs.root / "zero3-resumed"
@@ -153,7 +155,7 @@ def test_resume_continues_the_same_run(runs, deepspeed_op):
     assert summary["test"]["test/acc"] == pytest.approx(full["summary"]["test"]["test/acc"], abs=1e-9)
 
 
-def test_bf16_trains_through_ray(ray_session, deepspeed_op, tmp_path):
+def test_bf16_trains_through_ray(ray_session, tmp_path):
     """The job file under Ray Train, ZeRO-2 with bf16 weights; Ray's merged checkpoint is DeepSpeed-readable."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -220,13 +222,13 @@ def _setup(job: dict):
     build_strategy(cfg.trainer, cfg.optim, torch.device("cpu")).setup(model, 1e-3, 10, 10)
 
 
-def test_staged_model_under_zero3_is_a_config_error(deepspeed_op):
+def test_staged_model_under_zero3_is_a_config_error():
     job = load_job(JOBS / "dbn_digits.yaml", ["trainer.strategy=deepspeed", "trainer.deepspeed.zero_stage=3"])
     with pytest.raises(ConfigError, match="trainer.deepspeed.zero_stage: a staged model .* runs under ZeRO 0-2"):
         _setup(OmegaConf.to_container(job))
 
 
-def test_fp16_without_accelerator_support_is_a_config_error(deepspeed_op):
+def test_fp16_without_accelerator_support_is_a_config_error():
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().is_fp16_supported():

@@ -157,9 +157,6 @@ def test_gradient_descent_variants_train_a_perceptron_on_iris(descent, epochs, s
 @pytest.mark.parametrize("job_file", ["cnn_digits.yaml", "lstm_sunspots.yaml"])
 def test_catalog_models_train_under_deepspeed(job_file, tmp_path):
     """The same job files under DeepSpeed ZeRO-1 with 2 spawned gloo workers (shortened)."""
-    from deepspeed.accelerator import get_accelerator
-
-    get_accelerator().create_op_builder("ShareMemCommBuilder").load()  # build once here, not in both workers
     short = {"cnn_digits.yaml": ["trainer.max_epochs=3", "model.channels=[8,16]", "model.hidden=[32]",
                                  "model.dropout=0", "optim.scheduler=none", "optim.lr=0.005"],
              "lstm_sunspots.yaml": ["trainer.max_epochs=20"]}[job_file]
