@@ -1,6 +1,6 @@
 """`make bench`: run the benchmarks (each in its own process) and print one table of what they measured.
 
-    python -m benchmarks.run [--sections overhead,startup,zero,precision,hotpath,gpu] [--quick] [--table-only]
+    python -m benchmarks.run [--sections overhead,ddpflags,startup,zero,precision,hotpath,gpu] [--quick] [--table-only]
 
 Results go to benchmarks/results/<name>.json (with the machine's details); --table-only prints the table from the
 JSON files already there (e.g. ones fetched from a GPU machine into --results DIR).
@@ -21,10 +21,11 @@ QUICK = {"overhead": ["--repeats", "1", "--epochs", "3", "--warmup", "5", "--run
                       "--paired-steps", "300"],
          "startup": ["--repeats", "1", "--runs", "import,engine"],
          "zero": ["--epochs", "2", "--warmup", "5", "--hidden", "64"],
-         "precision": ["--quick", "--repeats", "1"], "hotpath": ["--steps", "300"],
+         "precision": ["--quick", "--repeats", "1"], "hotpath": ["--steps", "300"], "ddpflags": ["--steps", "300"],
          "gpu": ["--quick", "--repeats", "1"]}
 FULL = {"overhead": ["--boundary"]}
-MODULES = {"overhead": "benchmarks.overhead", "startup": "benchmarks.startup", "zero": "benchmarks.zero_memory",
+MODULES = {"overhead": "benchmarks.overhead", "ddpflags": "benchmarks.ddp_flags", "startup": "benchmarks.startup",
+           "zero": "benchmarks.zero_memory",
            "precision": "benchmarks.precision", "hotpath": "benchmarks.hot_path", "gpu": "benchmarks.gpu"}
 
 
@@ -49,6 +50,11 @@ def table(folder: Path) -> list[tuple[str, str, str, str]]:
         if b := r.get("ray_epoch_boundary"):
             rows.append(("overhead", "ray epoch end", f"{b['step_across_epoch_end_ms']:.1f} ms across an epoch end",
                          f"{b['step_inside_epoch_ms']:.1f} ms inside an epoch"))
+    if r := _load(folder, "ddp_flags"):
+        for name, speed in r["speed_vs_default"].items():
+            lo, hi = r["speed_vs_default_ci95"][name]
+            rows.append(("ddp options", f"{name} ({r['world']} procs, in turns)", f"{r['steps_s'][name]:.1f} steps/s",
+                         f"{speed:.3f} x default DDP ({lo:.3f}-{hi:.3f})"))
     if r := _load(folder, "startup"):
         for name, v in r["first_step_s"].items():
             rows.append(("startup", name, f"{v:.1f} s to first step", f"{r['total_s'][name]:.1f} s total"))
@@ -88,7 +94,7 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="overhead,startup,zero,precision,hotpath,gpu")
+    parser.add_argument("--sections", default="overhead,ddpflags,startup,zero,precision,hotpath,gpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks that all runs")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))

@@ -34,9 +34,13 @@ class DDPStrategy:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # broadcast_buffers=False: no model here keeps running statistics that must match across ranks, and
             # skipping the per-forward broadcast lets evaluation run through the same wrapper at no cost.
+            # gradient_as_bucket_view: the all-reduced buckets become the gradients, instead of being copied back
+            # into them (one pass over every gradient less per step: 1.02x steps/s, 95 % interval 1.005-1.040, on
+            # the overhead job with 2 CPU ranks, benchmarks/ddp_flags.py), and no separate copy is kept in memory.
             with warnings.catch_warnings():  # torch deprecates the name but advises keeping it for this behaviour
                 warnings.simplefilter("ignore", FutureWarning)
-                self.model = DistributedDataParallel(self.raw, device_ids=ids, broadcast_buffers=False)
+                self.model = DistributedDataParallel(self.raw, device_ids=ids, broadcast_buffers=False,
+                                                     gradient_as_bucket_view=True)
         else:
             self.model = self.raw
         self.params = trainable(self.raw)
