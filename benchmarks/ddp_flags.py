@@ -1,8 +1,9 @@
 """DistributedDataParallel's options on the overhead job, measured in turns: which one dtrain's DDP wrapper should set.
 
-Three copies of the overhead job's model (catalog MLP 64 -> 1024 -> 1024 -> 10 on digits, 64 rows per rank, fused
-Adam, zero_grad(set_to_none=True)) live in the same 2 gloo processes, each wrapped in DDP with other options, and
-take turns of --block steps (the order rotates every turn, so none always follows the same one):
+Three of benchmarks.paired's hand-written loops, each over its own copy of the overhead job's model (catalog MLP
+64 -> 1024 -> 1024 -> 10 on digits, 64 rows per rank, fused Adam, zero_grad(set_to_none=True)) and wrapped in DDP
+with other options, live in the same 2 gloo processes and take turns of --block steps (the order rotates every
+turn, so none always follows the same one):
 
   default        DistributedDataParallel(model), as a hand-written loop has it
   bucket_view    gradient_as_bucket_view=True (dtrain's choice): the all-reduced buckets become the gradients
@@ -16,23 +17,18 @@ Reported: steps/s of each, and its speed relative to default with a bootstrap 95
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import tempfile
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.common import save
-from benchmarks.paired import WARMUP_PAIRS, _batches, _data, _job, ratio_ci
+from benchmarks.paired import WARMUP_PAIRS, _data, _HandLoop, _job, ratio_ci
 
 VARIANTS = {"default": {}, "bucket_view": {"gradient_as_bucket_view": True},
             "batched_copy": {"batched_grad_copy": True}}
@@ -49,27 +45,13 @@ def _rank(rank: int, world: int, port: int, steps: int, block: int, out_file: st
     job, data = to_objects(job_dict), _data(job_dict, "digits")
     torch.manual_seed(0)
     net = build_model(job.model, data.meta).net
-    loops = {}
-    for name, options in VARIANTS.items():
-        model = copy.deepcopy(net)
-        with warnings.catch_warnings():  # as in dtrain.engine.ddp: the name is deprecated, the behaviour kept
-            warnings.simplefilter("ignore", FutureWarning)
-            ddp = DistributedDataParallel(model, broadcast_buffers=False, **options)
-        loops[name] = (ddp,
-                       torch.optim.Adam(model.parameters(), lr=job.optim.lr, fused=True),
-                       _batches(*data.train, job.data.batch_size, rank, world))
+    loops = {name: _HandLoop(net, job, *data.train, rank, world, torch.device("cpu"), metrics=False,
+                             ddp_options=options) for name, options in VARIANTS.items()}
     times: dict[str, list[float]] = {name: [] for name in loops}
     names = list(loops)
     for turn in range(steps // block):
         for name in names[turn % len(names):] + names[:turn % len(names)]:
-            ddp, opt, batches = loops[name]
-            started = time.perf_counter()
-            for _ in range(block):
-                xb, yb = next(batches)
-                F.cross_entropy(ddp(xb), yb).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            times[name].append(time.perf_counter() - started)
+            times[name].append(loops[name].run(block))
     if rank == 0:
         Path(out_file).write_text(json.dumps(times))
     dist.barrier()

@@ -79,13 +79,14 @@ class _HandLoop:
     """A plain PyTorch training loop over its own copy of net, run --block steps at a time."""
 
     def __init__(self, net: torch.nn.Module, job: Any, x: torch.Tensor, y: torch.Tensor, rank: int, world: int,
-                 device: torch.device, metrics: bool) -> None:
+                 device: torch.device, metrics: bool, ddp_options: dict[str, Any] | None = None) -> None:
         net = copy.deepcopy(net).to(device)
         self.model = net
         if world > 1:
             with warnings.catch_warnings():  # as in dtrain.engine.ddp: the name is deprecated, the behaviour kept
                 warnings.simplefilter("ignore", FutureWarning)
-                self.model = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+                self.model = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False,
+                                                                       **(ddp_options or {}))
         self.params = list(net.parameters())
         self.opt = torch.optim.Adam(self.params, lr=job.optim.lr, fused=True)
         self.batches = _batches(x, y, job.data.batch_size, rank, world)
