@@ -96,8 +96,8 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
     if env is not None:  # the caller's environment now, not the fork server's from when it started
         os.environ.clear()
         os.environ.update(env)
+    sys.stdout.flush(), sys.stderr.flush()
     for fd, target in stdio:  # the caller's stdout and stderr
-        sys.stdout.flush(), sys.stderr.flush()
         os.dup2(fd, target)
         os.close(fd)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
