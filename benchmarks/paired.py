@@ -11,7 +11,8 @@ machine hit all of them. Reported: the ratio of total hand time to total engine 
 metric read-backs included), and the median and quartiles of the per-pair ratios.
 
     python -m benchmarks.paired [--work small|digits] [--world 1|2] [--steps 3000] [--block 50]
-                                 [--log-every 10] [--device cpu|cuda]
+                                 [--log-every 10] [--device cpu|cuda] [--ray]
+    python -m benchmarks.paired --pool FILE [FILE ...]   # saved runs of the same work as one ratio
 
   small   the hot-path case: MLP 64 -> 256 -> 128 -> 10, batch 256, synthetic data, where host work sets the pace
   digits  the `make bench` overhead job: catalog MLP 64 -> 1024 -> 1024 -> 10 on digits, 64 rows per rank
@@ -249,12 +250,52 @@ def ratio_ci(hand: list[float], engine: list[float], level: float = 0.95, draws:
     """Bootstrap interval of sum(hand) / sum(engine): pairs drawn with replacement (a pair keeps its neighbouring
     windows together, so the machine's slow phases stay matched). How far the ratio can be trusted: its spread
     narrows with the square root of the number of pairs."""
+    return pooled_ci([(hand, engine)], level, draws)
+
+
+def pooled_ci(runs: list[tuple[list[float], list[float]]], level: float = 0.95, draws: int = 4000) -> list[float]:
+    """ratio_ci over several runs' (hand, engine) times together: each run's pairs are drawn from that run only, so
+    runs of different pace (another session, another load) each keep their weight."""
     gen = torch.Generator().manual_seed(0)
-    h, e = torch.tensor(hand, dtype=torch.float64), torch.tensor(engine, dtype=torch.float64)
-    idx = torch.randint(len(h), (draws, len(h)), generator=gen)
-    ratios = (h[idx].sum(1) / e[idx].sum(1)).sort().values
+    h_sum = e_sum = torch.zeros(draws, dtype=torch.float64)
+    for hand, engine in runs:
+        h, e = torch.tensor(hand, dtype=torch.float64), torch.tensor(engine, dtype=torch.float64)
+        idx = torch.randint(len(h), (draws, len(h)), generator=gen)
+        h_sum, e_sum = h_sum + h[idx].sum(1), e_sum + e[idx].sum(1)
+    ratios = (h_sum / e_sum).sort().values
     tail = (1 - level) / 2
     return [ratios[int(tail * draws)].item(), ratios[int((1 - tail) * draws) - 1].item()]
+
+
+def pool(files: list[str]) -> dict[str, Any]:
+    """Several saved runs of this benchmark (same work) as one measurement: ratio of all hand time to all engine
+    time, with pooled_ci's interval."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    if len({(r["work"], r["world"], r["block"], r["through"]) for r in runs}) > 1:
+        raise ValueError("--pool: the files measure different work (work, world, block or path differ)")
+    result: dict[str, Any] = {k: runs[0][k] for k in ("work", "world", "block", "through")}
+    result |= {"files": [Path(f).name for f in files], "runs": len(runs),
+               "pairs": sum(len(r["times_s"]["engine"]) for r in runs)}
+    for name in ("hand", "hand_metrics"):
+        pairs = [(r["times_s"][name], r["times_s"]["engine"]) for r in runs]
+        result[f"engine_vs_{name}"] = sum(sum(h) for h, _ in pairs) / sum(sum(e) for _, e in pairs)
+        result[f"engine_vs_{name}_ci95"] = pooled_ci(pairs)
+        result[f"engine_vs_{name}_per_run"] = per_run = [r[f"engine_vs_{name}"] for r in runs]
+        result[f"engine_vs_{name}_between_runs"] = between_runs_ci(per_run)
+    return result
+
+
+def between_runs_ci(ratios: list[float], level: float = 0.95) -> list[float]:
+    """Student-t interval of the mean of per-run ratios. pooled_ci only knows the spread between pairs of a run;
+    runs also differ from one another (the machine's state, Ray's processes), and this interval includes that."""
+    from scipy.stats import t
+
+    if len(ratios) < 2:
+        return [float("nan"), float("nan")]
+    n, mean = len(ratios), sum(ratios) / len(ratios)
+    se = (sum((r - mean) ** 2 for r in ratios) / (n - 1) / n) ** 0.5
+    half = float(t.ppf((1 + level) / 2, n - 1)) * se
+    return [mean - half, mean + half]
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -276,7 +317,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ray", action="store_true", help="run inside `dtrain train`'s Ray Train workers (digits)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--pool", nargs="+", metavar="FILE", help="combine saved runs into one ratio (runs nothing)")
     args = parser.parse_args()
+    if args.pool:
+        r = pool(args.pool)
+        ci, ci_m, runs = r["engine_vs_hand_ci95"], r["engine_vs_hand_metrics_ci95"], r["engine_vs_hand_between_runs"]
+        print(f"[paired] {r['runs']} runs, {r['pairs']} pairs, {r['work']} x{r['world']} via {r['through']}: "
+              f"engine/hand {r['engine_vs_hand']:.3f} (95 % interval {ci[0]:.3f}-{ci[1]:.3f}; between runs "
+              f"{runs[0]:.3f}-{runs[1]:.3f}), engine/(hand+metrics) {r['engine_vs_hand_metrics']:.3f} "
+              f"({ci_m[0]:.3f}-{ci_m[1]:.3f})")
+        if args.out:
+            print(save(f"paired_{r['work']}_x{r['world']}_pooled", r, args.out))
+        return
     world = args.world or (1 if args.work == "small" else 2)
     r = measure(args.work, world, args.steps, args.block, args.log_every, args.device, args.ray)
     print(summary(r), flush=True)
