@@ -16,7 +16,7 @@ from dtrain.engine import dist
 from dtrain.engine.checkpoint import atomic_save, safe_load
 from dtrain.engine.optim import build_optimizer, build_scheduler, constant_schedule, trainable
 from dtrain.engine.precision import Precision
-from dtrain.engine.strategy import StepResult, nonfinite
+from dtrain.engine.strategy import StepResult, nonfinite, one_group, total_norm
 
 
 class DDPStrategy:
@@ -50,7 +50,7 @@ class DDPStrategy:
         self.scheduler = build_scheduler(self.optimizer, self.optim_cfg, total_steps, steps_per_epoch)
         # A constant rate needs no schedule stepping (LambdaLR's step is host work worth ~1 % of a small model's step).
         self.constant_lr = constant_schedule(self.optim_cfg)
-        self.one_group = len({(p.device, p.dtype) for p in self.params}) == 1
+        self.one_group = one_group(self.params)
         return self.model
 
     def autocast(self) -> ContextManager:
@@ -67,13 +67,7 @@ class DDPStrategy:
     def step(self, loss: Tensor) -> StepResult:
         scaler, optimizer = self.precision.scaler, self.optimizer
         scaler.unscale_(optimizer)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            norm = torch.zeros((), device=self.device)
-        elif self.one_group:  # get_total_norm's kernels without its per-call regrouping of the tensors
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        else:
-            norm = torch.nn.utils.get_total_norm(grads)
+        norm = total_norm([p.grad for p in self.params if p.grad is not None], self.one_group, self.device)
         clip = self.trainer_cfg.grad_clip
         if clip is not None:  # harmless on a non-finite step: the optimizer skips it below
             if self.trainer_cfg.grad_clip_mode == "norm":

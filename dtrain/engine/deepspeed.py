@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from dtrain.engine import dist
 from dtrain.engine.optim import build_optimizer, build_scheduler, trainable
-from dtrain.engine.strategy import StepResult, nonfinite
+from dtrain.engine.strategy import StepResult, nonfinite, one_group, total_norm
 from dtrain.errors import ConfigError
 
 CHECKPOINT_DIR = "deepspeed"
@@ -164,7 +165,9 @@ class DeepSpeedStrategy:
         model = model.to(self.device)
         if self.dtype is not None or self.trainer_cfg.deepspeed.zero_stage == 3:
             self.template = copy.deepcopy(model)  # a plain fp32 copy to hand out full weights in (see unwrapped)
-        optimizer = build_optimizer(trainable(model), self.optim_cfg, lr)
+        # Fused, as under DDP: ZeRO steps it on this rank's fp32 partition like any torch optimizer (on the benchmark
+        # MLP's 1.1M parameters one CPU Adam step is 0.6 ms fused, 5.1 ms as torch's default per-tensor loop).
+        optimizer = build_optimizer(trainable(model), self.optim_cfg, lr, fused=True)
         plain_fp32 = self.dtype is None and config["zero_optimization"]["stage"] == 0
         if plain_fp32 and not config["gradient_clipping"]:
             config["gradient_clipping"] = float("inf")  # so DeepSpeed takes its clipping path, where we measure
@@ -172,7 +175,7 @@ class DeepSpeedStrategy:
             model=model, optimizer=optimizer, config=config, dist_init_required=False,
             lr_scheduler=lambda opt: build_scheduler(opt, self.optim_cfg, total_steps, steps_per_epoch))
         if plain_fp32:
-            _measure_norm_when_clipping(self.engine)
+            _measure_norm_when_clipping(self.engine, trainable(self.engine.module))
         if os.environ.get(MEMORY_ENV):
             self._measure_memory(Path(os.environ[MEMORY_ENV]))
         self.wrapped = _CastInputs(self.engine, self.dtype)
@@ -314,14 +317,21 @@ def _skip_inference_comm_op() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
-def _measure_norm_when_clipping(engine: Any) -> None:
-    """DeepSpeed computes no gradient norm for fp32 ZeRO-0 (the torch optimizer steps as is): let its clipping,
-    DeepSpeed's own clip_grad_norm_ on the reduced gradients, keep the total norm it computes anyway."""
-    from deepspeed.runtime.utils import clip_grad_norm_
+def _measure_norm_when_clipping(engine: Any, params: list[nn.Parameter]) -> None:
+    """DeepSpeed computes no gradient norm for fp32 ZeRO-0 (the torch optimizer steps as is): its clipping hook,
+    which runs on the all-reduced gradients, measures the total norm here and clips with it.
+
+    DeepSpeed's own clip_grad_norm_ would do the same with a norm kernel per tensor and an all-reduce of the norm
+    across ranks (an average of equal values: every rank holds the same reduced gradients; it exists for
+    mixture-of-experts layers, which the catalog has none of), one more blocking collective every step.
+    """
+    same = one_group(params)
 
     def clip_and_measure() -> None:
-        engine._global_grad_norm = clip_grad_norm_(engine.module.parameters(), max_norm=engine.gradient_clipping(),
-                                                   mpu=engine.mpu)
+        norm = total_norm([p.grad for p in params if p.grad is not None], same, params[0].device)
+        if math.isfinite(engine.gradient_clipping()):
+            torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)
+        engine._global_grad_norm = norm
 
     engine.clip_fp32_gradients = clip_and_measure
 
