@@ -68,18 +68,15 @@ def _hand_worker(rank: int, port: int, job: dict[str, Any], warmup: int, out_fil
     # One process: the plain module, as dtrain's DDPStrategy uses then.
     ddp = torch.nn.parallel.DistributedDataParallel(model.net, broadcast_buffers=False) if world > 1 else model.net
     opt = torch.optim.Adam(ddp.parameters(), lr=cfg.optim.lr, fused=True)  # as the engine builds it
-    x, y = data.train
-    batch, step, stamps = cfg.data.batch_size, 0, []
-    for epoch in range(cfg.trainer.max_epochs):
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
-        for start in range(0, len(x), batch * world):
-            idx = order[start:start + batch * world][rank::world]
-            loss = F.cross_entropy(ddp(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            stamps.append((step, time.perf_counter()))
+    stamps = []
+    # Every epoch's last, smaller batch too, as the engine trains it.
+    for step, (xb, yb) in enumerate(paired.batches(*data.train, cfg.data.batch_size, rank, world,
+                                                   epochs=cfg.trainer.max_epochs, drop_last=False), start=1):
+        loss = F.cross_entropy(ddp(xb), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stamps.append((step, time.perf_counter()))
     if rank == 0:
         Path(out_file).write_text(json.dumps(_steady_rate(stamps, warmup)))
     dist.destroy_process_group()

@@ -60,12 +60,15 @@ def _data(job: dict[str, Any], work: str) -> Any:
     return load_data(to_objects(job).data)
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, batch: int, rank: int, world: int) -> Iterator[tuple[Any, Any]]:
-    """The hand loop's batches, endlessly: a fresh permutation each epoch, each global batch dealt round-robin."""
+def batches(x: torch.Tensor, y: torch.Tensor, batch: int, rank: int, world: int, epochs: int | None = None,
+            drop_last: bool = True) -> Iterator[tuple[Any, Any]]:
+    """A hand-written loop's batches: a fresh permutation each epoch (seeded by the epoch), each global batch of
+    batch * world rows dealt round-robin to the ranks; endless unless epochs is given."""
     epoch = 0
-    while True:
+    while epochs is None or epoch < epochs:
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch)).to(x.device)
-        for start in range(0, len(x) - batch * world + 1, batch * world):
+        end = len(x) - batch * world + 1 if drop_last else len(x)
+        for start in range(0, end, batch * world):
             idx = order[start:start + batch * world][rank::world]
             yield x[idx], y[idx]
         epoch += 1
@@ -90,7 +93,7 @@ class _HandLoop:
                                                                        **(ddp_options or {}))
         self.params = list(net.parameters())
         self.opt = torch.optim.Adam(self.params, lr=job.optim.lr, fused=True)
-        self.batches = _batches(x, y, job.data.batch_size, rank, world)
+        self.batches = batches(x, y, job.data.batch_size, rank, world)
         self.device, self.metrics = device, metrics
         self.sums = torch.zeros(2, device=device)
 
