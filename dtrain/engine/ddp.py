@@ -16,7 +16,7 @@ from dtrain.engine import dist
 from dtrain.engine.checkpoint import atomic_save, safe_load
 from dtrain.engine.optim import build_optimizer, build_scheduler, constant_schedule, trainable
 from dtrain.engine.precision import Precision
-from dtrain.engine.strategy import StepResult, nonfinite, one_group, total_norm
+from dtrain.engine.strategy import StepResult, nonfinite, same_device_and_dtype, total_norm
 
 
 class DDPStrategy:
@@ -50,7 +50,7 @@ class DDPStrategy:
         self.scheduler = build_scheduler(self.optimizer, self.optim_cfg, total_steps, steps_per_epoch)
         # A constant rate needs no schedule stepping (LambdaLR's step is host work worth ~1 % of a small model's step).
         self.constant_lr = constant_schedule(self.optim_cfg)
-        self.one_group = one_group(self.params)
+        self.same_group = same_device_and_dtype(self.params)
         return self.model
 
     def autocast(self) -> ContextManager:
@@ -67,7 +67,7 @@ class DDPStrategy:
     def step(self, loss: Tensor) -> StepResult:
         scaler, optimizer = self.precision.scaler, self.optimizer
         scaler.unscale_(optimizer)
-        norm = total_norm([p.grad for p in self.params if p.grad is not None], self.one_group, self.device)
+        norm = total_norm([p.grad for p in self.params if p.grad is not None], self.device, self.same_group)
         clip = self.trainer_cfg.grad_clip
         if clip is not None:  # harmless on a non-finite step: the optimizer skips it below
             if self.trainer_cfg.grad_clip_mode == "norm":

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dtrain.engine import dist
 from dtrain.engine.optim import build_optimizer, build_scheduler, trainable
-from dtrain.engine.strategy import StepResult, nonfinite, one_group, total_norm
+from dtrain.engine.strategy import StepResult, nonfinite, same_device_and_dtype, total_norm
 from dtrain.errors import ConfigError
 
 CHECKPOINT_DIR = "deepspeed"
@@ -325,10 +325,10 @@ def _measure_norm_when_clipping(engine: Any, params: list[nn.Parameter]) -> None
     across ranks (an average of equal values: every rank holds the same reduced gradients; it exists for
     mixture-of-experts layers, which the catalog has none of), one more blocking collective every step.
     """
-    same = one_group(params)
+    same = same_device_and_dtype(params)
 
     def clip_and_measure() -> None:
-        norm = total_norm([p.grad for p in params if p.grad is not None], same, params[0].device)
+        norm = total_norm([p.grad for p in params if p.grad is not None], engine.device, same)
         if math.isfinite(engine.gradient_clipping()):
             torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)
         engine._global_grad_norm = norm

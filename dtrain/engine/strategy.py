@@ -71,15 +71,16 @@ def nonfinite(x: Tensor) -> Tensor:
     return (x.float() * 0).nan_to_num(nan=1.0)
 
 
-def total_norm(grads: list[Tensor], one_group: bool, device: torch.device) -> Tensor:
-    """The 2-norm of all gradients together, as a device tensor. one_group: all share a device and dtype, so
-    get_total_norm's kernels run without its per-call regrouping of the tensors (47 -> 20 us on the benchmark MLP)."""
+def total_norm(grads: list[Tensor], device: torch.device, same_group: bool) -> Tensor:
+    """The 2-norm of all gradients together, as a tensor on device. same_group: all gradients share a device and
+    dtype (see same_device_and_dtype), so get_total_norm's kernels run without its per-call regrouping of the
+    tensors (47 -> 20 us a step on the hot-path MLP)."""
     if not grads:
         return torch.zeros((), device=device)
-    if one_group:
+    if same_group:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     return torch.nn.utils.get_total_norm(grads)
 
 
-def one_group(params: list[Tensor]) -> bool:
+def same_device_and_dtype(params: list[Tensor]) -> bool:
     return len({(p.device, p.dtype) for p in params}) == 1
