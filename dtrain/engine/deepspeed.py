@@ -38,7 +38,8 @@ _OWNED = {"managed_gradient_accumulation": "the training loop (it owns accumulat
 def deepspeed_config(trainer_cfg: Any, micro_batch: int | None = None, world: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config for trainer_cfg, with trainer.deepspeed.config merged on top; ConfigError on a conflict.
 
-    Without micro_batch/world (config-load time) the batch-size keys are left out and only the rest is checked.
+    Without micro_batch/world (config-load time) the batch-size keys are left out and the rest is checked, by
+    DeepSpeed's own parser too when there are raw keys.
     """
     ours, sources = _translate(trainer_cfg, micro_batch, world)
     raw = dict(trainer_cfg.deepspeed.config or {})
@@ -47,7 +48,49 @@ def deepspeed_config(trainer_cfg: Any, micro_batch: int | None = None, world: in
             raise ConfigError(f"trainer.deepspeed.config.{key}: not allowed, it is set by {owner}")
     if micro_batch is None:  # batch keys are checked once the batch size is known (in each worker)
         raw = {k: v for k, v in raw.items() if k not in _BATCH_KEYS}
-    return _merge(ours, raw, sources, "trainer.deepspeed.config")
+    merged = _merge(ours, raw, sources, "trainer.deepspeed.config")
+    if micro_batch is None and raw:
+        one_rank = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": trainer_cfg.grad_accum,
+                    "train_batch_size": trainer_cfg.grad_accum}
+        _check_with_deepspeed({**merged, **one_rank}, raw)
+    return merged
+
+
+def _check_with_deepspeed(config: dict[str, Any], raw: dict[str, Any]) -> None:
+    """DeepSpeed's own parser on a config with raw keys, at load time: a misspelt or mistyped key (its sections are
+    pydantic models that forbid unknown keys) or a combination it refuses is one ConfigError line before anything
+    starts, not a traceback from every worker. Imports DeepSpeed's config module (~1 s), only for raw keys."""
+    import logging
+
+    logging.disable(logging.WARNING)  # importing DeepSpeed logs its accelerator choice: noise in a config check
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+        from pydantic import ValidationError
+
+        DeepSpeedConfig(config)
+    except ValidationError as err:  # the first bad field of one of DeepSpeed's sections
+        first = err.errors()[0]
+        loc = [str(part) for part in first["loc"]]
+        path = (_find_key(raw, loc[0]) or loc[:1]) + loc[1:]
+        raise ConfigError(f"trainer.deepspeed.config.{'.'.join(path)}: DeepSpeed rejects it: {first['msg']}") from None
+    except (ValueError, AssertionError) as err:
+        raise ConfigError(f"trainer.deepspeed.config: DeepSpeed rejects it: {_first_line(err)}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _find_key(raw: dict[str, Any], key: str) -> list[str] | None:
+    """The path to the first `key` in raw or its mappings (a section's error names the key, not the section)."""
+    for k, v in raw.items():
+        if k == key:
+            return [k]
+        if isinstance(v, dict) and (inner := _find_key(v, key)):
+            return [k, *inner]
+    return None
 
 
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
@@ -171,9 +214,14 @@ class DeepSpeedStrategy:
         plain_fp32 = self.dtype is None and config["zero_optimization"]["stage"] == 0
         if plain_fp32 and not config["gradient_clipping"]:
             config["gradient_clipping"] = float("inf")  # so DeepSpeed takes its clipping path, where we measure
-        self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=config, dist_init_required=False,
-            lr_scheduler=lambda opt: build_scheduler(opt, self.optim_cfg, total_steps, steps_per_epoch))
+        try:
+            self.engine, *_ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=config, dist_init_required=False,
+                lr_scheduler=lambda opt: build_scheduler(opt, self.optim_cfg, total_steps, steps_per_epoch))
+        except AssertionError as err:  # the engine's own sanity checks, which the load-time parse cannot run
+            if not self.trainer_cfg.deepspeed.config:
+                raise  # dtrain's translated config alone: not the user's mistake
+            raise ConfigError(f"trainer.deepspeed.config: DeepSpeed rejects it: {_first_line(err)}") from None
         if plain_fp32:
             _measure_norm_when_clipping(self.engine, trainable(self.engine.module))
         if os.environ.get(MEMORY_ENV):

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dtrain.errors import DtrainError
+
 
 class LocalReporter:
     """Stands in for ray.train.report: keeps each reported checkpoint under <run_dir>/checkpoints/."""
@@ -109,7 +111,11 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     try:
         resume_dir = latest_checkpoint(Path(run_dir), warn=rank == 0) if resume else None
-        summary = run_worker(job, run_dir, LocalReporter(Path(run_dir)), device, resume_dir)
+        try:
+            summary = run_worker(job, run_dir, LocalReporter(Path(run_dir)), device, resume_dir)
+        except DtrainError as err:
+            out.put(err)  # so that spawn_workers raises the user's mistake as itself
+            raise
         if rank == 0:
             out.put(summary)
         if dist.is_initialized():
@@ -134,5 +140,12 @@ def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resu
     sys.stdout.flush(), sys.stderr.flush()
     stdio = tuple((_CallerFd(fd), fd) for fd in (1, 2) if _is_open(fd))
     args = (world, _free_port(), job, str(run_dir), resume, out, device, dict(os.environ), stdio)
-    mp.start_processes(_entry, args=args, nprocs=world, start_method="forkserver", join=True)
+    try:
+        mp.start_processes(_entry, args=args, nprocs=world, start_method="forkserver", join=True)
+    except mp.ProcessRaisedException:
+        while not out.empty():  # a DtrainError from a rank is raised here as itself (one line at the CLI)
+            item = out.get()
+            if isinstance(item, DtrainError):
+                raise item from None
+        raise
     return out.get()

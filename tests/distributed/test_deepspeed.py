@@ -198,6 +198,11 @@ def test_translated_config():
     ("{bf16: {enabled: true}}", "trainer.deepspeed.config.bf16.enabled: True conflicts with False set by "
                                 "trainer.precision"),
     ("{optimizer: {type: Adam}}", "trainer.deepspeed.config.optimizer: not allowed, it is set by optim.*"),
+    # DeepSpeed's own parser, at load time: a misspelt key, a mistyped value
+    ("{zero_optimization: {overlap_com: true}}", "trainer.deepspeed.config.zero_optimization.overlap_com: DeepSpeed "
+                                                 "rejects it: Extra inputs are not permitted"),
+    ("{zero_optimization: {reduce_bucket_size: big}}", "trainer.deepspeed.config.zero_optimization.reduce_bucket_size: "
+                                                       "DeepSpeed rejects it: Input should be a valid integer"),
 ])
 def test_conflicting_raw_keys_are_one_line_config_errors(raw, message):
     with pytest.raises(ConfigError) as err:
@@ -226,6 +231,14 @@ def test_staged_model_under_zero3_is_a_config_error():
     job = load_job(JOBS / "dbn_digits.yaml", ["trainer.strategy=deepspeed", "trainer.deepspeed.zero_stage=3"])
     with pytest.raises(ConfigError, match="trainer.deepspeed.zero_stage: a staged model .* runs under ZeRO 0-2"):
         _setup(OmegaConf.to_container(job))
+
+
+def test_a_combination_only_deepspeeds_engine_refuses_is_a_config_error(tmp_path):
+    # Only deepspeed.initialize checks this one (ZeRO 1 cannot overlap its reduction when the loop owns accumulation)
+    job = _ds(1, **{"trainer.deepspeed.config": "{zero_optimization: {overlap_comm: true}}", "trainer.max_epochs": 1})
+    with pytest.raises(ConfigError, match=r"^trainer.deepspeed.config: DeepSpeed rejects it: .*overlap_comm only with "
+                                          r"ZeRO stage 2$"):
+        spawn_workers(job, tmp_path, world=2)
 
 
 def test_fp16_without_accelerator_support_is_a_config_error():
