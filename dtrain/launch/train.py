@@ -41,6 +41,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
     for name in ("ray.train", spec.origin if spec else ""):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger(RAY_ERROR_LOGGER).addFilter(_no_traceback_for_user_errors)
     # A run's own latest checkpoint wins; init_checkpoint only seeds a fresh run (dtrain tune's PBT exploit).
     checkpoint = ray.train.get_checkpoint() or _initial_checkpoint(config)
     # Local storage is read in place (the loop only reads it); remote storage is downloaded first.
@@ -53,6 +54,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     finally:
         if downloaded is not None:
             shutil.rmtree(downloaded, ignore_errors=True)
+
+
+RAY_ERROR_LOGGER = "ray.train.v2._internal.util"
+"""Where Ray Train logs the training function's exception, with its traceback, on the worker."""
+
+
+def _no_traceback_for_user_errors(record: logging.LogRecord) -> bool:
+    """Drop Ray Train's "Error in training function" record when the error is dtrain's (a DtrainError: the user's
+    mistake, which the driver prints as one line); Ray would stream the worker's traceback to the user's console."""
+    lines = record.getMessage().rstrip().splitlines()
+    return not (lines and lines[0].startswith("Error in training function") and lines[-1].startswith("dtrain.errors."))
 
 
 def _initial_checkpoint(config: dict[str, Any]) -> Any:
