@@ -71,9 +71,9 @@ def _check_with_deepspeed(config: dict[str, Any], raw: dict[str, Any]) -> None:
     except ValidationError as err:  # the first bad field of one of DeepSpeed's sections
         first = err.errors()[0]
         loc = [str(part) for part in first["loc"]]
-        path = (_find_key(raw, loc[0]) or loc[:1]) + loc[1:]
+        path = (_find_key(raw, loc[0], first["input"]) or loc[:1]) + loc[1:]
         raise ConfigError(f"trainer.deepspeed.config.{'.'.join(path)}: DeepSpeed rejects it: {first['msg']}") from None
-    except (ValueError, AssertionError) as err:
+    except (ValueError, AssertionError, TypeError) as err:  # TypeError: sections parsed by hand, e.g. flops_profiler
         raise ConfigError(f"trainer.deepspeed.config: DeepSpeed rejects it: {_first_line(err)}") from None
     finally:
         logging.disable(logging.NOTSET)
@@ -83,12 +83,13 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def _find_key(raw: dict[str, Any], key: str) -> list[str] | None:
-    """The path to the first `key` in raw or its mappings (a section's error names the key, not the section)."""
+def _find_key(raw: dict[str, Any], key: str, value: Any) -> list[str] | None:
+    """The path to `key` holding `value` in raw or its mappings: a section's error names the key and the bad value,
+    not the section (and other sections may have a key of the same name, e.g. enabled)."""
     for k, v in raw.items():
-        if k == key:
+        if k == key and v == value:
             return [k]
-        if isinstance(v, dict) and (inner := _find_key(v, key)):
+        if isinstance(v, dict) and (inner := _find_key(v, key, value)):
             return [k, *inner]
     return None
 

@@ -203,6 +203,11 @@ def test_translated_config():
                                                  "rejects it: Extra inputs are not permitted"),
     ("{zero_optimization: {reduce_bucket_size: big}}", "trainer.deepspeed.config.zero_optimization.reduce_bucket_size: "
                                                        "DeepSpeed rejects it: Input should be a valid integer"),
+    # the section with the bad value is named, not the first one with a key of that name
+    ("{flops_profiler: {enabled: false}, comms_logger: {enabled: [1]}}", "trainer.deepspeed.config.comms_logger."
+                                                                         "enabled: DeepSpeed rejects it: Input should "
+                                                                         "be a valid boolean"),
+    ("{flops_profiler: {enabled: maybe}}", "trainer.deepspeed.config: DeepSpeed rejects it: unsupported operand"),
 ])
 def test_conflicting_raw_keys_are_one_line_config_errors(raw, message):
     with pytest.raises(ConfigError) as err:
