@@ -59,7 +59,7 @@ def _rank(rank: int, world: int, port: int, steps: int, block: int, out_file: st
 
 
 def measure(steps: int = 2000, block: int = 50, world: int = 2) -> dict[str, Any]:
-    from dtrain.engine.spawn import _free_port
+    from dtrain.launch.spawn import _free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")

@@ -17,7 +17,8 @@ import torch
 
 from benchmarks import hot_path, precision
 from benchmarks.common import median, save, synthetic_classification
-from dtrain.data.sharding import ShardedLoader
+from dtrain.data.base import BatchPlan
+from dtrain.data.sharding import InMemoryLoader
 
 
 def matmul_ceiling(n: int = 8192, repeats: int = 10) -> dict[str, float]:
@@ -44,15 +45,15 @@ def matmul_ceiling(n: int = 8192, repeats: int = 10) -> dict[str, float]:
 
 
 def loader_rate(batch: int, shape: tuple[int, ...], n_batches: int = 50) -> dict[str, float]:
-    """Samples/s of the engine's ShardedLoader alone (permute + gather on the GPU), with nothing to train."""
+    """Samples/s of the engine's InMemoryLoader alone (permute + gather on the GPU), with nothing to train."""
     x, y = synthetic_classification(batch * n_batches, shape, 10, device="cuda")
-    loader = ShardedLoader((x, y), batch, 0, 1, shuffle=True, seed=0)
+    loader = InMemoryLoader((x, y), BatchPlan(batch), 0, shuffle=True, seed=0)
     rates = []
     for epoch in range(3):
         loader.set_epoch(epoch)
         torch.cuda.synchronize()
         started = time.perf_counter()
-        for b in loader:
+        for b in loader.iter_from(0):
             b.tensors[0].sum()  # touch the batch so the gather really runs
         torch.cuda.synchronize()
         rates.append(batch * n_batches / (time.perf_counter() - started))

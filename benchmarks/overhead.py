@@ -5,7 +5,7 @@ number of processes (gloo on 127.0.0.1, one thread each) and the same number of 
 steps after warm-up. Runners are interleaved and repeated, and each one's median is compared with the hand loop's:
 
     hand      plain torch DDP, written here (benchmarks.overhead._hand_worker)
-    engine    dtrain's engine alone: dtrain.engine.spawn.spawn_workers (no Ray)
+    engine    dtrain's engine alone: dtrain.launch.spawn.spawn_workers (no Ray)
     ray       the full `dtrain train` path: dtrain.launch.train.fit_job through Ray Train
     lightning PyTorch Lightning's Trainer (ddp_spawn, gloo) on the same module and data
 
@@ -83,7 +83,7 @@ def _hand_worker(rank: int, port: int, job: dict[str, Any], warmup: int, out_fil
 
 
 def run_hand(job: dict[str, Any], warmup: int) -> float:
-    from dtrain.engine.spawn import _free_port
+    from dtrain.launch.spawn import _free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rate.json")
@@ -100,7 +100,7 @@ def _metrics_rate(run_dir: Path, warmup: int) -> float:
 
 
 def run_engine(job: dict[str, Any], warmup: int) -> float:
-    from dtrain.engine.spawn import spawn_workers
+    from dtrain.launch.spawn import spawn_workers
 
     with tempfile.TemporaryDirectory() as tmp:
         spawn_workers(job, tmp, world=job["trainer"]["num_workers"])

@@ -87,7 +87,7 @@ class _HandLoop:
         net = copy.deepcopy(net).to(device)
         self.model = net
         if world > 1:
-            with warnings.catch_warnings():  # as in dtrain.engine.ddp: the name is deprecated, the behaviour kept
+            with warnings.catch_warnings():  # as in dtrain's DDP strategy: the name is deprecated, the behaviour kept
                 warnings.simplefilter("ignore", FutureWarning)
                 self.model = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False,
                                                                        **(ddp_options or {}))
@@ -144,9 +144,8 @@ class _Turns:
 def _rank(rank: int, world: int, port: int, job_dict: dict[str, Any], work: str, steps: int, block: int,
           device_type: str, out_file: str) -> None:
     from dtrain.config import to_objects
-    from dtrain.engine.ddp import DDPStrategy
     from dtrain.engine.loop import RunContext, fit
-    from dtrain.models import build_model
+    from dtrain.launch.worker import build_worker
 
     torch.set_num_threads(1)
     device = torch.device(device_type)
@@ -155,11 +154,10 @@ def _rank(rank: int, world: int, port: int, job_dict: dict[str, Any], work: str,
         dist.init_process_group("gloo", rank=rank, world_size=world)
     job = to_objects(job_dict)
     data = _data(job_dict, work)
-    torch.manual_seed(job.trainer.seed)
-    model = build_model(job.model, data.meta)
-    turns = _Turns(model.net, job, data.train, rank, world, device, block)
+    w = build_worker(job, device, data)
+    turns = _Turns(w.model.net, job, data.train, rank, world, device, block)
     ctx = RunContext(rank, world, lambda m, f: None, turns.wrap(lambda record: None))
-    fit(job, model, data, DDPStrategy(job.trainer, job.optim, device), ctx)
+    fit(w.model, w.loaders, w.strategy, w.loop, ctx)
     if rank == 0:
         Path(out_file).write_text(json.dumps(turns.times))
     if world > 1:
@@ -173,15 +171,17 @@ TIMES_FILE = "paired_times.json"
 def _ray_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function for --ray: dtrain's own, with the engine's fit wrapped so that its log
     callback also runs the hand loops in turns (in this Ray worker, on this rank's share of the batches)."""
-    from dtrain.engine import worker
+    from dtrain.config import to_objects
+    from dtrain.launch import worker
     from dtrain.launch.train import train_loop_per_worker
 
-    real_fit = worker.fit
+    real_fit, job = worker.fit, to_objects(config["job"])
 
-    def fit(job: Any, model: Any, data: Any, strategy: Any, ctx: Any) -> dict[str, Any]:
-        turns = _Turns(model.net, job, data.train, ctx.rank, ctx.world, strategy.device, config["paired_block"])
+    def fit(model: Any, loaders: Any, strategy: Any, loop: Any, ctx: Any) -> dict[str, Any]:
+        turns = _Turns(model.net, job, loaders.train.tensors, ctx.rank, ctx.world, strategy.device,
+                       config["paired_block"])
         ctx.log = turns.wrap(ctx.log)
-        summary = real_fit(job, model, data, strategy, ctx)
+        summary = real_fit(model, loaders, strategy, loop, ctx)
         if ctx.rank == 0:
             (Path(config["run_dir"]) / TIMES_FILE).write_text(json.dumps(turns.times))
         return summary
@@ -216,7 +216,7 @@ def measure(work: str = "small", world: int = 1, steps: int = 3000, block: int =
             device: str = "cpu", ray: bool = False) -> dict[str, Any]:
     """Run the paired blocks (ray: inside `dtrain train`'s Ray workers); engine/hand as the ratio of total times and
     as the spread of per-pair ratios."""
-    from dtrain.engine.spawn import _free_port
+    from dtrain.launch.spawn import _free_port
 
     if block % log_every:
         raise ValueError(f"block: expected a multiple of log_every ({log_every}), got {block}")

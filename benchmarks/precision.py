@@ -22,8 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import BenchCNN, median, save, synthetic_classification
 from dtrain.config import build_job, to_objects
 from dtrain.data.base import DataBundle
-from dtrain.engine.ddp import DDPStrategy
 from dtrain.engine.loop import RunContext, fit
+from dtrain.launch.worker import build_worker
 from dtrain.models.base import DataMeta
 from dtrain.models.mlp import MLP, MLPConfig
 
@@ -102,17 +102,18 @@ def engine_loop(work: Work, precision: str, device: torch.device, x: torch.Tenso
                 log_every: int = 5) -> float:
     """Steps/s of dtrain's loop.fit with DDPStrategy (one process), timed between logged steps after warm-up."""
     job = to_objects(build_job(_job_cfg(work, precision, log_every)))
-    torch.manual_seed(0)
-    model = work.build(DataMeta(work.shape, num_classes=work.classes))
     empty = (x[:0], y[:0])
     data = DataBundle((x, y), empty, empty, DataMeta(work.shape, num_classes=work.classes))
+    w = build_worker(job, device, data)
+    torch.manual_seed(0)
+    model = work.build(data.meta)
     stamps: list[tuple[int, float]] = []
 
     def log(record: dict[str, Any]) -> None:
         if record.get("event") == "step":  # the logged step's metrics were just read back, so the device is idle
             stamps.append((record["step"], time.perf_counter()))
 
-    fit(job, model, data, DDPStrategy(job.trainer, job.optim, device), RunContext(0, 1, lambda m, f: None, log))
+    fit(model, w.loaders, w.strategy, w.loop, RunContext(0, 1, lambda m, f: None, log))
     steady = [(s, t) for s, t in stamps if s >= work.warmup]
     (s0, t0), (s1, t1) = steady[0], steady[-1]
     return (s1 - s0) / (t1 - t0)

@@ -4,7 +4,7 @@
     deepspeed      `dtrain train jobs/mlp_digits_deepspeed.yaml` (ZeRO-2, bf16) as on a fresh machine: an empty
                    TORCH_EXTENSIONS_DIR, so any op DeepSpeed JIT-compiles is compiled within the measurement
     ray plain      a minimal Ray Train TorchTrainer script (benchmarks/ray_plain.py), 2 workers, same model and data
-    engine         the engine alone: dtrain.engine.spawn.spawn_workers, 2 gloo processes, no Ray
+    engine         the engine alone: dtrain.launch.spawn.spawn_workers, 2 gloo processes, no Ray
     import         `python -c "import dtrain.cli"`, and `dtrain train`'s own imports before Ray starts
 
 The first step's wall-clock time comes from metrics.jsonl (dtrain) or a stamp file (the plain script).
@@ -65,7 +65,7 @@ def ray_plain(tmp: Path) -> tuple[float, float]:
 
 def engine(tmp: Path) -> tuple[float, float]:
     started = time.time()
-    code = ("import sys; from benchmarks.common import mlp_job; from dtrain.engine.spawn import spawn_workers; "
+    code = ("import sys; from benchmarks.common import mlp_job; from dtrain.launch.spawn import spawn_workers; "
             "spawn_workers(mlp_job([256, 128], 32, 1, log_every_n_steps=1), sys.argv[1])")
     _run([sys.executable, "-c", code, str(tmp)], ROOT)
     return _first_step(tmp) - started, time.time() - started

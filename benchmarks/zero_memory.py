@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO: per-rank parameter / gradient / optimizer-state bytes and steps/s, DDP vs ZeRO 0-3, 2 ranks.
 
-Each strategy trains the same catalog MLP on digits in 2 local gloo processes (dtrain.engine.spawn, fp32, Adam).
-DeepSpeed's per-rank bytes come from DeepSpeedStrategy's own probe (DTRAIN_DEEPSPEED_MEMORY_DIR: what the rank holds
+Each strategy trains the same catalog MLP on digits in 2 local gloo processes (dtrain.launch.spawn, fp32, Adam).
+DeepSpeed's per-rank bytes come from the StateBytes callback (dtrain.engine.callbacks: what the rank holds
 at its first optimizer step); DDP's are counted on a replica after one Adam step (every DDP rank holds all of it).
 
     python -m benchmarks.zero_memory [--hidden 1024,1024] [--epochs 3]
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,6 @@ import torch
 
 from benchmarks.common import median, mlp_job, save
 from benchmarks.overhead import _metrics_rate, _setup
-
-MEMORY_ENV = "DTRAIN_DEEPSPEED_MEMORY_DIR"
 
 
 def ddp_bytes(job: dict[str, Any]) -> dict[str, int]:
@@ -40,14 +37,11 @@ def ddp_bytes(job: dict[str, Any]) -> dict[str, int]:
 
 def run_one(job: dict[str, Any], warmup: int) -> tuple[float, list[dict[str, Any]]]:
     """(steady steps/s, per-rank memory records) of one 2-process run."""
-    from dtrain.engine.spawn import spawn_workers
+    from dtrain.engine.callbacks import StateBytes
+    from dtrain.launch.spawn import spawn_workers
 
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ[MEMORY_ENV] = str(Path(tmp) / "memory")
-        try:
-            spawn_workers(job, tmp, world=2)
-        finally:
-            os.environ.pop(MEMORY_ENV, None)
+        spawn_workers(job, tmp, world=2, callbacks=[StateBytes(Path(tmp) / "memory")])
         files = sorted((Path(tmp) / "memory").glob("rank*.json"))
         return _metrics_rate(Path(tmp), warmup), [json.loads(f.read_text()) for f in files]
 

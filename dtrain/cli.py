@@ -109,43 +109,43 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from dtrain.launch import jobs
+    from dtrain.launch import submit
 
     # Only the spec is checked here: data paths may exist on the cluster alone, and `dtrain train` checks there.
     job = _load(args.job, args.overrides)
-    job_id = jobs.submit(job, args.job, args.overrides, address=args.address, command=args.command)
+    job_id = submit.submit(job, args.job, args.overrides, address=args.address, command=args.command)
     print(job_id)
-    print(f"[dtrain] submitted {job.name} to {jobs.cluster_address(args.address)}; "
+    print(f"[dtrain] submitted {job.name} to {submit.cluster_address(args.address)}; "
           f"follow with: dtrain jobs logs {job_id} --follow", file=sys.stderr)
     if not args.follow:
         return 0
-    state = jobs.follow(jobs.connect(args.address), job_id)
+    state = submit.follow(submit.connect(args.address), job_id)
     print(f"[dtrain] job {job_id} {state}", file=sys.stderr)
     return 0 if state == "SUCCEEDED" else 1
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from dtrain.launch import jobs
+    from dtrain.launch import submit
 
     if args.action != "list" and not args.id:
         raise DtrainError(f"jobs {args.action}: expected a submission id (see `dtrain jobs list`)")
-    client = jobs.connect(args.address)
+    client = submit.connect(args.address)
     if args.action == "list":
-        for info in jobs.list_jobs(client):
-            print(jobs.describe(info))
+        for info in submit.list_jobs(client):
+            print(submit.describe(info))
     elif args.action == "status":
-        print(jobs.describe(jobs.status(client, args.id)))
-        nodes = jobs.worker_nodes(client, args.id)
+        print(submit.describe(submit.status(client, args.id)))
+        nodes = submit.worker_nodes(client, args.id)
         if nodes:
             print(f"training workers: {len(nodes)} on {len(set(nodes))} node(s): {', '.join(sorted(set(nodes)))}")
     elif args.action == "logs" and args.follow:
-        state = jobs.follow(client, args.id)
+        state = submit.follow(client, args.id)
         print(f"[dtrain] job {args.id} {state}", file=sys.stderr)
         return 0 if state == "SUCCEEDED" else 1
     elif args.action == "logs":
-        print(jobs.logs(client, args.id), end="")
+        print(submit.logs(client, args.id), end="")
     else:
-        print(f"{args.id}  {jobs.stop(client, args.id)}")
+        print(f"{args.id}  {submit.stop(client, args.id)}")
     return 0
 
 

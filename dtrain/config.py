@@ -1,7 +1,8 @@
 """The job spec: one dataclass per section, merged by omegaconf from YAML and ``key=value`` overrides.
 
-The ``model`` section is validated against the config class that the chosen model registers (``model.name``),
-so a typo in a model field is caught just like a typo anywhere else.
+Each component owns the dataclass of its section (data: DataConfig, optim: OptimConfig, a strategy its
+trainer.<name> options, a model its model section, chosen by model.name); this module assembles them into the job
+schema, so a typo anywhere is caught the same way.
 """
 
 from __future__ import annotations
@@ -11,115 +12,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from dtrain.errors import ConfigError
+from dtrain.data.config import DataConfig
+from dtrain.engine.loop import EarlyStoppingConfig
+from dtrain.engine.optim import OptimConfig
+from dtrain.engine.precision import DTYPES
+from dtrain.engine.strategies import STRATEGIES, strategy_class, strategy_options
+from dtrain.errors import ConfigError, check
 
-PRECISIONS = ("32", "bf16-mixed", "fp16-mixed")
-STRATEGIES = ("ddp", "deepspeed")
-
-
-@dataclass
-class DataConfig:
-    name: str = "digits"
-    """Data set name from the registry (`dtrain models` lists them), e.g. digits, adding, npz."""
-    path: str | None = None
-    """File for file-backed data sets (npz, csv, idx)."""
-    batch_size: int = 64
-    """Mini-batch size per worker; global batch = batch_size x workers x grad_accum."""
-    val_fraction: float = 0.1
-    """Share of the non-test data held out for validation (ignored when the data set has its own split)."""
-    test_fraction: float = 0.2
-    """Share of the data held out for testing (ignored when the data set has its own split)."""
-    seed: int = 0
-    """Seed of the train/val/test split."""
-    standardize: bool = True
-    """Scale features to zero mean and unit variance using training statistics only."""
-    minmax: bool = False
-    """Rescale each feature to [0, 1] with the training split's min and max (clipped), e.g. for Bernoulli RBMs;
-    needs standardize=false."""
-    fourier: bool = False
-    """Append the FFT magnitude spectrum of each sequence/signal to its features."""
-    options: dict[str, Any] = field(default_factory=dict)
-    """Data-set specific keyword arguments, e.g. {seq_len: 50} for adding."""
-
-    def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
-        _check(0 <= self.val_fraction < 1, "data.val_fraction", "a number in [0, 1)", self.val_fraction)
-        _check(0 <= self.test_fraction < 1, "data.test_fraction", "a number in [0, 1)", self.test_fraction)
-        _check(not (self.minmax and self.standardize), "data.minmax", "standardize=false alongside minmax=true",
-               "standardize=true")
+PRECISIONS = tuple(DTYPES)
 
 
 @dataclass
-class OptimConfig:
-    name: str = "adam"
-    """Optimizer: sgd, adam or adamw."""
-    lr: float = 1e-3
-    """Peak learning rate."""
-    weight_decay: float = 0.0
-    """L2 penalty (decoupled for adamw)."""
-    momentum: float = 0.9
-    """Momentum for sgd."""
-    scheduler: str = "none"
-    """Learning-rate schedule: none, cosine, step or linear (linear warm-up to lr, then linear decay)."""
-    warmup_steps: int = 0
-    """Steps of linear warm-up before the schedule."""
-    step_size: int = 10
-    """Epochs between decays for the step scheduler."""
-    gamma: float = 0.5
-    """Decay factor for the step scheduler."""
-    descent: str = "minibatch"
-    """Gradient-descent variant: minibatch (data.batch_size), batch (whole training set per step) or stochastic
-    (one sample per worker per step)."""
-
-    def __post_init__(self) -> None:
-        _check(self.name in ("sgd", "adam", "adamw"), "optim.name", "one of sgd, adam, adamw", self.name)
-        _check(self.lr > 0, "optim.lr", "a number > 0", self.lr)
-        _check(self.weight_decay >= 0, "optim.weight_decay", "a number >= 0", self.weight_decay)
-        schedulers = ("none", "cosine", "step", "linear")
-        _check(self.scheduler in schedulers, "optim.scheduler", "one of " + ", ".join(schedulers), self.scheduler)
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
-        descents = ("minibatch", "batch", "stochastic")
-        _check(self.descent in descents, "optim.descent", "one of " + ", ".join(descents), self.descent)
-
-
-@dataclass
-class EarlyStoppingConfig:
-    monitor: str | None = None
-    """Validation metric to watch, e.g. val/loss or val/acc; null disables early stopping."""
-    mode: str = "min"
-    """min or max: which direction is better."""
-    patience: int = 5
-    """Epochs without improvement before stopping."""
-    min_delta: float = 0.0
-    """Smallest change that counts as an improvement."""
-
-    def __post_init__(self) -> None:
-        _check(self.mode in ("min", "max"), "trainer.early_stopping.mode", "min or max", self.mode)
-        _check(self.patience >= 1, "trainer.early_stopping.patience", "an integer >= 1", self.patience)
-
-
-@dataclass
-class DeepSpeedConfig:
-    zero_stage: int = 0
-    """ZeRO stage 0-3."""
-    offload_optimizer: bool = False
-    """Keep optimizer state on the CPU (ZeRO 1-3)."""
-    offload_params: bool = False
-    """Keep parameters on the CPU (ZeRO 3)."""
-    config: dict[str, Any] = field(default_factory=dict)
-    """Raw DeepSpeed config keys, merged on top of the translated config."""
-
-    def __post_init__(self) -> None:
-        _check(self.zero_stage in (0, 1, 2, 3), "trainer.deepspeed.zero_stage", "0, 1, 2 or 3", self.zero_stage)
-
-
-@dataclass
-class TrainerConfig:
+class TrainerBase:
     strategy: str = "ddp"
-    """ddp or deepspeed."""
+    """A registered strategy: ddp or deepspeed (see dtrain.engine.strategies)."""
     num_workers: int | None = None
     """Training workers; null = one per GPU when GPUs are present, otherwise 2."""
     use_gpu: str = "auto"
@@ -148,27 +57,34 @@ class TrainerConfig:
     max_failures: int = 0
     """Worker-group restarts Ray Train may make after a failure (resuming from the latest checkpoint)."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
-        _check(self.strategy in STRATEGIES, "trainer.strategy", "ddp or deepspeed", self.strategy)
-        _check(self.num_workers is None or self.num_workers >= 1, "trainer.num_workers", "an integer >= 1",
-               self.num_workers)
-        _check(str(self.use_gpu).lower() in ("auto", "true", "false"), "trainer.use_gpu", "auto, true or false",
-               self.use_gpu)
-        _check(self.precision in PRECISIONS, "trainer.precision", "one of " + ", ".join(PRECISIONS), self.precision)
-        _check(self.max_epochs >= 1, "trainer.max_epochs", "an integer >= 1", self.max_epochs)
-        _check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps", "an integer >= 1", self.max_steps)
-        _check(self.grad_accum >= 1, "trainer.grad_accum", "an integer >= 1", self.grad_accum)
-        _check(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip", "a number > 0 or null",
-               self.grad_clip)
-        _check(self.grad_clip_mode in ("norm", "value"), "trainer.grad_clip_mode", "norm or value", self.grad_clip_mode)
-        _check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", "an integer >= 1", self.log_every_n_steps)
-        _check(self.max_failures >= 0, "trainer.max_failures", "an integer >= 0", self.max_failures)
-        if self.strategy == "deepspeed":  # raw DeepSpeed keys that contradict our own fields fail at load time
-            from dtrain.engine.deepspeed import deepspeed_config  # (does not import deepspeed itself)
+        check(self.strategy in STRATEGIES, "trainer.strategy", "one of " + ", ".join(STRATEGIES), self.strategy)
+        check(self.num_workers is None or self.num_workers >= 1, "trainer.num_workers", "an integer >= 1",
+              self.num_workers)
+        check(str(self.use_gpu).lower() in ("auto", "true", "false"), "trainer.use_gpu", "auto, true or false",
+              self.use_gpu)
+        check(self.precision in PRECISIONS, "trainer.precision", "one of " + ", ".join(PRECISIONS), self.precision)
+        check(self.max_epochs >= 1, "trainer.max_epochs", "an integer >= 1", self.max_epochs)
+        check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps", "an integer >= 1", self.max_steps)
+        check(self.grad_accum >= 1, "trainer.grad_accum", "an integer >= 1", self.grad_accum)
+        check(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip", "a number > 0 or null",
+              self.grad_clip)
+        check(self.grad_clip_mode in ("norm", "value"), "trainer.grad_clip_mode", "norm or value", self.grad_clip_mode)
+        check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", "an integer >= 1", self.log_every_n_steps)
+        check(self.max_failures >= 0, "trainer.max_failures", "an integer >= 0", self.max_failures)
+        # the strategy's own checks of its section against these settings (e.g. raw DeepSpeed keys that contradict
+        # them), when the job loads
+        strategy_class(self.strategy).check(getattr(self, self.strategy, None), precision=self.precision,
+                                            grad_clip=self.grad_clip, grad_clip_mode=self.grad_clip_mode,
+                                            grad_accum=self.grad_accum)
 
-            deepspeed_config(self)
+
+TrainerConfig = dataclasses.make_dataclass(
+    "TrainerConfig", [(name, options, field(default_factory=options)) for name, options in strategy_options().items()],
+    bases=(TrainerBase,))
+TrainerConfig.__module__ = __name__  # so that its instances pickle by reference
+TrainerConfig.__doc__ = "The trainer section: TrainerBase plus trainer.<name> for each strategy with options."
 
 
 @dataclass
@@ -181,9 +97,9 @@ class CheckpointConfig:
     """Checkpoints kept by Ray Train (the newest ones)."""
 
     def __post_init__(self) -> None:
-        _check(self.every_n_epochs >= 0, "checkpoint.every_n_epochs", "an integer >= 0", self.every_n_epochs)
-        _check(self.every_n_steps >= 0, "checkpoint.every_n_steps", "an integer >= 0", self.every_n_steps)
-        _check(self.keep >= 1, "checkpoint.keep", "an integer >= 1", self.keep)
+        check(self.every_n_epochs >= 0, "checkpoint.every_n_epochs", "an integer >= 0", self.every_n_epochs)
+        check(self.every_n_steps >= 0, "checkpoint.every_n_steps", "an integer >= 0", self.every_n_steps)
+        check(self.keep >= 1, "checkpoint.keep", "an integer >= 1", self.keep)
 
 
 @dataclass
@@ -212,14 +128,14 @@ class WandbConfig:
     """Upload the run's latest checkpoint folder as a W&B model artifact when training ends."""
 
     def __post_init__(self) -> None:
-        _check(str(self.enabled).lower() in ("auto", "true", "false"), "logging.wandb.enabled", "auto, true or false",
-               self.enabled)
-        _check(self.mode in (None, "online", "offline", "disabled"), "logging.wandb.mode",
-               "online, offline or disabled", self.mode)
-        _check(self.id is None or (0 < len(self.id) <= 64 and self.id.replace("-", "").replace("_", "").isalnum()),
-               "logging.wandb.id", "1-64 letters, digits, - or _", self.id)
-        _check(self.log_every_n_steps is None or self.log_every_n_steps >= 1, "logging.wandb.log_every_n_steps",
-               "an integer >= 1 or null", self.log_every_n_steps)
+        check(str(self.enabled).lower() in ("auto", "true", "false"), "logging.wandb.enabled", "auto, true or false",
+              self.enabled)
+        check(self.mode in (None, "online", "offline", "disabled"), "logging.wandb.mode",
+              "online, offline or disabled", self.mode)
+        check(self.id is None or (0 < len(self.id) <= 64 and self.id.replace("-", "").replace("_", "").isalnum()),
+              "logging.wandb.id", "1-64 letters, digits, - or _", self.id)
+        check(self.log_every_n_steps is None or self.log_every_n_steps >= 1, "logging.wandb.log_every_n_steps",
+              "an integer >= 1 or null", self.log_every_n_steps)
 
 
 @dataclass
@@ -244,11 +160,6 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tune: Any = None
     """Search section for `dtrain tune` (see dtrain.launch.tune)."""
-
-
-def _check(ok: bool, key: str, expected: str, got: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
 
 
 def _schema_error(err: OmegaConfBaseException, where: str) -> ConfigError:
@@ -302,13 +213,12 @@ def build_job(user: DictConfig, where: str = "job") -> DictConfig:
         schema = OmegaConf.structured(JobConfig)
         schema.model = OmegaConf.structured(model_cls)
         OmegaConf.set_struct(schema, True)
-        OmegaConf.set_struct(schema.data.options, False)  # free-form: each data set checks its own options
-        OmegaConf.set_struct(schema.trainer.deepspeed.config, False)  # free-form: raw keys DeepSpeed checks
+        _open_free_form(schema)
         tune = user.get("tune") if "tune" in user else None
         rest = OmegaConf.masked_copy(user, [k for k in user.keys() if k != "tune"])
         merged = OmegaConf.merge(schema, rest)
         if tune is not None:
-            with _unstruct(merged):
+            with open_dict(merged):
                 merged.tune = tune
         # Build the dataclasses once so that every __post_init__ check runs on the final values.
         OmegaConf.to_object(merged)
@@ -319,16 +229,16 @@ def build_job(user: DictConfig, where: str = "job") -> DictConfig:
     return merged
 
 
-class _unstruct:
-    def __init__(self, cfg: DictConfig) -> None:
-        self.cfg = cfg
-
-    def __enter__(self) -> DictConfig:
-        OmegaConf.set_struct(self.cfg, False)
-        return self.cfg
-
-    def __exit__(self, *exc: object) -> None:
-        OmegaConf.set_struct(self.cfg, True)
+def _open_free_form(node: DictConfig) -> None:
+    """Let the schema's plain-dict fields (data.options, trainer.deepspeed.config, ...) take any keys: whoever
+    reads them checks them (each data set its options, DeepSpeed its raw keys)."""
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            if OmegaConf.get_type(child) is dict:
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_free_form(child)
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -15,3 +15,14 @@ class DataError(DtrainError):
 
 class TrainingError(DtrainError):
     """Training cannot continue (e.g. too many non-finite steps)."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (or its type's name), for one-line errors built around it."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def check(ok: bool, key: str, expected: str, got: object) -> None:
+    """Raise ConfigError "<key>: expected <expected>, got <got>" unless ok: the one shape of a bad-value error."""
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")

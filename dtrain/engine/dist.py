@@ -35,8 +35,3 @@ def mean_across_ranks(values: dict[str, Tensor]) -> dict[str, float]:
     all_reduce_sum(stacked)
     stacked /= world_size()
     return dict(zip(keys, stacked.tolist(), strict=True))
-
-
-def barrier() -> None:
-    if is_dist():
-        dist.barrier()

@@ -1,9 +1,13 @@
-"""The training loop every model and strategy goes through: stages -> epochs -> micro-batches -> optimizer steps."""
+"""The training loop every model and strategy goes through: stages -> epochs -> micro-batches -> optimizer steps.
+
+It knows no strategy, tracker or launcher by name: it is handed a model, its loaders, a strategy, a LoopConfig and a
+RunContext with two callables to the outside (log: rank 0's metrics; publish: metrics and checkpoints to the
+launcher).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import tempfile
 import time
@@ -13,96 +17,110 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from dtrain.data.base import DataBundle
-from dtrain.data.sharding import ShardedLoader
+from dtrain.data.base import Batch, EvalLoader, Loader, Loaders
 from dtrain.engine import dist
+from dtrain.engine.callbacks import Callback
 from dtrain.engine.checkpoint import atomic_save, rng_state, safe_load, set_rng_state, write_manifest
-from dtrain.engine.faults import maybe_kill
-from dtrain.engine.strategy import Strategy
-from dtrain.errors import TrainingError
+from dtrain.engine.metrics import MetricSums, NonFiniteGuard
+from dtrain.engine.state import TrainState
+from dtrain.engine.strategies import Strategy
+from dtrain.errors import TrainingError, check
 from dtrain.models.base import CatalogModel
 
 STATE_FILE = "train_state.pt"
-Report = Callable[[dict[str, Any], Path | None], None]
-"""Called by every rank at each epoch end / checkpoint with the epoch metrics and this rank's checkpoint folder."""
+Publish = Callable[[dict[str, Any], Path | None], None]
+"""Called by every rank at each epoch end and checkpoint with the metrics and this rank's checkpoint folder."""
 
 
 @dataclass
-class TrainState:
-    """Where training is; saved in every checkpoint so a resumed run continues exactly."""
+class EarlyStoppingConfig:
+    monitor: str | None = None
+    """Validation metric to watch, e.g. val/loss or val/acc; null disables early stopping."""
+    mode: str = "min"
+    """min or max: which direction is better."""
+    patience: int = 5
+    """Epochs without improvement before stopping."""
+    min_delta: float = 0.0
+    """Smallest change that counts as an improvement."""
 
-    stage: int = 0
-    epoch: int = 0
-    batch: int = 0
-    """Micro-batches of the current epoch already done (for mid-epoch resume)."""
-    step: int = 0
-    samples: int = 0
-    skipped_steps: int = 0
-    epochs_done: int = 0
-    """Epochs completed over all stages."""
-    best: float | None = None
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    stopped: bool = False
-    stop_reason: str = ""
-    history: dict[str, Any] = field(default_factory=dict)
+    def __post_init__(self) -> None:
+        check(self.mode in ("min", "max"), "trainer.early_stopping.mode", "min or max", self.mode)
+        check(self.patience >= 1, "trainer.early_stopping.patience", "an integer >= 1", self.patience)
+
+
+@dataclass
+class LoopConfig:
+    """What the loop needs to know of the job (the launcher fills it in from the trainer and checkpoint sections)."""
+
+    lr: float
+    max_epochs: int
+    max_steps: int | None = None
+    log_every_n_steps: int = 10
+    max_nonfinite_steps: int = 5
+    checkpoint_every_n_epochs: int = 1
+    checkpoint_every_n_steps: int = 0
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
 class RunContext:
-    """What the launcher hands the loop: who we are, where to report, what to log to, what to resume from."""
+    """What the launcher hands the loop: who we are, where results go, what to resume from."""
 
     rank: int
     world: int
-    report: Report
+    publish: Publish
     log: Callable[[dict[str, Any]], None]
-    """Rank 0's metrics sink (metrics.jsonl, progress, W&B); a no-op on other ranks."""
+    """Rank 0's metrics sink (metrics.jsonl, progress, trackers); a no-op on other ranks."""
     resume_dir: Path | None = None
+    retarget: bool = False
+    """resume_dir is another run's checkpoint (dtrain tune's PBT exploit): keep its weights and optimizer state,
+    apply this run's optimizer settings."""
+    callbacks: list[Callback] = field(default_factory=list)
 
 
-def fit(job: Any, model: CatalogModel, data: DataBundle, strategy: Strategy, ctx: RunContext) -> dict[str, Any]:
-    """Train model on data as job says; returns the summary (final and best metrics, throughput)."""
-    t, dev = job.trainer, strategy.device
-    data = dataclasses.replace(data, train=_to(data.train, dev), val=_to(data.val, dev), test=_to(data.test, dev))
-    batch_size = _batch_size(job, len(data.train[0]), ctx.world)
-    if hasattr(strategy, "micro_batch_size"):
-        strategy.micro_batch_size = batch_size  # DeepSpeed's config states the per-rank micro-batch
-    train = ShardedLoader(data.train, batch_size, ctx.rank, ctx.world, shuffle=True, seed=t.seed)
+def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConfig,
+        ctx: RunContext) -> dict[str, Any]:
+    """Train model on loaders.train as cfg says; returns the summary (final and best metrics, throughput)."""
+    model.all_reduce_sum = dist.all_reduce_sum  # the models' one collective (the SOM's batch update)
     started = time.perf_counter()
     state = TrainState(**safe_load(ctx.resume_dir / STATE_FILE)) if ctx.resume_dir else TrainState()
-    stages = model.stages()
-    guard = NonFiniteGuard(state, t.max_nonfinite_steps, min(t.log_every_n_steps, 1024))
+    stages, train = model.stages(), loaders.train
+    guard = NonFiniteGuard(state, cfg.max_nonfinite_steps, min(cfg.log_every_n_steps, 1024))
+    steps_per_epoch = train.steps_per_epoch()
     while state.stage < len(stages) and not state.stopped:
         stage = stages[state.stage]
         model.set_stage(stage)
-        epochs = stage.max_epochs or t.max_epochs
-        steps_per_epoch = math.ceil(len(train) / t.grad_accum)
-        wrapped = strategy.setup(model, stage.lr or job.optim.lr, epochs * steps_per_epoch, steps_per_epoch)
+        epochs = stage.max_epochs or cfg.max_epochs
+        wrapped = strategy.setup(model, stage.lr or cfg.lr, epochs * steps_per_epoch, steps_per_epoch)
+        for callback in ctx.callbacks:
+            callback.on_setup(strategy, model, ctx.rank)
         if ctx.resume_dir is not None:
-            _resume(strategy, state, ctx)
-            ctx.resume_dir = None
-        done_in_stage = state.epoch * steps_per_epoch + state.batch // t.grad_accum  # > 0 when resumed mid-stage
+            _resume(strategy, state, ctx, stage.lr or cfg.lr)
+        done_in_stage = state.epoch * steps_per_epoch + state.epoch_samples // train.plan.global_batch
         ctx.log({"event": "stage", "stage": stage.name, "first_step": state.step - done_in_stage, "epochs": epochs,
-                 "steps_per_epoch": steps_per_epoch, "global_batch": batch_size * ctx.world * t.grad_accum})
+                 "steps_per_epoch": steps_per_epoch, "global_batch": train.plan.global_batch})
         while state.epoch < epochs and not state.stopped:
             train.set_epoch(state.stage * 10_000 + state.epoch)
-            train_metrics = _train_epoch(job, wrapped, train, strategy, state, ctx, guard)
-            val_metrics = evaluate(wrapped, data.val, batch_size, strategy, ctx, "val")
-            state.epoch, state.batch, state.epochs_done = state.epoch + 1, 0, state.epochs_done + 1
+            train_metrics = _train_epoch(cfg, wrapped, train, strategy, state, ctx, guard)
+            val_metrics = evaluate(wrapped, loaders.val, strategy, "val")
+            state.epoch, state.epoch_samples, state.epochs_done = state.epoch + 1, 0, state.epochs_done + 1
             metrics = {"stage": stage.name, "epoch": state.epoch, "step": state.step, **train_metrics, **val_metrics}
-            _early_stopping(job, state, metrics)
+            _early_stopping(cfg.early_stopping, state, metrics)
             ctx.log({"event": "epoch", **metrics})
-            every = job.checkpoint.every_n_epochs
-            _report(strategy, state, ctx, metrics, save=every > 0 and state.epoch % every == 0 or state.stopped)
-            if job.trainer.max_steps and state.step >= job.trainer.max_steps:
-                state.stopped, state.stop_reason = True, f"max_steps={job.trainer.max_steps} reached"
+            every = cfg.checkpoint_every_n_epochs
+            if every > 0 and state.epoch % every == 0 or state.stopped:
+                _save_checkpoint(strategy, state, ctx, metrics)
+            else:
+                ctx.publish(metrics, None)
+            if cfg.max_steps and state.step >= cfg.max_steps:
+                state.stopped, state.stop_reason = True, f"max_steps={cfg.max_steps} reached"
         if state.stopped and "early stopping" in state.stop_reason and state.stage < len(stages) - 1:
             state.stopped = False  # early stopping ends a pre-training stage, not the run
         if not state.stopped:
             state.stage, state.epoch = state.stage + 1, 0
-    test_metrics = evaluate(wrapped, data.test, batch_size, strategy, ctx, "test")
+    test_metrics = evaluate(wrapped, loaders.test, strategy, "test")
     wall = time.perf_counter() - started
     summary = {"final": {**state.history.get("last", {}), **test_metrics}, "best": state.history.get("best", {}),
                "test": test_metrics, "epochs": state.epochs_done, "steps": state.step, "stages": len(stages),
@@ -112,135 +130,60 @@ def fit(job: Any, model: CatalogModel, data: DataBundle, strategy: Strategy, ctx
     return summary
 
 
-class NonFiniteGuard:
-    """Counts skipped (non-finite) steps and stops the run after `limit` of them in a row.
-
-    The loop hands it each step's flag, a tensor on the device; the host reads the flags only in check(), which the
-    loop calls where it reads metrics back anyway (log steps, checkpoints, epoch ends): a training step never waits
-    for the device, and keeping a flag launches nothing. Skipped steps leave the weights untouched, so a run of
-    them noticed a few steps late costs nothing but those steps.
-    """
-
-    def __init__(self, state: TrainState, limit: int, capacity: int) -> None:
-        self.state, self.limit, self.capacity = state, limit, capacity
-        self.flags: list[Tensor] = []
-
-    def add(self, skipped: Tensor) -> None:
-        if len(self.flags) == self.capacity:  # more steps than logging windows hold: read back now and then anyway
-            self.check()
-        self.flags.append(skipped)
-
-    def check(self) -> None:
-        """Account for the steps added since the last check (the newest is state.step)."""
-        if not self.flags:
-            return
-        state, flags, self.flags = self.state, torch.stack(self.flags).tolist(), []
-        run = state.history.get("nonfinite_run", 0)
-        for step, skipped in enumerate(flags, start=state.step - len(flags) + 1):
-            run = run + 1 if skipped else 0
-            state.skipped_steps += bool(skipped)
-            if run >= self.limit:
-                raise TrainingError(f"training stopped: {self.limit} consecutive steps had a non-finite loss or "
-                                    f"gradient (step {step}); lower optim.lr or set trainer.grad_clip")
-        state.history["nonfinite_run"] = run
-
-
-class MetricSums:
-    """Sample-weighted sums of a model's metrics, kept on the device.
-
-    add() only keeps a batch's metric tensors (no device work per batch); every `capacity` batches, and when read,
-    the kept ones are summed with one stack, one sum and one add per distinct batch weight (usually one: only an
-    epoch's last batch may be smaller).
-    """
-
-    def __init__(self, capacity: int = 256) -> None:
-        self.keys: list[str] = []
-        self.totals: Tensor | None = None
-        self.n, self.capacity, self.kept = 0, capacity, 0
-        self.pending: dict[int, list[Tensor]] = {}
-
-    def add(self, metrics: dict[str, Tensor], weight: int) -> None:
-        if not self.keys:
-            self.keys = list(metrics)
-        # Detached: a kept tensor must not hold its batch's autograd graph.
-        self.pending.setdefault(weight, []).extend(v.detach() if v.requires_grad else v for v in metrics.values())
-        self.n += weight
-        self.kept += 1
-        if self.kept == self.capacity:
-            self._fold()
-
-    def _fold(self) -> None:
-        for weight, values in self.pending.items():
-            part = torch.stack(values).float().view(-1, len(self.keys)).sum(0)
-            self.totals = part.mul_(weight) if self.totals is None else self.totals.add_(part, alpha=weight)
-        self.pending, self.kept = {}, 0
-
-    def reduce(self, prefix: str) -> dict[str, float]:
-        """Means over all ranks' samples (one collective), as {prefix/key: value}."""
-        self._fold()
-        if self.totals is None:
-            return {}
-        packed = dist.all_reduce_sum(torch.cat([self.totals, self.totals.new_tensor([self.n])]))
-        *totals, n = packed.tolist()
-        return {f"{prefix}/{k}": v / max(n, 1.0) for k, v in zip(self.keys, totals, strict=True)}
-
-
-def _train_epoch(job: Any, wrapped: nn.Module, loader: ShardedLoader, strategy: Strategy, state: TrainState,
+def _train_epoch(cfg: LoopConfig, wrapped: nn.Module, loader: Loader, strategy: Strategy, state: TrainState,
                  ctx: RunContext, guard: NonFiniteGuard) -> dict[str, float]:
-    t = job.trainer
-    n_batches, accum = len(loader), t.grad_accum
-    sums = MetricSums()
-    window_loss, step_samples = None, 0
+    sums, steps_per_epoch = MetricSums(), loader.steps_per_epoch()
+    window_loss, out = None, None
     log_started, log_steps, log_samples = time.perf_counter(), 0, 0  # since the last logged step
+    before_epoch = state.step - state.epoch_samples // loader.plan.global_batch  # steps done before this epoch
     wrapped.train()
-    for i, batch in enumerate(loader.iter_from(state.batch), start=state.batch):
-        window_start = i - i % accum
-        window = min(accum, n_batches - window_start)  # the last window of an epoch may be shorter
-        last_micro = i == window_start + window - 1
-        with strategy.no_sync(not last_micro), strategy.autocast():
+    for batch in loader.iter_from(state.epoch_samples):
+        with strategy.no_sync(not batch.last), strategy.autocast():
             out = wrapped(batch.tensors)
-        # Weight by this rank's share of the global batch: DDP then averages to exactly the global-batch gradient.
-        weight = batch.real * ctx.world / batch.global_size / window
+        # Weight by this rank's share of the step's samples: the averaged gradient is then exactly the mean over
+        # the global batch, whatever the number of ranks and micro-batches.
+        weight = batch.real * ctx.world / batch.step_samples
         strategy.backward(out.loss if weight == 1 else out.loss * weight)
         window_loss = out.loss.detach() if window_loss is None else window_loss + out.loss.detach()
         sums.add(out.metrics, batch.real)
-        step_samples += batch.global_size
-        state.batch = i + 1
-        if not last_micro:
+        if not batch.last:
             continue
         result = strategy.step(window_loss)
         guard.add(result.skipped)
+        window_loss = None
         state.step += 1
-        state.samples += step_samples
-        log_steps, log_samples = log_steps + 1, log_samples + step_samples
-        window_loss, step_samples = None, 0
-        if state.step % t.log_every_n_steps == 0:
+        state.samples += batch.step_samples
+        state.epoch_samples += batch.step_samples
+        log_steps, log_samples = log_steps + 1, log_samples + batch.step_samples
+        if state.step % cfg.log_every_n_steps == 0:
             guard.check()  # reads the device back: the clock below covers the device's work, not just the host's
             logged = dist.mean_across_ranks({f"train/{k}": v for k, v in out.metrics.items()}
                                             | {"train/grad_norm": result.grad_norm})
             elapsed = max(time.perf_counter() - log_started, 1e-9)
-            ctx.log({"event": "step", "step": state.step, "epoch": state.epoch + i / n_batches, "lr": strategy.lr(),
+            ctx.log({"event": "step", "step": state.step,
+                     "epoch": state.epoch + (state.step - before_epoch) / steps_per_epoch, "lr": strategy.lr(),
                      "samples_per_s": log_samples / elapsed, "step_time_s": elapsed / log_steps, **logged})
             log_started, log_steps, log_samples = time.perf_counter(), 0, 0
-        if job.checkpoint.every_n_steps and state.step % job.checkpoint.every_n_steps == 0 and i + 1 < n_batches:
+        every = cfg.checkpoint_every_n_steps
+        if every and state.step % every == 0 and state.step - before_epoch < steps_per_epoch:  # not the epoch's last
             guard.check()
-            _report(strategy, state, ctx, {"epoch": state.epoch, "step": state.step}, save=True)
-        maybe_kill(ctx.rank, state.step)  # test-only fault injection (DTRAIN_TEST_KILL); a no-op otherwise
-        if t.max_steps and state.step >= t.max_steps:
+            _save_checkpoint(strategy, state, ctx, {"epoch": state.epoch, "step": state.step})
+        for callback in ctx.callbacks:
+            callback.on_step_end(state, ctx.rank)
+        if cfg.max_steps and state.step >= cfg.max_steps:
             break
     guard.check()
     return sums.reduce("train")
 
 
 @torch.no_grad()
-def evaluate(wrapped: nn.Module, tensors: tuple[torch.Tensor, ...], batch_size: int, strategy: Strategy,
-             ctx: RunContext, prefix: str) -> dict[str, float]:
+def evaluate(wrapped: nn.Module, loader: EvalLoader, strategy: Strategy, prefix: str) -> dict[str, float]:
     """Sample-weighted mean of the model's metrics over a split, sharded across ranks (no sample counted twice)."""
-    if len(tensors[0]) == 0:
+    if len(loader) == 0:
         return {}
-    loader = ShardedLoader(tensors, batch_size, ctx.rank, ctx.world, shuffle=False, eval_mode=True)
     wrapped.eval()
     sums = MetricSums()
+    batch: Batch
     for batch in loader:
         with strategy.autocast():
             out = wrapped(batch.tensors)
@@ -249,8 +192,7 @@ def evaluate(wrapped: nn.Module, tensors: tuple[torch.Tensor, ...], batch_size: 
     return sums.reduce(prefix)
 
 
-def _early_stopping(job: Any, state: TrainState, metrics: dict[str, Any]) -> None:
-    es = job.trainer.early_stopping
+def _early_stopping(es: EarlyStoppingConfig, state: TrainState, metrics: dict[str, Any]) -> None:
     state.history["last"] = metrics
     key = es.monitor or next((k for k in ("val/loss", "train/loss") if k in metrics), None)
     if key is None or key not in metrics:
@@ -266,11 +208,10 @@ def _early_stopping(job: Any, state: TrainState, metrics: dict[str, Any]) -> Non
             state.stop_reason = f"early stopping: {key} did not improve for {es.patience} epochs"
 
 
-def _report(strategy: Strategy, state: TrainState, ctx: RunContext, metrics: dict[str, Any], save: bool) -> None:
-    if not save:
-        ctx.report(metrics, None)
-        return
-    _check_finite_weights(strategy.unwrapped())
+def _save_checkpoint(strategy: Strategy, state: TrainState, ctx: RunContext, metrics: dict[str, Any]) -> None:
+    """Every rank writes its share into a folder of its own, seals it with its manifest and publishes it."""
+    if not strategy.weights_finite():
+        raise TrainingError("training stopped: the weights became non-finite; the last good checkpoint is kept")
     folder = Path(tempfile.mkdtemp(prefix="dtrain-ckpt-"))
     try:
         strategy.save(folder)
@@ -278,33 +219,20 @@ def _report(strategy: Strategy, state: TrainState, ctx: RunContext, metrics: dic
             atomic_save(dataclasses.asdict(state), folder / STATE_FILE)
         atomic_save(rng_state(), folder / f"rng_rank{ctx.rank}.pt")
         # Sealed last: a checkpoint missing any rank's manifest or file is detected and skipped on resume.
-        write_manifest(folder, ctx.rank, ctx.world, {k: getattr(state, k) for k in ("stage", "epoch", "batch", "step")})
-        ctx.report(metrics, folder)
+        position = {k: getattr(state, k) for k in ("stage", "epoch", "epoch_samples", "step")}
+        write_manifest(folder, ctx.rank, ctx.world, position)
+        ctx.publish(metrics, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _check_finite_weights(model: nn.Module) -> None:
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-        raise TrainingError("training stopped: the weights became non-finite; the last good checkpoint is kept")
-
-
-def _resume(strategy: Strategy, state: TrainState, ctx: RunContext) -> None:
+def _resume(strategy: Strategy, state: TrainState, ctx: RunContext, lr: float) -> None:
     strategy.load(ctx.resume_dir)
+    if ctx.retarget:
+        strategy.retarget(lr)
     rng_file = ctx.resume_dir / f"rng_rank{ctx.rank}.pt"
     if rng_file.exists():
         set_rng_state(safe_load(rng_file))
-    ctx.log({"event": "resume", "stage": state.stage, "epoch": state.epoch, "batch": state.batch, "step": state.step})
-
-
-def _batch_size(job: Any, n_train: int, world: int) -> int:
-    descent = job.optim.descent
-    if descent == "batch":
-        return math.ceil(n_train / world)
-    if descent == "stochastic":
-        return 1
-    return job.data.batch_size
-
-
-def _to(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    return tuple(t.to(device) for t in tensors)
+    ctx.log({"event": "resume", "stage": state.stage, "epoch": state.epoch, "epoch_samples": state.epoch_samples,
+             "step": state.step})
+    ctx.resume_dir = None

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from dtrain.compat import ray as ray_compat
 from dtrain.config import to_dict
 from dtrain.errors import ConfigError, DtrainError
 from dtrain.launch.progress import ProgressFollower
@@ -29,42 +28,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from dtrain.engine.worker import run_worker
+    from dtrain.launch.worker import run_worker
 
-    def report(metrics: dict[str, Any], folder: Path | None) -> None:
+    def publish(metrics: dict[str, Any], folder: Path | None) -> None:
         # Metrics alone go to Ray only when a controller callback consumes them (dtrain tune): dtrain train logs
         # them itself, and each ray.train.report is a round trip through Ray's actors at every epoch end.
         if folder is not None or config.get("report_metrics"):
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None)
 
-    # A line per report/checkpoint is noise here. Ray Train's report logger is named after its file, not its module.
-    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
-    for name in ("ray.train", spec.origin if spec else ""):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger(RAY_ERROR_LOGGER).addFilter(_no_traceback_for_user_errors)
+    ray_compat.quiet_train_worker_logs(drop=_is_user_error_traceback)
     # A run's own latest checkpoint wins; init_checkpoint only seeds a fresh run (dtrain tune's PBT exploit).
-    checkpoint = ray.train.get_checkpoint() or _initial_checkpoint(config)
+    own = ray.train.get_checkpoint()
+    checkpoint = own or _initial_checkpoint(config)
     # Local storage is read in place (the loop only reads it); remote storage is downloaded first.
     remote = checkpoint is not None and checkpoint.filesystem.type_name != "local"
     downloaded = Path(checkpoint.to_directory()) if remote else None
     try:
         resume_dir = _resume_dir(checkpoint, downloaded, Path(config["run_dir"]), config.get("resume", False))
         data = ray.get(config["data"]) if config.get("data") is not None else None  # loaded once, by the driver
-        run_worker(config["job"], config["run_dir"], report, ray.train.torch.get_device(), resume_dir, data)
+        run_worker(config["job"], config["run_dir"], publish, ray.train.torch.get_device(), resume_dir, data,
+                   retarget=own is None and checkpoint is not None, callbacks=config.get("callbacks") or [])
     finally:
         if downloaded is not None:
             shutil.rmtree(downloaded, ignore_errors=True)
 
 
-RAY_ERROR_LOGGER = "ray.train.v2._internal.util"
-"""Where Ray Train logs the training function's exception, with its traceback, on the worker."""
-
-
-def _no_traceback_for_user_errors(record: logging.LogRecord) -> bool:
-    """Drop Ray Train's "Error in training function" record when the error is dtrain's (a DtrainError: the user's
+def _is_user_error_traceback(record: logging.LogRecord) -> bool:
+    """Ray Train's "Error in training function" record when the error is dtrain's (a DtrainError: the user's
     mistake, which the driver prints as one line); Ray would stream the worker's traceback to the user's console."""
     lines = record.getMessage().rstrip().splitlines()
-    return not (lines and lines[0].startswith("Error in training function") and lines[-1].startswith("dtrain.errors."))
+    return bool(lines) and lines[0].startswith("Error in training function") and lines[-1].startswith("dtrain.errors.")
 
 
 def _initial_checkpoint(config: dict[str, Any]) -> Any:
@@ -103,17 +96,17 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # Make this package importable by the workers Ray starts (they may run from another working directory).
-    # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train otherwise echoes every worker print twice (log + stdout).
+    os.environ.setdefault(ray_compat.V2_ENABLED_ENV, "1")
+    # Make this package importable by the workers Ray starts (they may run from another working directory), and
+    # keep Ray Train from echoing every worker print twice.
     runtime_env = {"env_vars": {"PYTHONPATH": _package_root() + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+                                ray_compat.PRINT_PATCH_ENV: "0"}}
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
         # The dashboard is kept: Ray Train's placement-group cleaner polls its state API and warns without it.
-        ray.init(num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                 logging_level=logging.WARNING, runtime_env=runtime_env)
+        ray_compat.init_local(num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
+                              logging_level=logging.WARNING, runtime_env=runtime_env)
 
 
 def resolve_resources(job: DictConfig) -> tuple[int, bool]:
@@ -158,19 +151,20 @@ def run_dir_for(job: DictConfig) -> Path:
     return Path(job.runs_dir).resolve() / job.name
 
 
-def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False,
-            callbacks: list | None = None, init_checkpoint: str | None = None, data: Any = None) -> dict[str, Any]:
+def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False, callbacks: list | None = None,
+            init_checkpoint: str | None = None, data: Any = None, worker_callbacks: list | None = None
+            ) -> dict[str, Any]:
     """Run job through Ray Train; returns summary.json's content. Writes runs/<name>/config.yaml first.
 
-    init_checkpoint: a checkpoint folder to start from when the run has none of its own (weights, optimizer, state).
+    callbacks: Ray Train callbacks (run in its controller); worker_callbacks: engine callbacks (in every worker).
+    init_checkpoint: a checkpoint folder to start from when the run has none of its own (weights, optimizer, state);
+    the run keeps its weights and optimizer state and applies its own optimizer settings.
     data: the job's DataBundle if the caller loaded it already: it goes to the workers through Ray's object store
     (one load for the whole run, and workers never need the data files or their readers); else each worker loads it.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from dtrain.engine.faults import env_for_workers
 
     run_dir = run_dir_for(job)
     if run_dir.exists() and (run_dir / CONFIG_FILE).exists() and not resume:
@@ -186,13 +180,13 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
         train_loop_per_worker,
         train_loop_config={"job": to_dict(job), "run_dir": str(run_dir), "init_checkpoint": init_checkpoint,
                            "resume": resume, "data": None if data is None else ray.put(data),
-                           "report_metrics": bool(callbacks)},
+                           "report_metrics": bool(callbacks), "callbacks": worker_callbacks or []},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": job.trainer.cpus_per_worker}),
         run_config=RunConfig(name=job.name, storage_path=str(run_dir.parent),
                              failure_config=FailureConfig(max_failures=job.trainer.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
-                             callbacks=callbacks, worker_runtime_env={"env_vars": env_for_workers()},
+                             callbacks=callbacks,
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
     follower = ProgressFollower(run_dir) if job.logging.progress else None
@@ -218,8 +212,8 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
     return json.loads(summary_file.read_text()) if summary_file.exists() else {}
 
 
-POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+POLL_ENV = ray_compat.HEALTH_CHECK_INTERVAL_ENV
+PREEMPTION_ENV = ray_compat.PREEMPTION_WATCHER_ENV
 
 
 def poll_interval(workers: int) -> str:
@@ -266,7 +260,3 @@ def find_user_error(err: BaseException) -> DtrainError | None:
 
 def _package_root() -> str:
     return str(Path(__file__).resolve().parents[2])
-
-
-def scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="dtrain-"))

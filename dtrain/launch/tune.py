@@ -11,7 +11,6 @@ runs/<search>/trials/<trial>/run<k>/ is the trial's dtrain run (k > 0 after a PB
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -23,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from ray.train.v2.api.callback import UserCallback
 
+from dtrain.compat.ray import abort_train_run
 from dtrain.config import build_job, to_dict
 from dtrain.errors import ConfigError, DtrainError
 from dtrain.launch.search_space import Param, TuneConfig, apply_params, check_against_job, read_tune_section
@@ -61,7 +61,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     job = build_job(OmegaConf.create(trial_job(setup["base"], setup["params"], config, setup["search_name"],
                                                trial_id)))
     job.runs_dir, job.name = str(trial_dir), f"run{segment}"
-    init = _initial_checkpoint(trial_dir / f"init{segment}", job)
+    init = _initial_checkpoint(trial_dir / f"init{segment}")
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     outcome: dict[str, Any] = {}
 
@@ -96,17 +96,8 @@ def _forward(queue: Any, metric: str) -> None:
             tune.report(item["metrics"], checkpoint=Checkpoint.from_directory(path) if path else None)
     except BaseException:  # Tune stops a trial by raising SystemExit out of tune.report
         if controller is not None:
-            _abort(controller)
+            abort_train_run(controller)
         raise
-
-
-def _abort(controller: Any) -> None:
-    import ray
-
-    try:
-        ray.get(controller.abort.remote(), timeout=60)
-    except Exception:  # noqa: BLE001 - abort ends the actor; its exit surfaces as an error here
-        pass
 
 
 def trial_job(base: dict, params: dict[str, Param], sample: dict[str, Any], search_name: str,
@@ -123,8 +114,8 @@ def trial_job(base: dict, params: dict[str, Param], sample: dict[str, Any], sear
     return job
 
 
-def _initial_checkpoint(folder: Path, job: DictConfig) -> str | None:
-    """Tune's checkpoint for this trial (PBT exploit, or resume), copied to folder with job's optimizer settings."""
+def _initial_checkpoint(folder: Path) -> str | None:
+    """Tune's checkpoint for this trial (PBT exploit, or resume), copied to folder."""
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
@@ -132,48 +123,8 @@ def _initial_checkpoint(folder: Path, job: DictConfig) -> str | None:
         return None
     if folder.exists():
         shutil.rmtree(folder)
-    checkpoint.to_directory(str(folder))
-    retarget_optimizer(folder, job)
+    checkpoint.to_directory(str(folder))  # the worker applies this trial's optimizer settings to it
     return str(folder)
-
-
-def retarget_optimizer(folder: Path, job: DictConfig) -> bool:
-    """Put job's lr/weight_decay/momentum into a DDP checkpoint's optimizer and schedule (PBT's explore step:
-    the weights come from the better trial, the hyperparameters are this trial's perturbed ones); reseals the
-    manifest. Returns False for checkpoints of another format (DeepSpeed), which keep their own settings."""
-    from dtrain.engine.checkpoint import atomic_save, safe_load
-
-    path = folder / "model.pt"
-    if not path.exists():
-        print(f"[dtrain] tune: {folder.name} is not a DDP checkpoint; its optimizer settings are kept", flush=True)
-        return False
-    state = safe_load(path)
-    opt, sched = state["optimizer"], state.get("scheduler", {})
-    base_lrs = sched.get("base_lrs") or [g.get("initial_lr", g["lr"]) for g in opt["param_groups"]]
-    for i, group in enumerate(opt["param_groups"]):
-        old_base = base_lrs[min(i, len(base_lrs) - 1)] or job.optim.lr
-        group["lr"] = group["lr"] * job.optim.lr / old_base  # keep the schedule's current factor
-        group["initial_lr"] = job.optim.lr
-        group["weight_decay"] = job.optim.weight_decay
-        if "momentum" in group:
-            group["momentum"] = job.optim.momentum
-    if "base_lrs" in sched:
-        sched["base_lrs"] = [job.optim.lr] * len(sched["base_lrs"])
-        sched["_last_lr"] = [g["lr"] for g in opt["param_groups"]]
-    atomic_save(state, path)
-    _reseal(folder, "model.pt")
-    return True
-
-
-def _reseal(folder: Path, name: str) -> None:
-    """Update the manifest entry of a file we changed, so the checkpoint still verifies."""
-    manifest = folder / "manifest_rank0.json"
-    if not manifest.exists():
-        return
-    body = json.loads(manifest.read_text())
-    data = (folder / name).read_bytes()
-    body["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    manifest.write_text(json.dumps(body, indent=1))
 
 
 def plan_concurrency(jobs: list[dict], cfg: TuneConfig) -> tuple[int, dict[str, float], str]:

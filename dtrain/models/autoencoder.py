@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from dtrain.errors import ConfigError
 from dtrain.models.base import CatalogModel, DataMeta, Stage, StepOutput, flat_dim
-from dtrain.models.layers import activation, init_module
+from dtrain.models.layers import activation, check_dropout, init_module
 from dtrain.models.rbm import RBMLayer, freeze_all_but, pretraining_stages, rbm_input
 
 
@@ -54,8 +54,7 @@ class AutoencoderConfig:
     def __post_init__(self) -> None:
         if self.code < 1 or any(h < 1 for h in self.hidden):
             raise ConfigError(f"model.code/hidden: expected integers >= 1, got {self.code!r} / {self.hidden!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"model.dropout: expected a number in [0, 1), got {self.dropout!r}")
+        check_dropout(self.dropout)
 
 
 class Autoencoder(CatalogModel):
@@ -110,8 +109,7 @@ class DeepAutoencoderConfig:
     def __post_init__(self) -> None:
         if not self.layers or any(w < 1 for w in self.layers):
             raise ConfigError(f"model.layers: expected a non-empty list of integers >= 1, got {self.layers!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"model.dropout: expected a number in [0, 1), got {self.dropout!r}")
+        check_dropout(self.dropout)
         if self.pretrain:
             if self.activation != "sigmoid" and len(self.layers) > 1:
                 raise ConfigError(f"model.activation: RBM pre-training needs sigmoid, got {self.activation!r}")

@@ -59,6 +59,12 @@ class CatalogModel(nn.Module):
         """Model output for inputs x (logits, forecasts, reconstructions or features)."""
         raise NotImplementedError
 
+    @staticmethod
+    def all_reduce_sum(t: Tensor) -> Tensor:
+        """Sum t over the data-parallel ranks, in place. The engine installs its collective on the model before
+        training (a model never imports the engine); alone, in one process, this returns t as it is."""
+        return t
+
 
 def classification_step(logits: Tensor, y: Tensor) -> StepOutput:
     """Cross-entropy with accuracy, in float32 for a stable loss under mixed precision."""
@@ -80,10 +86,6 @@ def supervised_step(model: CatalogModel, batch: tuple[Tensor, ...], task: str) -
     x, y = batch
     out = model.predict(x)
     return classification_step(out, y) if task == "classification" else regression_step(out, y)
-
-
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def flat_dim(shape: tuple[int, ...]) -> int:

@@ -8,11 +8,11 @@ from torch import Tensor, nn
 
 from dtrain.errors import ConfigError
 from dtrain.models.base import CatalogModel, DataMeta, StepOutput, supervised_step
-from dtrain.models.layers import activation_of, init_module
+from dtrain.models.layers import LayerConfig, activation_of, init_module
 
 
 @dataclass
-class CNNConfig:
+class CNNConfig(LayerConfig):
     name: str = "cnn"
     channels: list[int] = field(default_factory=lambda: [16, 32])
     """Output channels of each conv block (conv -> activation -> pool)."""
@@ -24,20 +24,9 @@ class CNNConfig:
     """Pooling window and stride (skipped once the feature map is smaller than the window)."""
     hidden: list[int] = field(default_factory=lambda: [64])
     """Widths of the fully connected layers after the conv blocks."""
-    activation: str = "relu"
-    """Activation after every conv and hidden layer (see dtrain.models.layers.ACTIVATIONS)."""
-    init: str = "kaiming"
-    """Weight initialisation (see dtrain.models.layers.INITS)."""
-    dropout: float = 0.0
-    """Dropout probability before each fully connected layer."""
-    leaky_slope: float = 0.01
-    """Negative slope of leaky_relu."""
-    swish_beta: float = 1.0
-    """beta of swish."""
-    learnable_beta: bool = False
-    """Learn swish's beta."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.pool not in ("max", "avg", "none"):
             raise ConfigError(f"model.pool: expected max, avg or none, got {self.pool!r}")
         if self.kernel_size < 1 or self.pool_size < 1:
@@ -45,8 +34,6 @@ class CNNConfig:
                               f"and {self.pool_size}")
         if not self.channels or min(self.channels) < 1:
             raise ConfigError(f"model.channels: expected a non-empty list of integers >= 1, got {self.channels!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"model.dropout: expected a number in [0, 1), got {self.dropout!r}")
 
 
 class CNN(CatalogModel):

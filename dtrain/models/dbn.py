@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from dtrain.errors import ConfigError
 from dtrain.models.base import CatalogModel, DataMeta, Stage, StepOutput, flat_dim, supervised_step
+from dtrain.models.layers import check_dropout
 from dtrain.models.rbm import UNITS, RBMLayer, freeze_all_but, pretraining_stages, rbm_input
 
 
@@ -43,8 +44,7 @@ class DBNConfig:
             raise ConfigError(f"model.visible: expected one of {', '.join(UNITS)}, got {self.visible!r}")
         if self.cd_k < 1:
             raise ConfigError(f"model.cd_k: expected an integer >= 1, got {self.cd_k!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"model.dropout: expected a number in [0, 1), got {self.dropout!r}")
+        check_dropout(self.dropout)
 
 
 class DBN(CatalogModel):

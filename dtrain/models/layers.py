@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from dtrain.errors import ConfigError, check
 
 
 class _StepSTE(torch.autograd.Function):
@@ -60,8 +63,6 @@ def activation(name: str, *, slope: float = 0.01, beta: float = 1.0, learnable_b
         "identity": nn.Identity,
     }
     if name not in table:
-        from dtrain.errors import ConfigError
-
         raise ConfigError(f"model.activation: expected one of {', '.join(ACTIVATIONS)}, got {name!r}")
     return table[name]()
 
@@ -90,8 +91,6 @@ def init_weight(w: Tensor, name: str, nonlinearity: str = "relu") -> None:
         fan_in = w.shape[1] * (w[0][0].numel() if w.dim() > 2 else 1)
         nn.init.normal_(w, 0.0, 1.0 / math.sqrt(fan_in))
     else:
-        from dtrain.errors import ConfigError
-
         raise ConfigError(f"model.init: expected one of {', '.join(INITS)}, got {name!r}")
 
 
@@ -121,8 +120,35 @@ def init_module(module: nn.Module, name: str, nonlinearity: str = "relu", recurr
                     nn.init.zeros_(p)
 
 
-def activation_of(cfg: object) -> nn.Module:
-    """The activation a model config names (fields activation, leaky_slope, swish_beta, learnable_beta)."""
-    return activation(cfg.activation, slope=getattr(cfg, "leaky_slope", 0.01), beta=getattr(cfg, "swish_beta", 1.0),
-                      learnable_beta=getattr(cfg, "learnable_beta", False))
+@dataclass
+class LayerConfig:
+    """The fields of models built from layers with one activation throughout (MLP, CNN): a base for their configs."""
+
+    name: str = ""
+    activation: str = "relu"
+    """Hidden activation (see dtrain.models.layers.ACTIVATIONS)."""
+    init: str = "kaiming"
+    """Weight initialisation (see dtrain.models.layers.INITS)."""
+    dropout: float = 0.0
+    """Dropout probability (after each hidden activation; in a CNN before each fully connected layer)."""
+    leaky_slope: float = 0.01
+    """Negative slope of leaky_relu."""
+    swish_beta: float = 1.0
+    """beta of swish."""
+    learnable_beta: bool = False
+    """Learn swish's beta."""
+
+    def __post_init__(self) -> None:
+        check(self.activation in ACTIVATIONS, "model.activation", "one of " + ", ".join(ACTIVATIONS), self.activation)
+        check(self.init in INITS, "model.init", "one of " + ", ".join(INITS), self.init)
+        check_dropout(self.dropout)
+
+
+def check_dropout(p: float) -> None:
+    check(0 <= p < 1, "model.dropout", "a number in [0, 1)", p)
+
+
+def activation_of(cfg: LayerConfig) -> nn.Module:
+    """The activation a layer config names."""
+    return activation(cfg.activation, slope=cfg.leaky_slope, beta=cfg.swish_beta, learnable_beta=cfg.learnable_beta)
 

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from dtrain.errors import ConfigError
 from dtrain.models.base import CatalogModel, DataMeta, StepOutput, flat_dim, supervised_step
-from dtrain.models.layers import activation_of, init_module
+from dtrain.models.layers import LayerConfig, activation_of, init_module
 
 
 @dataclass
@@ -48,22 +48,10 @@ class Perceptron(CatalogModel):
 
 
 @dataclass
-class MLPConfig:
+class MLPConfig(LayerConfig):
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [128])
     """Width of each hidden layer."""
-    activation: str = "relu"
-    """Hidden activation (see dtrain.models.layers.ACTIVATIONS)."""
-    init: str = "kaiming"
-    """Weight initialisation (see dtrain.models.layers.INITS)."""
-    dropout: float = 0.0
-    """Dropout probability after each hidden activation."""
-    leaky_slope: float = 0.01
-    """Negative slope of leaky_relu."""
-    swish_beta: float = 1.0
-    """beta of swish."""
-    learnable_beta: bool = False
-    """Learn swish's beta."""
 
 
 class MLP(CatalogModel):

@@ -6,20 +6,20 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from dtrain.errors import ConfigError
+from dtrain.errors import ConfigError, check
 from dtrain.models.base import CatalogModel, DataMeta, StepOutput, supervised_step
-from dtrain.models.layers import init_module
+from dtrain.models.layers import INITS, check_dropout, init_module
 
 
 @dataclass
-class RNNConfig:
-    name: str = "rnn"
+class RecurrentConfig:
+    """The fields the RNN and the LSTM share."""
+
+    name: str = ""
     hidden_size: int = 32
     """Units in each recurrent layer."""
     num_layers: int = 1
     """Stacked recurrent layers."""
-    nonlinearity: str = "tanh"
-    """Activation of the vanilla RNN cell: tanh or relu."""
     init: str = "default"
     """Initialisation of input-to-hidden and output weights (see dtrain.models.layers.INITS); default: PyTorch's."""
     recurrent_init: str = "default"
@@ -28,43 +28,36 @@ class RNNConfig:
     """Dropout between stacked layers and before the output layer."""
 
     def __post_init__(self) -> None:
-        _check_common(self)
-        if self.nonlinearity not in ("tanh", "relu"):
-            raise ConfigError(f"model.nonlinearity: expected tanh or relu, got {self.nonlinearity!r}")
+        if self.hidden_size < 1 or self.num_layers < 1:
+            raise ConfigError(f"model.hidden_size/num_layers: expected integers >= 1, got {self.hidden_size} "
+                              f"and {self.num_layers}")
+        check(self.init in INITS, "model.init", "one of " + ", ".join(INITS), self.init)
+        check(self.recurrent_init in INITS, "model.recurrent_init", "one of " + ", ".join(INITS), self.recurrent_init)
+        check_dropout(self.dropout)
 
 
 @dataclass
-class LSTMConfig:
-    name: str = "lstm"
-    hidden_size: int = 32
-    """Units in each LSTM layer."""
-    num_layers: int = 1
-    """Stacked LSTM layers."""
-    init: str = "default"
-    """Initialisation of input-to-hidden and output weights (see dtrain.models.layers.INITS); default: PyTorch's."""
-    recurrent_init: str = "default"
-    """Initialisation of the hidden-to-hidden weights, e.g. orthogonal; default: PyTorch's."""
-    forget_bias: float = 1.0
-    """Initial forget-gate bias; 1 lets the cell remember from the start (Jozefowicz et al. 2015)."""
-    dropout: float = 0.0
-    """Dropout between stacked layers and before the output layer."""
+class RNNConfig(RecurrentConfig):
+    name: str = "rnn"
+    nonlinearity: str = "tanh"
+    """Activation of the vanilla RNN cell: tanh or relu."""
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        super().__post_init__()
+        check(self.nonlinearity in ("tanh", "relu"), "model.nonlinearity", "tanh or relu", self.nonlinearity)
 
 
-def _check_common(cfg: RNNConfig | LSTMConfig) -> None:
-    if cfg.hidden_size < 1 or cfg.num_layers < 1:
-        raise ConfigError(f"model.hidden_size/num_layers: expected integers >= 1, got {cfg.hidden_size} "
-                          f"and {cfg.num_layers}")
-    if not 0 <= cfg.dropout < 1:
-        raise ConfigError(f"model.dropout: expected a number in [0, 1), got {cfg.dropout!r}")
+@dataclass
+class LSTMConfig(RecurrentConfig):
+    name: str = "lstm"
+    forget_bias: float = 1.0
+    """Initial forget-gate bias; 1 lets the cell remember from the start (Jozefowicz et al. 2015)."""
 
 
 class Recurrent(CatalogModel):
     """A recurrent layer stack whose last hidden state feeds a linear output layer (class logits or forecasts)."""
 
-    def __init__(self, cfg: RNNConfig | LSTMConfig, meta: DataMeta) -> None:
+    def __init__(self, cfg: RecurrentConfig, meta: DataMeta) -> None:
         super().__init__()
         self.task = meta.task
         shape = tuple(meta.input_shape)

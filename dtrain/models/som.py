@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dtrain.engine import dist
 from dtrain.errors import ConfigError
 from dtrain.models.base import CatalogModel, DataMeta, StepOutput, flat_dim
 from dtrain.models.layers import init_weight
@@ -106,7 +105,7 @@ class SOM(CatalogModel):
         # identical on every rank, so DDP's average leaves it unchanged.
         with torch.no_grad():
             sums = torch.cat([h.t() @ x, h.sum(0)[:, None]], dim=1)
-            dist.all_reduce_sum(sums)
+            self.all_reduce_sum(sums)
             den = sums[:, -1:]
             target = sums[:, :-1] / den.clamp_min(1e-12)
             used = (den[:, 0] > 1e-12).float()

@@ -5,7 +5,7 @@ import torch
 from dtrain.config import to_objects
 from dtrain.data import load_data
 from dtrain.engine.checkpoint import safe_load
-from dtrain.engine.spawn import latest_checkpoint, spawn_workers
+from dtrain.launch.spawn import latest_checkpoint, spawn_workers
 from dtrain.models import build_model
 from tests.helpers import small_job
 

@@ -12,9 +12,12 @@ from omegaconf import OmegaConf
 
 from dtrain.config import build_job, load_job, to_objects
 from dtrain.data import load_data
-from dtrain.engine.deepspeed import MEMORY_ENV, TAG, deepspeed_config
-from dtrain.engine.spawn import spawn_workers
+from dtrain.engine.callbacks import StateBytes
+from dtrain.engine.strategies.deepspeed import TAG
+from dtrain.engine.strategies.deepspeed_config import deepspeed_config
 from dtrain.errors import ConfigError
+from dtrain.launch.spawn import spawn_workers
+from dtrain.launch.worker import build_worker
 from dtrain.models import build_model
 from dtrain.tracking import read_metrics
 from tests.helpers import JOBS, small_job
@@ -49,9 +52,9 @@ def runs(tmp_path_factory):
         if name not in done:
             job = _job() if name == "ddp" else _ds(int(name.removeprefix("zero")))
             with pytest.MonkeyPatch.context() as mp:
-                mp.setenv(MEMORY_ENV, str(root / name / "memory"))
                 mp.setenv("TORCH_EXTENSIONS_DIR", str(root / "torch_extensions"))  # where a JIT-built op would go
-                done[name] = {"summary": spawn_workers(job, root / name, world=2), "dir": root / name, "job": job}
+                summary = spawn_workers(job, root / name, world=2, callbacks=[StateBytes(root / name / "memory")])
+                done[name] = {"summary": summary, "dir": root / name, "job": job}
         return done[name]
 
     get.root = root
@@ -175,15 +178,22 @@ def test_bf16_trains_through_ray(ray_session, tmp_path):
     model.load_state_dict(state, strict=True)
 
 
-def _trainer(**over):
-    return to_objects(build_job(OmegaConf.create(_ds(0, **over)))).trainer
+def _config(**over) -> dict:
+    """deepspeed_config of the trainer section of a ZeRO-0 job with these overrides."""
+    t = to_objects(build_job(OmegaConf.create(_ds(0, **over)))).trainer
+    return _translated(t)
+
+
+def _translated(t, **batch) -> dict:
+    return deepspeed_config(t.deepspeed, precision=t.precision, grad_clip=t.grad_clip, grad_clip_mode=t.grad_clip_mode,
+                            grad_accum=t.grad_accum, **batch)
 
 
 def test_translated_config():
-    cfg = deepspeed_config(_trainer(**{"trainer.deepspeed.zero_stage": 3, "trainer.deepspeed.offload_optimizer": True,
-                                       "trainer.precision": "bf16-mixed", "trainer.grad_accum": 4,
-                                       "trainer.deepspeed.config": "{zero_optimization: {reduce_bucket_size: 1000}}"}),
-                           micro_batch=32, world=2)
+    t = to_objects(build_job(OmegaConf.create(_ds(3, **{
+        "trainer.deepspeed.offload_optimizer": True, "trainer.precision": "bf16-mixed", "trainer.grad_accum": 4,
+        "trainer.deepspeed.config": "{zero_optimization: {reduce_bucket_size: 1000}}"})))).trainer
+    cfg = _translated(t, micro_batch=32, world=2)
     assert cfg["train_micro_batch_size_per_gpu"] == 32 and cfg["gradient_accumulation_steps"] == 4
     assert cfg["train_batch_size"] == 256 and cfg["gradient_clipping"] == 1.0
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
@@ -211,7 +221,7 @@ def test_translated_config():
 ])
 def test_conflicting_raw_keys_are_one_line_config_errors(raw, message):
     with pytest.raises(ConfigError) as err:
-        deepspeed_config(_trainer(**{"trainer.deepspeed.config": raw}))
+        _config(**{"trainer.deepspeed.config": raw})
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -221,15 +231,12 @@ def test_conflicts_are_caught_when_the_job_loads():
     # raw keys that only tune DeepSpeed pass through, and equal values are no conflict
     job = load_job(JOBS / "mlp_digits_deepspeed.yaml", ["trainer.deepspeed.config={gradient_clipping: 1.0, "
                                                         "zero_optimization: {reduce_bucket_size: 5000}}"])
-    assert deepspeed_config(to_objects(job).trainer)["zero_optimization"]["reduce_bucket_size"] == 5000
+    assert _translated(to_objects(job).trainer)["zero_optimization"]["reduce_bucket_size"] == 5000
 
 
 def _setup(job: dict):
-    from dtrain.engine.strategy import build_strategy
-
-    cfg = to_objects(job)
-    model = build_model(cfg.model, load_data(cfg.data).meta)
-    build_strategy(cfg.trainer, cfg.optim, torch.device("cpu")).setup(model, 1e-3, 10, 10)
+    worker = build_worker(to_objects(job), torch.device("cpu"))
+    worker.strategy.setup(worker.model, 1e-3, 10, 10)
 
 
 def test_staged_model_under_zero3_is_a_config_error():

@@ -17,9 +17,9 @@ from dtrain.engine.checkpoint import (
     safe_load,
     write_manifest,
 )
-from dtrain.engine.faults import ENV
-from dtrain.engine.spawn import latest_checkpoint, spawn_workers
+from dtrain.launch.spawn import latest_checkpoint, spawn_workers
 from dtrain.tracking import read_metrics
+from tests.faults import KillAt
 from tests.helpers import small_job
 
 # Dropout, Adam moments, a cosine schedule with warm-up and per-epoch shuffling: every piece of state that a
@@ -35,13 +35,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     full = spawn_workers(JOB, root / "full", world=2)
     marker = root / "killed.marker"
-    mp = pytest.MonkeyPatch()
-    mp.setenv(ENV, f"1:{KILL_STEP}:{marker}")
-    try:
-        with pytest.raises(ProcessExitedException) as info:
-            spawn_workers(JOB, root / "killed", world=2)
-    finally:
-        mp.undo()
+    with pytest.raises(ProcessExitedException) as info:
+        spawn_workers(JOB, root / "killed", world=2, callbacks=[KillAt(1, KILL_STEP, marker)])
     assert marker.exists() and "SIGKILL" in str(info.value)
     shutil.copytree(root / "killed", root / "killed-corrupt")  # for the fallback test, before any resume
     return {"full": full, "root": root}
@@ -73,7 +68,8 @@ def test_killed_run_resumes_to_bitwise_equal_weights(runs):
     assert latest_checkpoint(killed).name == "step_00000050"  # steps 51-55 were done, then the kill
     summary = spawn_workers(JOB, killed, world=2, resume=True)
     (event,) = _resumed_from(killed)
-    assert (event["epoch"], event["batch"], event["step"]) == (1, 9, 50)  # mid-epoch: 9 of 41 batches of epoch 2
+    # mid-epoch: 9 of the 41 steps of epoch 2 done, 9 x 32 samples
+    assert (event["epoch"], event["epoch_samples"], event["step"]) == (1, 9 * 32, 50)
     assert summary["steps"] == runs["full"]["steps"] == 82
     assert summary["test"] == runs["full"]["test"]
     _assert_bitwise(_state(killed), _state(runs["root"] / "full"))
@@ -90,7 +86,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(runs, capfd):
     assert f"checkpoint {newest} is unusable (model.pt is truncated" in err
     assert "resuming from the previous checkpoint" in err and "step_00000041" in err.split("resuming from")[1]
     (event,) = _resumed_from(killed)
-    assert (event["epoch"], event["batch"], event["step"]) == (1, 0, 41)  # the end-of-epoch-1 checkpoint
+    assert (event["epoch"], event["epoch_samples"], event["step"]) == (1, 0, 41)  # the end-of-epoch-1 checkpoint
     assert summary["test"] == runs["full"]["test"]
     _assert_bitwise(_state(killed), _state(runs["root"] / "full"))
 

@@ -91,7 +91,7 @@ def test_mode_resolution_precedence():
 
 
 def test_engine_and_disabled_tracker_never_import_wandb(tmp_path):
-    code = ("import sys; import dtrain.engine.loop, dtrain.engine.worker; from dtrain.tracking import Tracker; "
+    code = ("import sys; import dtrain.engine.loop, dtrain.launch.worker; from dtrain.tracking import Tracker; "
             "from tests.helpers import small_job; "
             "t = Tracker(sys.argv[1], small_job()); t.log({'event': 'step', 'step': 1, 'lr': 0.1}); t.close(); "
             "assert 'wandb' not in sys.modules, 'wandb was imported'")
@@ -112,7 +112,7 @@ def test_run_id_is_kept_in_the_run_dir(tmp_path):
 
 @pytest.mark.slow
 def test_offline_run_matches_metrics_and_resume_keeps_id(wandb_env, capfd):
-    from dtrain.engine.spawn import spawn_workers
+    from dtrain.launch.spawn import spawn_workers
 
     tmp, run_dir = wandb_env, wandb_env / "run"
     over = {"logging.wandb.enabled": "true", "logging.wandb.mode": "offline", "logging.wandb.group": "search-a",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dtrain.engine.spawn import spawn_workers
+from dtrain.launch.spawn import spawn_workers
 from dtrain.tracking import read_metrics
 from tests.helpers import small_job
 

@@ -19,8 +19,8 @@ from dtrain.config import load_job, to_dict, to_objects
 from dtrain.data import load_data
 from dtrain.data.generated import ADDING_BASELINE_MSE
 from dtrain.data.series import persistence_mse
-from dtrain.engine.spawn import LocalReporter, latest_checkpoint, spawn_workers
-from dtrain.engine.worker import run_worker
+from dtrain.launch.spawn import LocalPublisher, latest_checkpoint, spawn_workers
+from dtrain.launch.worker import run_worker
 from tests.helpers import JOBS
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def _train(job, tmp_path) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what spawned workers use: deterministic and fastest for models this small
     try:
-        return run_worker(to_dict(job), tmp_path, LocalReporter(tmp_path), torch.device("cpu"))
+        return run_worker(to_dict(job), tmp_path, LocalPublisher(tmp_path), torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
 

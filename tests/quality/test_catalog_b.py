@@ -14,7 +14,7 @@ from sklearn.neural_network import BernoulliRBM
 
 from dtrain.config import build_job, to_dict, to_objects
 from dtrain.data import load_data
-from dtrain.engine.spawn import latest_checkpoint, spawn_workers
+from dtrain.launch.spawn import latest_checkpoint, spawn_workers
 from dtrain.models import build_model
 
 pytestmark = pytest.mark.slow

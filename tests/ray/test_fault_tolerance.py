@@ -17,9 +17,9 @@ import torch
 from dtrain.cli import main
 from dtrain.config import load_job
 from dtrain.engine.checkpoint import checkpoint_problem, pick_checkpoint, read_manifest, safe_load
-from dtrain.engine.faults import ENV
 from dtrain.launch.train import fit_job
 from dtrain.tracking import read_metrics
+from tests.faults import KillAt
 from tests.helpers import JOBS, ROOT
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,6 @@ def interrupted(tmp_path_factory):
     cmd = [sys.executable, "-m", "dtrain", "train", str(JOBS / "mlp_digits.yaml"), "name=ctrl-c",
            f"runs_dir={runs}", *OVERRIDES]
     env = {**os.environ, "WANDB_MODE": "offline"}
-    env.pop(ENV, None)
     # Own session, like a terminal's foreground job: Ctrl-C signals the whole process group.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -86,13 +85,13 @@ def test_ctrl_c_stops_workers_and_leaves_a_usable_checkpoint(interrupted):
     assert all(bool(torch.isfinite(w).all()) for w in weights.values())
 
 
-def test_resume_after_ctrl_c_survives_a_killed_worker(interrupted, tmp_path, monkeypatch, ray_session):
+def test_resume_after_ctrl_c_survives_a_killed_worker(interrupted, tmp_path, ray_session):
     run_dir = interrupted["run_dir"]
     start = read_manifest(_intact_checkpoints(run_dir)[-1])
     kill_step = start["step"] + 10  # three steps past the next step checkpoint (every 7 steps)
-    monkeypatch.setenv(ENV, f"1:{kill_step}:{tmp_path / 'killed'}")
     job = load_job(run_dir / "config.yaml", [f"trainer.max_epochs={start['epoch'] + 2}", "trainer.max_failures=1"])
-    summary = fit_job(job, resume=True)  # what `dtrain train --resume RUN_DIR` does, on this session's Ray
+    # what `dtrain train --resume RUN_DIR` does, on this session's Ray, with rank 1 SIGKILLed once at kill_step
+    summary = fit_job(job, resume=True, worker_callbacks=[KillAt(1, kill_step, tmp_path / "killed")])
     assert (tmp_path / "killed").exists()  # rank 1 really was SIGKILLed once
     resumes = [r for r in read_metrics(run_dir) if r.get("event") == "resume"]
     assert len(resumes) == 2

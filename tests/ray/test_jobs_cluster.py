@@ -111,7 +111,7 @@ def _use_token(monkeypatch, cluster: Cluster) -> None:
 
 def test_submit_follow_succeeds_with_workers_on_two_nodes(cluster, spec, monkeypatch, capsys):
     from dtrain.cli import main
-    from dtrain.launch import jobs
+    from dtrain.launch import submit
 
     run = dtrain(["submit", str(spec), "optim.lr=0.01", "name=two-nodes", "--address", cluster.address, "--follow"],
                  cluster.env)
@@ -124,13 +124,13 @@ def test_submit_follow_succeeds_with_workers_on_two_nodes(cluster, spec, monkeyp
     assert f"job {job_id} SUCCEEDED" in run.stderr
 
     _use_token(monkeypatch, cluster)
-    client = jobs.connect(cluster.address)
-    info = jobs.status(client, job_id)
+    client = submit.connect(cluster.address)
+    info = submit.status(client, job_id)
     assert str(info.status) == "SUCCEEDED" and info.metadata["dtrain_name"] == "two-nodes"
     assert "--address auto" in info.entrypoint and "optim.lr=0.01" in info.entrypoint
-    assert "[dtrain] test/acc" in jobs.logs(client, job_id)
+    assert "[dtrain] test/acc" in submit.logs(client, job_id)
     # 2 workers x 1 CPU on nodes of 1 CPU each: Ray had to place them on different nodes.
-    nodes = jobs.worker_nodes(client, job_id)
+    nodes = submit.worker_nodes(client, job_id)
     assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
 
     assert main(["jobs", "status", job_id, "--address", cluster.address]) == 0
@@ -150,24 +150,24 @@ def test_submit_follow_succeeds_with_workers_on_two_nodes(cluster, spec, monkeyp
 
 def test_stop_long_job(cluster, spec, monkeypatch, capsys):
     from dtrain.cli import main
-    from dtrain.launch import jobs
+    from dtrain.launch import submit
 
     _use_token(monkeypatch, cluster)
     assert main(["submit", str(spec), "trainer.max_epochs=100000", "--address", cluster.address]) == 0
     job_id = capsys.readouterr().out.splitlines()[0].strip()
-    client = jobs.connect(cluster.address)
+    client = submit.connect(cluster.address)
     deadline = time.monotonic() + 120
     # Stop once its driver runs (the 2-node test above already proves training there; waiting for epoch 1 would
     # double this test's time). 100000 epochs would run for hours, so only the stop can end it now.
-    while "Running entrypoint for job" not in jobs.logs(client, job_id):
-        assert str(jobs.status(client, job_id).status) in ("PENDING", "RUNNING"), jobs.logs(client, job_id)[-3000:]
+    while "Running entrypoint for job" not in submit.logs(client, job_id):
+        assert str(submit.status(client, job_id).status) in ("PENDING", "RUNNING"), submit.logs(client, job_id)[-3000:]
         assert time.monotonic() < deadline, "the job's driver never started"
         time.sleep(0.5)
     assert main(["jobs", "stop", job_id, "--address", cluster.address]) == 0
     assert capsys.readouterr().out.split() == [job_id, "STOPPED"]
-    info = jobs.status(client, job_id)
+    info = submit.status(client, job_id)
     assert str(info.status) == "STOPPED" and info.end_time is not None
-    assert "[dtrain] run finished" not in jobs.logs(client, job_id)
+    assert "[dtrain] run finished" not in submit.logs(client, job_id)
 
 
 def test_unknown_job_and_bad_address_give_one_line_errors(cluster, monkeypatch, capsys):

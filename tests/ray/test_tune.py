@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from dtrain.config import load_job, to_dict
-from dtrain.engine.spawn import LocalReporter
-from dtrain.engine.worker import run_worker
 from dtrain.errors import ConfigError
+from dtrain.launch.spawn import LocalPublisher
 from dtrain.launch.tune import BEST_FILE, RESULTS_FILE, plan_concurrency, run_search
+from dtrain.launch.worker import run_worker
 from dtrain.tracking import read_metrics
 from tests.helpers import ROOT, small_job
 
@@ -45,7 +45,7 @@ def test_asha_stops_bad_trials_early_and_best_yaml_trains(ray_session, tmp_path)
     # best.yaml is a complete train spec: it loads, has no tune section, carries the best lr, and trains as is.
     best = load_job(tmp_path / "asha" / BEST_FILE, ["name=best", "trainer.max_epochs=1"])
     assert best.optim.lr == 0.02 and best.tune is None and list(best.model.hidden) == [16]
-    summary = run_worker(to_dict(best), tmp_path / "best", LocalReporter(tmp_path / "best"), torch.device("cpu"))
+    summary = run_worker(to_dict(best), tmp_path / "best", LocalPublisher(tmp_path / "best"), torch.device("cpu"))
     assert summary["epochs"] == 1 and summary["test"]["test/acc"] > 0.5  # in-process: fit_job is tested elsewhere
 
     # --resume on the finished search restores Tune's state and reproduces the same table.

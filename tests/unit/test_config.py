@@ -23,7 +23,7 @@ def test_job_loads_with_overrides_and_model_schema():
     ("optim.lr=-1", "optim.lr: expected a number > 0"),
     ("trainer.precision=fp8", "trainer.precision: expected one of 32, bf16-mixed, fp16-mixed"),
     ("trainer.max_epochs=abc", "trainer.max_epochs"),
-    ("trainer.strategy=horovod", "trainer.strategy: expected ddp or deepspeed"),
+    ("trainer.strategy=horovod", "trainer.strategy: expected one of ddp, deepspeed"),
     ("model.name=transformer", "model.name: expected one of"),
     ("trainer.grad_clip_mode=both", "trainer.grad_clip_mode"),
     ("data.batch_size=0", "data.batch_size: expected an integer >= 1"),

@@ -10,13 +10,15 @@ import torch
 
 from dtrain.config import to_objects
 from dtrain.data import load_data
-from dtrain.data.sharding import shard_indices
+from dtrain.data.base import BatchPlan
+from dtrain.data.sharding import step_plan
 from dtrain.engine.checkpoint import checkpoint_problem, safe_load
-from dtrain.engine.loop import RunContext, TrainState, _report, fit
-from dtrain.engine.spawn import LocalReporter, latest_checkpoint
-from dtrain.engine.strategy import build_strategy
+from dtrain.engine.loop import RunContext, _save_checkpoint, fit
+from dtrain.engine.metrics import MetricSums, NonFiniteGuard
+from dtrain.engine.state import TrainState
 from dtrain.errors import TrainingError
-from dtrain.models import build_model
+from dtrain.launch.spawn import LocalPublisher, latest_checkpoint
+from dtrain.launch.worker import build_worker
 from tests.helpers import small_job
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,22 +33,21 @@ def _run(run_dir, poison=None, scale=1.0, **over):
         x[poison] = float("nan")
         data = dataclasses.replace(data, train=(x, *data.train[1:]))
     data = dataclasses.replace(data, train=(data.train[0] * scale, *data.train[1:]))
-    torch.manual_seed(job.trainer.seed)
-    model = build_model(job.model, data.meta)
-    strategy = build_strategy(job.trainer, job.optim, torch.device("cpu"))
+    worker = build_worker(job, torch.device("cpu"), data)
     events = []
-    ctx = RunContext(0, 1, LocalReporter(run_dir), events.append)
-    return job, data, strategy, ctx, lambda: fit(job, model, data, strategy, ctx), events
+    ctx = RunContext(0, 1, LocalPublisher(run_dir), events.append)
+    train = lambda: fit(worker.model, worker.loaders, worker.strategy, worker.loop, ctx)  # noqa: E731
+    return job, data, worker, ctx, train, events
 
 
 def test_nan_samples_skip_exactly_their_steps_and_training_goes_on(tmp_path):
     poison = torch.tensor([3, 400, 1000])
-    job, data, strategy, ctx, train, events = _run(tmp_path, poison, **{"trainer.max_epochs": 3, "optim.lr": 0.01})
+    job, data, _, ctx, train, events = _run(tmp_path, poison, **{"trainer.max_epochs": 3, "optim.lr": 0.01})
     summary = train()
     n, bs = len(data.train[0]), job.data.batch_size
     # The batches of each epoch that hold a poisoned row: exactly the steps that must be skipped.
     expected = sum(bool(torch.isin(idx, poison).any()) for epoch in range(3)
-                   for idx, _, _ in shard_indices(n, bs, 0, 1, shuffle=True, seed=job.trainer.seed, epoch=epoch))
+                   for idx, _, _ in step_plan(n, BatchPlan(bs), 0, shuffle=True, seed=job.trainer.seed, epoch=epoch))
     assert expected >= 3
     assert summary["skipped_steps"] == expected
     assert summary["stop_reason"] == "completed" and summary["steps"] == 3 * len(range(0, n, bs))
@@ -75,20 +76,18 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path):
 
 
 def test_report_refuses_nonfinite_weights_and_keeps_the_last_good_checkpoint(tmp_path):
-    job, _, strategy, ctx, train, _ = _run(tmp_path, **{"trainer.max_epochs": 1})
+    job, _, worker, ctx, train, _ = _run(tmp_path, **{"trainer.max_epochs": 1})
     train()
     good = latest_checkpoint(tmp_path)
     with torch.no_grad():
-        next(strategy.unwrapped().parameters())[0, 0] = float("nan")
+        next(worker.model.parameters())[0, 0] = float("nan")
     with pytest.raises(TrainingError, match="non-finite"):
-        _report(strategy, TrainState(epoch=1, step=999), ctx, {"epoch": 1, "step": 999}, save=True)
+        _save_checkpoint(worker.strategy, TrainState(epoch=1, step=999), ctx, {"epoch": 1, "step": 999})
     assert latest_checkpoint(tmp_path) == good and checkpoint_problem(good) is None
     assert not list((tmp_path / "checkpoints").glob("*999*"))
 
 
 def test_guard_counts_runs_across_read_backs_and_a_full_buffer():
-    from dtrain.engine.loop import NonFiniteGuard
-
     state = TrainState()
     guard = NonFiniteGuard(state, limit=4, capacity=3)
     # Steps 1-9: a run of 3 (steps 2-4) ends before the limit; the run from step 7 reaches 4 at step 10.
@@ -106,8 +105,6 @@ def test_guard_counts_runs_across_read_backs_and_a_full_buffer():
 def test_metric_sums_are_exact_sample_weighted_means_across_folds():
     """MetricSums keeps batches' metrics and sums them in folds (every `capacity` batches, one per distinct weight);
     the result must be the exact sample-weighted mean, and kept tensors must not hold autograd graphs."""
-    from dtrain.engine.loop import MetricSums
-
     rows = [(1.0, 0.5, 4), (2.0, 1.0, 4), (3.0, 0.0, 4), (4.0, 1.0, 2), (5.0, 0.25, 4), (6.0, 0.75, 3)]
     sums = MetricSums(capacity=4)  # folds after the 4th batch and at reduce: weights 4 and 2, then 4 and 3
     w = torch.ones((), requires_grad=True)

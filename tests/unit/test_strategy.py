@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from dtrain.config import to_objects
-from dtrain.engine.ddp import DDPStrategy
+from dtrain.engine.precision import Precision
+from dtrain.engine.strategies import StrategySetup
+from dtrain.engine.strategies.ddp import DDPStrategy
 from tests.helpers import small_job
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,7 +21,8 @@ def _strategy(total_steps: int, **optim) -> tuple[DDPStrategy, torch.nn.Module]:
     job = to_objects(small_job(**{f"optim.{k}": v for k, v in optim.items()}))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-    strategy = DDPStrategy(job.trainer, job.optim, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    strategy = DDPStrategy(StrategySetup(cpu, Precision("32", cpu), job.optim))
     strategy.setup(model, job.optim.lr, total_steps, steps_per_epoch=5)
     return strategy, model
 
@@ -47,3 +50,39 @@ def test_total_gradient_norm_matches_torch():
     strategy.backward(model(torch.randn(16, 4)).square().mean())
     want = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     assert strategy.step(torch.tensor(0.0)).grad_norm.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def _trained(strategy_name: str, folder, **optim):
+    """A strategy set up on the small MLP job, five steps trained, saved into folder."""
+    from dtrain.launch.worker import build_worker
+
+    over = {"trainer.strategy": strategy_name, "trainer.num_workers": 1, **{f"optim.{k}": v for k, v in optim.items()}}
+    worker = build_worker(to_objects(small_job(**over)), torch.device("cpu"))
+    strategy = worker.strategy
+    wrapped = strategy.setup(worker.model, worker.loop.lr, 10, 5)
+    for batch, _ in zip(worker.loaders.train.iter_from(0), range(5), strict=False):
+        out = wrapped(batch.tensors)
+        strategy.backward(out.loss)
+        strategy.step(out.loss.detach())
+    if folder is not None:
+        strategy.save(folder)
+    return strategy
+
+
+@pytest.mark.parametrize("strategy_name", ["ddp", "deepspeed"])
+def test_a_run_started_from_another_runs_checkpoint_takes_its_own_optimizer_settings(strategy_name, tmp_path,
+                                                                                      one_rank):
+    """PBT's exploit + explore: the weights and optimizer state of the better trial, this trial's hyperparameters,
+    and the schedule's current factor kept."""
+    donor = _trained(strategy_name, tmp_path, lr=0.01, scheduler="cosine")
+    factor = donor.lr() / 0.01
+    assert 0 < factor < 1  # five steps into the cosine decay
+    taker = _trained(strategy_name, None, lr=0.002, weight_decay=0.1, scheduler="cosine")
+    taker.load(tmp_path)
+    taker.retarget(0.002)
+    assert taker.lr() == pytest.approx(0.002 * factor, rel=1e-9)
+    group = taker.optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.1 and taker.scheduler.base_lrs == [0.002]
+    moments = [taker.optimizer.state[p]["exp_avg"] for p in group["params"]]
+    donors = [donor.optimizer.state[p]["exp_avg"] for p in donor.optimizer.param_groups[0]["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(moments, donors, strict=True))  # the donor's optimizer state

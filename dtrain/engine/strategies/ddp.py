@@ -6,27 +6,35 @@ import contextlib
 import warnings
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dtrain.compat.torch import step_unless
 from dtrain.engine import dist
 from dtrain.engine.checkpoint import atomic_save, safe_load
-from dtrain.engine.optim import build_optimizer, build_scheduler, constant_schedule, trainable
-from dtrain.engine.precision import Precision
-from dtrain.engine.strategy import StepResult, nonfinite, same_device_and_dtype, total_norm
+from dtrain.engine.optim import build_optimizer, build_scheduler, constant_schedule, retarget, trainable
+from dtrain.engine.strategies.base import StepResult, StrategySetup
+from dtrain.engine.strategies.grads import all_finite, clip, nonfinite, same_device_and_dtype, total_norm
+from dtrain.errors import ConfigError
+
+MODEL_FILE = "model.pt"
 
 
 class DDPStrategy:
     """DDP when world size > 1 (plain module otherwise); fp16 order: scale, backward, unscale, clip, step, update."""
 
-    def __init__(self, trainer_cfg: Any, optim_cfg: Any, device: torch.device) -> None:
-        self.trainer_cfg, self.optim_cfg, self.device = trainer_cfg, optim_cfg, device
-        self.precision = Precision(trainer_cfg.precision, device)
+    Options: ClassVar[type | None] = None
+
+    def __init__(self, setup: StrategySetup, options: Any = None) -> None:
+        self.cfg, self.device, self.precision = setup, setup.device, setup.precision
         self.model: nn.Module | None = None
         self.raw: nn.Module | None = None
+
+    @classmethod
+    def check(cls, options: Any, **trainer: Any) -> None:
+        """DDP runs every precision, clipping mode and accumulation."""
 
     def setup(self, model: nn.Module, lr: float, total_steps: int, steps_per_epoch: int) -> nn.Module:
         self.raw = model.to(self.device)
@@ -34,9 +42,8 @@ class DDPStrategy:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # broadcast_buffers=False: no model here keeps running statistics that must match across ranks, and
             # skipping the per-forward broadcast lets evaluation run through the same wrapper at no cost.
-            # gradient_as_bucket_view: the all-reduced buckets become the gradients, instead of being copied back
-            # into them (one pass over every gradient less per step: 1.02x steps/s, 95 % interval 1.005-1.040, on
-            # the overhead job with 2 CPU ranks, benchmarks/ddp_flags.py), and no separate copy is kept in memory.
+            # gradient_as_bucket_view: the all-reduced buckets become the gradients instead of being copied back
+            # into them (one pass over every gradient less per step; benchmarks/ddp_flags.py measures it).
             with warnings.catch_warnings():  # torch deprecates the name but advises keeping it for this behaviour
                 warnings.simplefilter("ignore", FutureWarning)
                 self.model = DistributedDataParallel(self.raw, device_ids=ids, broadcast_buffers=False,
@@ -44,12 +51,12 @@ class DDPStrategy:
         else:
             self.model = self.raw
         self.params = trainable(self.raw)
-        # Fused (CPU and CUDA): one kernel per step instead of several per tensor (1.4x steps/s on a bf16 MLP of 210M
-        # parameters, BENCHMARKS.md), and it takes the skip decision as a device tensor (found_inf): no host sync.
-        self.optimizer = build_optimizer(self.params, self.optim_cfg, lr, fused=True)
-        self.scheduler = build_scheduler(self.optimizer, self.optim_cfg, total_steps, steps_per_epoch)
-        # A constant rate needs no schedule stepping (LambdaLR's step is host work worth ~1 % of a small model's step).
-        self.constant_lr = constant_schedule(self.optim_cfg)
+        # Fused (CPU and CUDA): one kernel per step instead of several per tensor, and it takes the skip decision
+        # as a device tensor (found_inf): no host sync.
+        self.optimizer = build_optimizer(self.params, self.cfg.optim, lr, fused=True)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, total_steps, steps_per_epoch)
+        # A constant rate needs no schedule stepping (LambdaLR's step is host work of ~1 % of a small model's step).
+        self.constant_lr = constant_schedule(self.cfg.optim)
         self.same_group = same_device_and_dtype(self.params)
         return self.model
 
@@ -68,12 +75,7 @@ class DDPStrategy:
         scaler, optimizer = self.precision.scaler, self.optimizer
         scaler.unscale_(optimizer)
         norm = total_norm([p.grad for p in self.params if p.grad is not None], self.device, self.same_group)
-        clip = self.trainer_cfg.grad_clip
-        if clip is not None:  # harmless on a non-finite step: the optimizer skips it below
-            if self.trainer_cfg.grad_clip_mode == "norm":
-                torch.nn.utils.clip_grads_with_norm_(self.params, clip, norm)
-            else:
-                torch.nn.utils.clip_grad_value_(self.params, clip)
+        clip(self.params, self.cfg.grad_clip, self.cfg.grad_clip_mode, norm)
         if scaler.is_enabled():
             # fp16: the scaler finds overflowing gradients itself, skips the step and lowers the scale; that is
             # not a failure, but a loss that stays non-finite is.
@@ -81,12 +83,9 @@ class DDPStrategy:
             scaler.update()
             skipped = nonfinite(loss)
         else:
-            # The norm is of the all-reduced gradients, so every rank decides alike; the fused optimizer skips the
-            # update on the device when found_inf is 1 (as under a GradScaler): the host never waits to decide.
+            # The norm is of the all-reduced gradients, so every rank decides alike, on the device.
             skipped = nonfinite(norm)
-            optimizer.grad_scale, optimizer.found_inf = None, skipped
-            optimizer.step()
-            del optimizer.grad_scale, optimizer.found_inf
+            step_unless(optimizer, skipped)
         if not self.constant_lr:
             self.scheduler.step()  # the schedule follows the step count, skipped steps included
         optimizer.zero_grad(set_to_none=True)
@@ -95,18 +94,28 @@ class DDPStrategy:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def save(self, path: Path) -> None:
+    def retarget(self, lr: float) -> None:
+        retarget(self.optimizer, self.scheduler, self.cfg.optim, lr)
+
+    def weights_finite(self) -> bool:
+        # DDP replicas are identical: every rank reaches the same answer without a collective.
+        return bool(all_finite(list(self.raw.parameters()), self.device))
+
+    def save(self, folder: Path) -> None:
         if dist.rank() == 0:  # DDP replicas are identical: one copy is the checkpoint
             atomic_save({"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
                          "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict()},
-                        path / "model.pt")
+                        folder / MODEL_FILE)
 
-    def load(self, path: Path) -> None:
-        ckpt = safe_load(path / "model.pt")
+    def load(self, folder: Path) -> None:
+        if not (folder / MODEL_FILE).is_file():
+            raise ConfigError(f"{folder}: not a DDP checkpoint (no {MODEL_FILE}); resume it with the strategy that "
+                              "wrote it")
+        ckpt = safe_load(folder / MODEL_FILE)
         self.raw.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.precision.scaler.load_state_dict(ckpt["scaler"])
 
-    def unwrapped(self) -> nn.Module:
-        return self.raw
+    def full_state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu() for k, v in self.raw.state_dict().items()}

@@ -1,4 +1,4 @@
-"""Run the engine in N local processes without Ray (gloo on 127.0.0.1): for tests, benchmarks and debugging.
+"""Run the training workers in N local processes without Ray (gloo on 127.0.0.1): for tests, benchmarks and debugging.
 
 Checkpoints reported by the loop are assembled in <run_dir>/checkpoints/.partial_step_<step> and renamed to
 step_<step> once every rank has added its files; the newest intact one is resumed from.
@@ -21,15 +21,15 @@ import torch.multiprocessing as mp
 from dtrain.errors import DtrainError
 
 
-class LocalReporter:
-    """Stands in for ray.train.report: keeps each reported checkpoint under <run_dir>/checkpoints/."""
+class LocalPublisher:
+    """The loop's publish callable without Ray: keeps each published checkpoint under <run_dir>/checkpoints/."""
 
     def __init__(self, run_dir: Path) -> None:
         self.root = Path(run_dir) / "checkpoints"
-        self.reports: list[dict[str, Any]] = []
+        self.published: list[dict[str, Any]] = []
 
     def __call__(self, metrics: dict[str, Any], folder: Path | None) -> None:
-        self.reports.append(metrics)
+        self.published.append(metrics)
         target = self.root / f"step_{metrics['step']:08d}" if folder is not None else None
         partial = self.root / f".partial_{target.name}" if target else None
         if folder is not None:
@@ -54,7 +54,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "dtrain.engine.worker"]
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "dtrain.launch.worker"]
 """Imported once by the fork server that every worker is forked from (each `spawn_workers` call in a process reuses
 it), instead of by every worker: torch alone takes 1.4 s, and DistributedDataParallel's constructor imports
 torch._dynamo (1.5 s more). Forking after importing torch is what DataLoader's workers do on Linux; these imports
@@ -91,9 +91,9 @@ def _is_open(fd: int) -> bool:
 
 
 def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bool, out: Any,
-           device_type: str = "cpu", env: dict[str, str] | None = None, stdio: tuple[tuple[int, int], ...] = ()
-           ) -> None:
-    from dtrain.engine.worker import run_worker
+           device_type: str = "cpu", env: dict[str, str] | None = None, stdio: tuple[tuple[int, int], ...] = (),
+           callbacks: tuple[Any, ...] = ()) -> None:
+    from dtrain.launch.worker import run_worker
 
     if env is not None:  # the caller's environment now, not the fork server's from when it started
         os.environ.clear()
@@ -112,7 +112,8 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
     try:
         resume_dir = latest_checkpoint(Path(run_dir), warn=rank == 0) if resume else None
         try:
-            summary = run_worker(job, run_dir, LocalReporter(Path(run_dir)), device, resume_dir)
+            summary = run_worker(job, run_dir, LocalPublisher(Path(run_dir)), device, resume_dir,
+                                 callbacks=list(callbacks))
         except DtrainError as err:
             out.put(err)  # so that spawn_workers raises the user's mistake as itself
             raise
@@ -129,9 +130,9 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
 
 
 def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resume: bool = False,
-                  device: str = "cpu") -> dict[str, Any]:
+                  device: str = "cpu", callbacks: tuple[Any, ...] = ()) -> dict[str, Any]:
     """Train job in `world` local processes on device "cpu" (gloo) or "cuda" (one GPU per rank, NCCL);
-    returns rank 0's summary."""
+    returns rank 0's summary. callbacks: engine callbacks installed in every rank (picklable)."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected cpu or cuda, got {device!r}")
     if device == "cuda" and world > torch.cuda.device_count():
@@ -139,7 +140,7 @@ def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resu
     out = _context().SimpleQueue()
     sys.stdout.flush(), sys.stderr.flush()
     stdio = tuple((_CallerFd(fd), fd) for fd in (1, 2) if _is_open(fd))
-    args = (world, _free_port(), job, str(run_dir), resume, out, device, dict(os.environ), stdio)
+    args = (world, _free_port(), job, str(run_dir), resume, out, device, dict(os.environ), stdio, tuple(callbacks))
     try:
         mp.start_processes(_entry, args=args, nprocs=world, start_method="forkserver", join=True)
     except mp.ProcessRaisedException:

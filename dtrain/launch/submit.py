@@ -1,4 +1,4 @@
-"""`dtrain submit` and `dtrain jobs`: run jobs on a Ray cluster through the Ray Jobs API, token auth included."""
+"""`dtrain submit` and `dtrain jobs`: submissions to a Ray cluster through the Ray Jobs API, token auth included."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from dtrain.errors import DtrainError
+from dtrain.compat.ray import V2_ENABLED_ENV, quiet_upload_logs, state_api_get
+from dtrain.errors import DtrainError, first_line
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Not shipped to the cluster: environments, results, caches, VCS data.
@@ -67,14 +68,10 @@ def connect(address: str | None = None):
                               "or put it in ~/.ray/auth_token (`ray get-auth-token` on the head)") from None
         raise DtrainError(f"--address {url}: the cluster rejected the token from {source}") from None
     except (ConnectionError, ValueError, OSError) as err:
-        raise DtrainError(f"--address {url}: no Ray dashboard answers there ({_first_line(err)}); "
+        raise DtrainError(f"--address {url}: no Ray dashboard answers there ({first_line(err)}); "
                           "expected http://HEAD:8265") from None
     except RuntimeError as err:
-        raise DtrainError(f"--address {url}: not a Ray Jobs API ({_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DtrainError(f"--address {url}: not a Ray Jobs API ({first_line(err)})") from None
 
 
 def code_root() -> Path:
@@ -112,15 +109,13 @@ def default_command(job: DictConfig) -> str:
 def submit(job: DictConfig, spec: str | Path, overrides: list[str], *, address: str | None = None,
            command: str | None = None) -> str:
     """Submit job (loaded from spec with overrides) to the cluster; returns the submission id."""
-    import logging
 
     from ray.exceptions import AuthenticationError
 
     command = command or default_command(job)
     client = connect(address)
-    for noisy in ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)  # per-file upload chatter
-    env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONUNBUFFERED": "1"}
+    quiet_upload_logs()
+    env = {V2_ENABLED_ENV: "1", "PYTHONUNBUFFERED": "1"}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     with tempfile.TemporaryDirectory(prefix="dtrain-submit-") as tmp:
         workdir = Path(tmp) / "code"
@@ -133,7 +128,7 @@ def submit(job: DictConfig, spec: str | Path, overrides: list[str], *, address: 
                 metadata={"dtrain_name": str(job.name), "dtrain_command": command},
             )
         except (AuthenticationError, RuntimeError) as err:
-            raise DtrainError(f"submit to {cluster_address(address)} failed: {_first_line(err)}") from None
+            raise DtrainError(f"submit to {cluster_address(address)} failed: {first_line(err)}") from None
 
 
 def _call(client, method: str, job_id: str, *args):
@@ -143,7 +138,7 @@ def _call(client, method: str, job_id: str, *args):
     except RuntimeError as err:
         if "404" in str(err) or "does not exist" in str(err):
             raise DtrainError(f"job {job_id}: no such job on {client.get_address()}") from None
-        raise DtrainError(f"job {job_id}: {_first_line(err)}") from None
+        raise DtrainError(f"job {job_id}: {first_line(err)}") from None
 
 
 def status(client, job_id: str) -> Any:
@@ -198,7 +193,7 @@ def worker_nodes(client, job_id: str, actor_class: str = "RayTrainWorker") -> li
     if not ray_job_id:  # the driver has not started yet
         return []
     query = f"filter_keys=job_id&filter_predicates=%3D&filter_values={ray_job_id}&limit=10000&detail=false"
-    r = client._do_request("GET", f"/api/v0/actors?{query}")
+    r = state_api_get(client, f"/api/v0/actors?{query}")
     if r.status_code != 200:
         raise DtrainError(f"job {job_id}: the state API answered {r.status_code}: {r.text.strip()[:200]}")
     actors = r.json()["data"]["result"]["result"]
@@ -212,7 +207,7 @@ def list_jobs(client) -> list[Any]:
     try:
         jobs = client.list_jobs()
     except (AuthenticationError, RuntimeError) as err:
-        raise DtrainError(f"listing jobs on {client.get_address()} failed: {_first_line(err)}") from None
+        raise DtrainError(f"listing jobs on {client.get_address()} failed: {first_line(err)}") from None
     return sorted(jobs, key=lambda j: j.start_time or 0)
 
 

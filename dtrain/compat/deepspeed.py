@@ -1,0 +1,96 @@
+"""DeepSpeed's private APIs used by dtrain's DeepSpeed strategy and its probes, in one place (see dtrain.compat).
+
+Nothing here imports deepspeed at module import time: the strategy imports this module when it is chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+SHARED_MEMORY_COMM_OP = "ShareMemCommBuilder"
+
+
+def skip_shared_memory_comm_op() -> None:
+    """Keep DeepSpeed's communication backend from JIT-compiling its shared-memory all-reduce on CPU.
+
+    On the CPU accelerator DeepSpeed's backend compiles that C++ op when it starts, 40-60 s the first time on a
+    machine. Only `inference_all_reduce` (tensor-parallel inference) uses it; training's collectives go through
+    torch.distributed (gloo) either way. DeepSpeed builds the op only when its probe marks it compatible, and keeps
+    the probe's result in one dict (``deepspeed.ops.__compatible_ops__``), so marking it not compatible skips the
+    build. Accelerators without the op have no builder for it: nothing to do.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder(SHARED_MEMORY_COMM_OP)
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def replace_fp32_clipping(engine: Any, clip: Callable[[], Tensor]) -> None:
+    """Run clip() where DeepSpeed clips fp32 ZeRO-0 gradients (engine.clip_fp32_gradients, called after the
+    all-reduce), and make the norm it returns the engine's global gradient norm (engine._global_grad_norm)."""
+
+    def clip_and_record() -> None:
+        engine._global_grad_norm = clip()
+
+    engine.clip_fp32_gradients = clip_and_record
+
+
+def torch_optimizer(engine: Any) -> Any:
+    """The torch optimizer DeepSpeed steps on this rank's fp32 partition (engine.basic_optimizer)."""
+    return engine.basic_optimizer
+
+
+def local_tensor(p: nn.Parameter) -> Tensor:
+    """The part of p this rank holds: its ZeRO-3 partition (p.ds_tensor), else p itself."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p
+
+
+def full_numel(p: nn.Parameter) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 partitioned it (p.ds_numel)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
+def is_partitioned(p: nn.Parameter) -> bool:
+    """Whether ZeRO-3 partitioned p (it then carries a ds_id)."""
+    return hasattr(p, "ds_id")
+
+
+def config_parser() -> type:
+    """DeepSpeed's own config class (deepspeed.runtime.config.DeepSpeedConfig), which validates a config dict."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    return DeepSpeedConfig
+
+
+def check() -> None:
+    """CompatError naming each private DeepSpeed API above that no longer exists."""
+    import inspect
+
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    from dtrain.compat import require
+
+    def clip_hook() -> Any:  # the engine must still call its clip_fp32_gradients method when clipping fp32 ZeRO-0
+        return "self.clip_fp32_gradients()" in inspect.getsource(DeepSpeedEngine._take_model_step) or None
+
+    require({
+        "deepspeed.ops.__compatible_ops__": lambda: deepspeed.ops.__compatible_ops__,
+        f"accelerator op builder {SHARED_MEMORY_COMM_OP}": lambda: get_accelerator().create_op_builder(
+            SHARED_MEMORY_COMM_OP) or get_accelerator().device_name() != "cpu" or None,
+        "DeepSpeedEngine.clip_fp32_gradients": lambda: DeepSpeedEngine.clip_fp32_gradients,
+        "DeepSpeedEngine._take_model_step calling clip_fp32_gradients": clip_hook,
+        "DeepSpeedEngine.get_global_grad_norm returning _global_grad_norm": lambda: (
+            "self._global_grad_norm" in inspect.getsource(DeepSpeedEngine.get_global_grad_norm) or None),
+        "DeepSpeedEngine.basic_optimizer": lambda: "self.basic_optimizer" in inspect.getsource(DeepSpeedEngine) or None,
+        "ZeRO-3 parameter attributes ds_tensor/ds_numel/ds_id": lambda: all(
+            f"param.{a}" in inspect.getsource(Init) for a in ("ds_tensor", "ds_numel", "ds_id")) or None,
+        "deepspeed.runtime.config.DeepSpeedConfig": config_parser,
+    })

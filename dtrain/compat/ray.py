@@ -1,0 +1,93 @@
+"""Ray's private APIs used by dtrain's launchers, in one place (see dtrain.compat).
+
+Imported by dtrain.launch only (the engine never imports ray).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from typing import Any
+
+# Ray Train V2's environment variables (ray.train.v2._internal.constants); check() verifies the names.
+V2_ENABLED_ENV = "RAY_TRAIN_V2_ENABLED"
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+"""Seconds between the Train controller's polls of its workers."""
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+"""Ray Train otherwise echoes every worker print twice (log + stdout)."""
+
+TRAIN_CONTEXT_MODULE = "ray.train.v2._internal.execution.context"
+"""Logs a line per report/checkpoint, through a logger named after its file, not its module."""
+TRAIN_ERROR_LOGGER = "ray.train.v2._internal.util"
+"""Where Ray Train logs the training function's exception, with its traceback, on the worker."""
+
+
+def quiet_train_worker_logs(drop: Callable[[logging.LogRecord], bool]) -> None:
+    """In a Ray Train worker: no line per report, and drop() decides which error records are not shown."""
+    spec = importlib.util.find_spec(TRAIN_CONTEXT_MODULE)
+    for name in ("ray.train", spec.origin if spec else ""):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger(TRAIN_ERROR_LOGGER).addFilter(lambda record: not drop(record))
+
+
+UPLOAD_LOGGERS = ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk")
+"""Loggers that log every file of a working_dir that `ray job submit` packs and uploads."""
+
+
+def quiet_upload_logs() -> None:
+    """No line per uploaded file when submitting a job."""
+    for name in UPLOAD_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def abort_train_run(controller: Any, timeout_s: float = 60) -> None:
+    """Abort a Ray Train run through its controller actor (TrainController.abort), waiting up to timeout_s."""
+    import ray
+
+    try:
+        ray.get(controller.abort.remote(), timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - abort ends the actor; its exit surfaces as an error here
+        pass
+
+
+def state_api_get(client: Any, path: str) -> Any:
+    """GET a path of the dashboard's state API through a JobSubmissionClient (its _do_request keeps the headers)."""
+    return client._do_request("GET", path)
+
+
+def init_local(**kwargs: Any) -> None:
+    """ray.init of a new single-node Ray whose node address is 127.0.0.1 (ray.init's _node_ip_address)."""
+    import ray
+
+    ray.init(_node_ip_address="127.0.0.1", **kwargs)
+
+
+def check() -> None:
+    """CompatError naming each private Ray API above that no longer exists."""
+    import inspect
+
+    import ray
+    from ray.dashboard.modules.dashboard_sdk import SubmissionClient
+    from ray.train.v2._internal import constants
+    from ray.train.v2._internal.execution.controller.controller import TrainController
+
+    from dtrain.compat import require
+
+    def env(name: str) -> Callable[[], Any]:
+        return lambda: name in vars(constants).values() or None
+
+    require({
+        V2_ENABLED_ENV: env(V2_ENABLED_ENV),
+        HEALTH_CHECK_INTERVAL_ENV: env(HEALTH_CHECK_INTERVAL_ENV),
+        PREEMPTION_WATCHER_ENV: env(PREEMPTION_WATCHER_ENV),
+        PRINT_PATCH_ENV: env(PRINT_PATCH_ENV),
+        TRAIN_CONTEXT_MODULE: lambda: importlib.util.find_spec(TRAIN_CONTEXT_MODULE),
+        f"{TRAIN_ERROR_LOGGER} logging 'Error in training function'": lambda: (
+            "Error in training function" in inspect.getsource(importlib.import_module(TRAIN_ERROR_LOGGER)) or None),
+        "TrainController.abort": lambda: TrainController.abort,
+        **{f"logger module {name}": (lambda n=name: importlib.util.find_spec(n)) for name in UPLOAD_LOGGERS},
+        "SubmissionClient._do_request": lambda: SubmissionClient._do_request,
+        "ray.init(_node_ip_address=...)": lambda: "_node_ip_address" in inspect.getsource(ray.init) or None,
+    })

@@ -1,0 +1,40 @@
+"""The data section of a job (DataConfig)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dtrain.errors import check
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    """Data set name from the registry (`dtrain models` lists them), e.g. digits, adding, npz."""
+    path: str | None = None
+    """File for file-backed data sets (npz, csv, idx)."""
+    batch_size: int = 64
+    """Mini-batch size per worker; global batch = batch_size x workers x grad_accum."""
+    val_fraction: float = 0.1
+    """Share of the non-test data held out for validation (ignored when the data set has its own split)."""
+    test_fraction: float = 0.2
+    """Share of the data held out for testing (ignored when the data set has its own split)."""
+    seed: int = 0
+    """Seed of the train/val/test split."""
+    standardize: bool = True
+    """Scale features to zero mean and unit variance using training statistics only."""
+    minmax: bool = False
+    """Rescale each feature to [0, 1] with the training split's min and max (clipped), e.g. for Bernoulli RBMs;
+    needs standardize=false."""
+    fourier: bool = False
+    """Append the FFT magnitude spectrum of each sequence/signal to its features."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Data-set specific keyword arguments, e.g. {seq_len: 50} for adding."""
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
+        check(0 <= self.val_fraction < 1, "data.val_fraction", "a number in [0, 1)", self.val_fraction)
+        check(0 <= self.test_fraction < 1, "data.test_fraction", "a number in [0, 1)", self.test_fraction)
+        check(not (self.minmax and self.standardize), "data.minmax", "standardize=false alongside minmax=true",
+              "standardize=true")

@@ -1,0 +1,79 @@
+"""One training process, as every launcher starts it: builds data, model, strategy and tracker from the job and
+runs the engine's loop (Ray Train workers and spawn_workers both call run_worker)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtrain.config import to_objects
+from dtrain.data import load_data
+from dtrain.data.base import BatchPlan, DataBundle, Loaders
+from dtrain.data.sharding import EvalShards, InMemoryLoader, batch_plan
+from dtrain.engine import dist
+from dtrain.engine.callbacks import Callback
+from dtrain.engine.loop import LoopConfig, Publish, RunContext, fit
+from dtrain.engine.precision import Precision
+from dtrain.engine.strategies import Strategy, StrategySetup, build_strategy
+from dtrain.models import CatalogModel, build_model
+from dtrain.tracking import Tracker
+
+
+@dataclass
+class Worker:
+    """Everything one training process trains with, built from the job (see build_worker)."""
+
+    model: CatalogModel
+    loaders: Loaders
+    strategy: Strategy
+    loop: LoopConfig
+
+
+def build_worker(job: Any, device: torch.device, data: DataBundle | None = None) -> Worker:
+    """Build this rank's model, loaders and strategy for job (JobConfig objects, see dtrain.config.to_objects).
+    data: the job's data if the launcher loaded it already (else it is loaded here)."""
+    rank, world, t = dist.rank(), dist.world_size(), job.trainer
+    data = data if data is not None else load_data(job.data)  # seeded by data.seed: the same split everywhere
+    plan = batch_plan(job.optim.descent, job.data.batch_size, len(data.train[0]), world, t.grad_accum)
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = build_model(job.model, data.meta)
+    torch.manual_seed(t.seed + 1 + rank)  # but independent dropout masks per rank
+    setup = StrategySetup(device=device, precision=Precision(t.precision, device), optim=job.optim,
+                          grad_clip=t.grad_clip, grad_clip_mode=t.grad_clip_mode, micro_batch=plan.micro_batch,
+                          accum=plan.accum)
+    strategy = build_strategy(t.strategy, setup, getattr(t, t.strategy, None))
+    loop = LoopConfig(lr=job.optim.lr, max_epochs=t.max_epochs, max_steps=t.max_steps,
+                      log_every_n_steps=t.log_every_n_steps, max_nonfinite_steps=t.max_nonfinite_steps,
+                      checkpoint_every_n_epochs=job.checkpoint.every_n_epochs,
+                      checkpoint_every_n_steps=job.checkpoint.every_n_steps, early_stopping=t.early_stopping)
+    return Worker(model, in_memory_loaders(data, plan, rank, device, t.seed), strategy, loop)
+
+
+def run_worker(job_dict: dict[str, Any], run_dir: str | Path, publish: Publish, device: torch.device,
+               resume_dir: Path | None = None, data: DataBundle | None = None, *, retarget: bool = False,
+               callbacks: list[Callback] = ()) -> dict[str, Any]:
+    """Train the job in this process (one rank of the process group, if any); returns the summary.
+    data: the job's data if the launcher loaded it already (else it is loaded here)."""
+    worker = build_worker(to_objects(job_dict), device, data)
+    rank = dist.rank()
+    tracker = Tracker(run_dir, job_dict) if rank == 0 else None
+    ctx = RunContext(rank, dist.world_size(), publish, tracker.log if tracker else _ignore, resume_dir, retarget,
+                     list(callbacks))
+    with tracker or contextlib.nullcontext():  # the tracker marks its W&B run failed if fit raises
+        return fit(worker.model, worker.loaders, worker.strategy, worker.loop, ctx)
+
+
+def in_memory_loaders(data: DataBundle, plan: BatchPlan, rank: int, device: torch.device, seed: int) -> Loaders:
+    """The training split dealt by global batch, val/test in shards, all held on device."""
+    on = [tuple(t.to(device) for t in split) for split in (data.train, data.val, data.test)]
+    return Loaders(InMemoryLoader(on[0], plan, rank, shuffle=True, seed=seed),
+                   EvalShards(on[1], plan.micro_batch, rank, plan.world),
+                   EvalShards(on[2], plan.micro_batch, rank, plan.world))
+
+
+def _ignore(record: dict[str, Any]) -> None:
+    pass

@@ -1,0 +1,23 @@
+"""Faults the tests inject into real training processes, as engine callbacks (installed by the launchers)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from dtrain.engine.callbacks import Callback
+from dtrain.engine.state import TrainState
+
+
+class KillAt(Callback):
+    """SIGKILL the process of `rank` right after optimizer step `step`, once: the marker file is created first, so
+    the restarted or resumed run trains on."""
+
+    def __init__(self, rank: int, step: int, marker: str | Path) -> None:
+        self.rank, self.step, self.marker = rank, step, Path(marker)
+
+    def on_step_end(self, state: TrainState, rank: int) -> None:
+        if rank == self.rank and state.step == self.step and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
