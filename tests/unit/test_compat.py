@@ -1,0 +1,29 @@
+"""Each library's private APIs that dtrain relies on still exist in the installed versions; when an upgrade moves
+one, its compat module's check names it (dtrain/compat/{torch,deepspeed,ray}.py)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from dtrain.compat import CompatError
+
+
+@pytest.mark.parametrize("library", ["torch", "deepspeed", "ray"])
+def test_private_apis_dtrain_uses_are_there(library):
+    importlib.import_module(f"dtrain.compat.{library}").check()
+
+
+@pytest.mark.parametrize(("library", "module", "cls", "attr", "named"), [
+    ("torch", "torch", None, "_foreach_norm", "torch._foreach_norm"),
+    ("deepspeed", "deepspeed.runtime.engine", "DeepSpeedEngine", "clip_fp32_gradients",
+     "DeepSpeedEngine.clip_fp32_gradients"),
+    ("ray", "ray.train.v2._internal.execution.controller.controller", "TrainController", "abort",
+     "TrainController.abort"),
+])
+def test_a_moved_symbol_is_named(library, module, cls, attr, named, monkeypatch):
+    owner = importlib.import_module(module)
+    monkeypatch.delattr(getattr(owner, cls) if cls else owner, attr)
+    with pytest.raises(CompatError, match=rf"private APIs moved: .*{named.replace('.', '[.]')}"):
+        importlib.import_module(f"dtrain.compat.{library}").check()
