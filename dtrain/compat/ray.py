@@ -16,6 +16,8 @@ HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 """Seconds between the Train controller's polls of its workers."""
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Seconds the Train controller waits for its workers' placement group before that attempt times out."""
 """Ray Train otherwise echoes every worker print twice (log + stdout)."""
 
 TRAIN_CONTEXT_MODULE = "ray.train.v2._internal.execution.context"
@@ -64,6 +66,31 @@ def init_local(**kwargs: Any) -> None:
     ray.init(_node_ip_address="127.0.0.1", **kwargs)
 
 
+STARTUP_TIMEOUT = "The current node timed out during startup"
+"""What ray.init raises (as a bare Exception, ray._private.node) when the new node does not register in time."""
+
+
+def is_startup_timeout(err: BaseException) -> bool:
+    """Whether err is ray.init's 'node timed out during startup' (a loaded machine), which is worth a retry."""
+    return STARTUP_TIMEOUT in str(err)
+
+
+def is_worker_start_timeout(err: BaseException) -> bool:
+    """Whether err (a Train run's failure) is its workers' placement not coming through in time."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, WorkerGroupStartupTimeoutError):
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "controller_failure", None)]
+    return False
+
+
 def check() -> None:
     """CompatError naming each private Ray API above that no longer exists."""
     import inspect
@@ -83,6 +110,7 @@ def check() -> None:
         HEALTH_CHECK_INTERVAL_ENV: env(HEALTH_CHECK_INTERVAL_ENV),
         PREEMPTION_WATCHER_ENV: env(PREEMPTION_WATCHER_ENV),
         PRINT_PATCH_ENV: env(PRINT_PATCH_ENV),
+        WORKER_GROUP_START_TIMEOUT_ENV: env(WORKER_GROUP_START_TIMEOUT_ENV),
         TRAIN_CONTEXT_MODULE: lambda: importlib.util.find_spec(TRAIN_CONTEXT_MODULE),
         f"{TRAIN_ERROR_LOGGER} logging 'Error in training function'": lambda: (
             "Error in training function" in inspect.getsource(importlib.import_module(TRAIN_ERROR_LOGGER)) or None),
@@ -90,4 +118,6 @@ def check() -> None:
         **{f"logger module {name}": (lambda n=name: importlib.util.find_spec(n)) for name in UPLOAD_LOGGERS},
         "SubmissionClient._do_request": lambda: SubmissionClient._do_request,
         "ray.init(_node_ip_address=...)": lambda: "_node_ip_address" in inspect.getsource(ray.init) or None,
+        f"'{STARTUP_TIMEOUT}' (ray._private.node)": lambda: STARTUP_TIMEOUT in inspect.getsource(
+            importlib.import_module("ray._private.node")) or None,
     })
