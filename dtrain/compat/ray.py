@@ -38,6 +38,16 @@ UPLOAD_LOGGERS = ("ray._private.runtime_env.packaging", "ray.dashboard.modules.d
 """Loggers that log every file of a working_dir that `ray job submit` packs and uploads."""
 
 
+NOTICE_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+"""Driver-side loggers whose WARNING lines are notices, not problems (token authentication is on: as it should)."""
+
+
+def quiet_driver_notices() -> None:
+    """No notice lines from Ray in the driver when a local Ray starts (only its errors)."""
+    for name in NOTICE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def quiet_upload_logs() -> None:
     """No line per uploaded file when submitting a job."""
     for name in UPLOAD_LOGGERS:
@@ -115,7 +125,8 @@ def check() -> None:
         f"{TRAIN_ERROR_LOGGER} logging 'Error in training function'": lambda: (
             "Error in training function" in inspect.getsource(importlib.import_module(TRAIN_ERROR_LOGGER)) or None),
         "TrainController.abort": lambda: TrainController.abort,
-        **{f"logger module {name}": (lambda n=name: importlib.util.find_spec(n)) for name in UPLOAD_LOGGERS},
+        **{f"logger module {name}": (lambda n=name: importlib.util.find_spec(n))
+           for name in UPLOAD_LOGGERS + NOTICE_LOGGERS},
         "SubmissionClient._do_request": lambda: SubmissionClient._do_request,
         "ray.init(_node_ip_address=...)": lambda: "_node_ip_address" in inspect.getsource(ray.init) or None,
         f"'{STARTUP_TIMEOUT}' (ray._private.node)": lambda: STARTUP_TIMEOUT in inspect.getsource(

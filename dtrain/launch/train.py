@@ -103,6 +103,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     # keep Ray Train from echoing every worker print twice.
     runtime_env = {"env_vars": {"PYTHONPATH": _package_root() + os.pathsep + os.environ.get("PYTHONPATH", ""),
                                 ray_compat.PRINT_PATCH_ENV: "0"}}
+    ray_compat.quiet_driver_notices()
     with _keep_sigterm_handler():
         _start_ray(address, num_cpus, runtime_env)
 
