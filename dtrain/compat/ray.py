@@ -48,6 +48,28 @@ def quiet_driver_notices() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+PRINT_LOGS_HANDLER = "ray_print_logs"
+"""The driver-side handler (ray._private.worker) that prints every worker's output lines to this console."""
+
+
+def show_worker_lines(keep: Callable[[str], bool]) -> None:
+    """Of the output Ray streams from every worker and actor to the driver's console, print only the lines keep()
+    accepts, as they are (without Ray's "(Actor pid=...)" prefix); the rest stays in Ray's log files."""
+    import sys
+
+    from ray._private import worker
+
+    def print_kept(data: dict[str, Any]) -> None:
+        sink = sys.stderr if data.get("is_err") else sys.stdout
+        for line in data.get("lines", []):
+            if keep(line):
+                print(line, file=sink, flush=True)
+
+    dispatcher = worker.global_worker_stdstream_dispatcher
+    dispatcher.remove_handler(PRINT_LOGS_HANDLER)
+    dispatcher.add_handler(PRINT_LOGS_HANDLER, print_kept)
+
+
 def quiet_upload_logs() -> None:
     """No line per uploaded file when submitting a job."""
     for name in UPLOAD_LOGGERS:
@@ -125,6 +147,10 @@ def check() -> None:
         f"{TRAIN_ERROR_LOGGER} logging 'Error in training function'": lambda: (
             "Error in training function" in inspect.getsource(importlib.import_module(TRAIN_ERROR_LOGGER)) or None),
         "TrainController.abort": lambda: TrainController.abort,
+        "ray._private.worker.global_worker_stdstream_dispatcher": lambda: importlib.import_module(
+            "ray._private.worker").global_worker_stdstream_dispatcher,
+        f"print handler '{PRINT_LOGS_HANDLER}'": lambda: f'"{PRINT_LOGS_HANDLER}"' in inspect.getsource(
+            importlib.import_module("ray._private.worker")) or None,
         **{f"logger module {name}": (lambda n=name: importlib.util.find_spec(n))
            for name in UPLOAD_LOGGERS + NOTICE_LOGGERS},
         "SubmissionClient._do_request": lambda: SubmissionClient._do_request,

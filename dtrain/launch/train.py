@@ -106,6 +106,8 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     ray_compat.quiet_driver_notices()
     with _keep_sigterm_handler():
         _start_ray(address, num_cpus, runtime_env)
+    # dtrain's own lines only: Ray's and libraries' chatter from workers and actors stays in Ray's log files
+    ray_compat.show_worker_lines(lambda line: line.startswith("[dtrain]"))
 
 
 @contextlib.contextmanager

@@ -98,3 +98,15 @@ def test_sigterm_stops_a_run_like_ctrl_c_with_one_line(ray_session, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     assert "dtrain: terminated (SIGTERM)" in err and "SIGTERM received" not in err + out
+
+
+def test_a_successful_run_prints_dtrains_lines_and_nothing_else(ray_session, tmp_path):
+    """Workers, Ray Train's controller and DeepSpeed log plenty (accelerator notices, Ray's own lines); the console
+    shows dtrain's lines only (each line printed once, without Ray's "(RayTrainWorker pid=...)" prefix)."""
+    proc = _dtrain(["train", JOBS / "mlp_digits_deepspeed.yaml", f"runs_dir={tmp_path}", "name=quiet",
+                    "trainer.max_epochs=2", "logging.progress=false", "logging.wandb.enabled=false"],
+                   ray_session.get_runtime_context().gcs_address)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert [line for line in lines if not line.startswith("[dtrain]")] == []
+    assert sum("epoch=" in line for line in lines) == 2
