@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dtrain.compat import ray as ray_compat
 from dtrain.config import to_dict
+from dtrain.data.base import DataBundle
 from dtrain.errors import ConfigError, DtrainError
 from dtrain.launch.progress import ProgressFollower
 from dtrain.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
@@ -47,12 +49,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     downloaded = Path(checkpoint.to_directory()) if remote else None
     try:
         resume_dir = _resume_dir(checkpoint, downloaded, Path(config["run_dir"]), config.get("resume", False))
-        data = ray.get(config["data"]) if config.get("data") is not None else None  # loaded once, by the driver
+        # loaded once, by the driver; read in place from Ray's shared object store
+        data = from_object_store(ray.get(config["data"])) if config.get("data") is not None else None
         run_worker(config["job"], config["run_dir"], publish, ray.train.torch.get_device(), resume_dir, data,
                    retarget=own is None and checkpoint is not None, callbacks=config.get("callbacks") or [])
     finally:
         if downloaded is not None:
             shutil.rmtree(downloaded, ignore_errors=True)
+
+
+def to_object_store(data: DataBundle) -> dict[str, Any]:
+    """The data as numpy arrays, which Ray's object store hands to every worker on the node without a copy (torch
+    tensors would be pickled, and each worker would unpickle a copy of its own)."""
+    return {"splits": [tuple(t.numpy() for t in split) for split in (data.train, data.val, data.test)],
+            "meta": data.meta}
+
+
+def from_object_store(shipped: dict[str, Any]) -> DataBundle:
+    """DataBundle of tensors over the object store's (read-only, shared) arrays: the loop only reads them."""
+    import torch
+
+    with warnings.catch_warnings():  # torch warns that the arrays are read-only: nothing writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        splits = [tuple(torch.from_numpy(a) for a in split) for split in shipped["splits"]]
+    return DataBundle(*splits, shipped["meta"])
 
 
 def _is_user_error_traceback(record: logging.LogRecord) -> bool:
@@ -313,7 +333,7 @@ def _trainer(job: DictConfig, run_dir: Path, workers: int, use_gpu: bool, *, res
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(job), "run_dir": str(run_dir), "init_checkpoint": init_checkpoint,
-                           "resume": resume, "data": None if data is None else ray.put(data),
+                           "resume": resume, "data": None if data is None else ray.put(to_object_store(data)),
                            "report_metrics": bool(callbacks), "callbacks": worker_callbacks or []},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": job.trainer.cpus_per_worker}),
