@@ -30,7 +30,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint, CheckpointUploadMode
 
     from dtrain.launch.worker import run_worker
 
@@ -38,7 +38,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Metrics alone go to Ray only when a controller callback consumes them (dtrain tune): dtrain train logs
         # them itself, and each ray.train.report is a round trip through Ray's actors at every epoch end.
         if folder is not None or config.get("report_metrics"):
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None)
+            # The upload to storage runs in the background too (Ray removes the folder once it is uploaded), except
+            # under dtrain tune, whose schedulers act on each report before the trial trains on.
+            mode = CheckpointUploadMode.SYNC if config.get("report_metrics") else CheckpointUploadMode.ASYNC
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None,
+                             checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
 
     ray_compat.quiet_train_worker_logs(drop=_is_user_error_traceback)
     # A run's own latest checkpoint wins; init_checkpoint only seeds a fresh run (dtrain tune's PBT exploit).
