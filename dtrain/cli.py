@@ -32,6 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         job = _load(args.job, args.overrides)
     data = _check_buildable(job)
+    check_trackers(job)
     summary = fit_job(job, address=args.address, resume=args.resume, data=data)
     run_dir = run_dir_for(job)
     print(f"[dtrain] run finished: {run_dir}")
@@ -61,6 +62,17 @@ def _check_buildable(job):
     return data
 
 
+def check_trackers(job) -> None:
+    """Before Ray starts: a tracker that is enabled=true and cannot work is an error; an enabled=auto one is
+    switched off for this run with one warning line."""
+    from dtrain.config import to_dict
+    from dtrain.tracking import preflight
+
+    for section, reason in preflight(to_dict(job)).items():
+        print(f"[dtrain] warning: {reason}; the run goes on without it", flush=True)
+        job.logging[section].enabled = "false"
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from dtrain.launch.tune import BEST_FILE, JOB_FILE, RESULTS_FILE, print_table, run_search
 
@@ -72,6 +84,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         job = _load(args.job, args.overrides)
     _check_buildable(job)
+    check_trackers(job)
     rows, tune_cfg = run_search(job, address=args.address, resume=args.resume)
     search_dir = Path(job.runs_dir).resolve() / job.name
     print_table(rows, tune_cfg.metric)

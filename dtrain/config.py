@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -139,10 +140,52 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    enabled: bool = False
+    """Write TensorBoard event files (the same values W&B receives)."""
+    dir: str | None = None
+    """Root folder of event files; the run's go in <dir>/<name>. null = <run dir>/tensorboard."""
+    name: str | None = None
+    """The run's folder under dir; null = the job name (dtrain tune sets it to <search>/<trial>)."""
+
+
+@dataclass
+class MlflowConfig:
+    enabled: str = "auto"
+    """auto (on when a tracking URI is set here or in MLFLOW_TRACKING_URI; a server that does not answer is a
+    warning), true (a URI is required and must answer) or false."""
+    tracking_uri: str | None = None
+    """http(s)://host:port of an MLflow tracking server, or a store URI (sqlite:///..., a folder); null =
+    MLFLOW_TRACKING_URI. Credentials go in MLflow's environment variables (MLFLOW_TRACKING_TOKEN, ...), never here."""
+    experiment: str = "dtrain"
+    """MLflow experiment (created if missing)."""
+    run_name: str | None = None
+    """Run name; null = the job name (dtrain tune sets it to the trial id)."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Tags of the MLflow run."""
+    log_checkpoint: bool = False
+    """Upload the run's latest checkpoint folder as the artifact 'checkpoint' when training ends."""
+    key: str | None = None
+    """Continue the run tagged dtrain.key=<key> when the run dir has none yet (dtrain tune sets one per trial)."""
+    parent_run_id: str | None = None
+    """Nest the run under this MLflow run (dtrain tune sets its search's parent run)."""
+
+    def __post_init__(self) -> None:
+        check(str(self.enabled).lower() in ("auto", "true", "false"), "logging.mlflow.enabled", "auto, true or false",
+              self.enabled)
+        url = urlparse(self.tracking_uri or "")
+        check(url.password is None, "logging.mlflow.tracking_uri", "a URI without a password (it would be saved in "
+              "config.yaml; set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN)",
+              url._replace(netloc=f"{url.username}:***@{url.hostname}").geturl() if url.password else None)
+
+
+@dataclass
 class LoggingConfig:
     progress: bool = True
     """Show a progress bar on rank 0."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass
