@@ -20,6 +20,7 @@ from dtrain.data.config import DataConfig
 from dtrain.engine.loop import EarlyStoppingConfig
 from dtrain.engine.optim import OptimConfig
 from dtrain.engine.precision import DTYPES
+from dtrain.engine.profile import ProfileConfig
 from dtrain.engine.strategies import STRATEGIES, strategy_class, strategy_options
 from dtrain.errors import ConfigError, check
 
@@ -58,6 +59,7 @@ class TrainerBase:
     max_failures: int = 0
     """Worker-group restarts Ray Train may make after a failure (resuming from the latest checkpoint)."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
         check(self.strategy in STRATEGIES, "trainer.strategy", "one of " + ", ".join(STRATEGIES), self.strategy)
@@ -74,11 +76,22 @@ class TrainerBase:
         check(self.grad_clip_mode in ("norm", "value"), "trainer.grad_clip_mode", "norm or value", self.grad_clip_mode)
         check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", "an integer >= 1", self.log_every_n_steps)
         check(self.max_failures >= 0, "trainer.max_failures", "an integer >= 0", self.max_failures)
+        self._check_profile()
         # the strategy's own checks of its section against these settings (e.g. raw DeepSpeed keys that contradict
         # them), when the job loads
         strategy_class(self.strategy).check(getattr(self, self.strategy, None), precision=self.precision,
                                             grad_clip=self.grad_clip, grad_clip_mode=self.grad_clip_mode,
                                             grad_accum=self.grad_accum)
+
+
+    def _check_profile(self) -> None:
+        p = self.profile
+        if not p.enabled:
+            return
+        check(self.num_workers is None or max(p.ranks) < self.num_workers, "trainer.profile.ranks",
+              f"ranks below trainer.num_workers ({self.num_workers})", list(p.ranks))
+        check(self.max_steps is None or p.last_step <= self.max_steps, "trainer.profile",
+              f"wait + warmup + active <= trainer.max_steps ({self.max_steps})", p.last_step)
 
 
 TrainerConfig = dataclasses.make_dataclass(

@@ -37,8 +37,23 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
                                                               out / "grad_norm.png"))) if ok]
     end = next((e for e in reversed(events) if e.get("event") == "end"), None)
     path = out / REPORT_FILE
-    path.write_text(_markdown(run_dir, _job(run_dir), end, epochs, plots))
+    path.write_text(_markdown(run_dir, _job(run_dir), end, epochs, plots) + _profile_section(run_dir))
     return path
+
+
+def _profile_section(run_dir: Path, top: int = 15) -> str:
+    """The top operators by self time of each profiled rank (trainer.profile), from profile/rank<r>.ops.json."""
+    lines = []
+    for path in sorted((run_dir / "profile").glob("rank*.ops.json")):
+        found = json.loads(path.read_text())
+        rank = path.name.split(".")[0].removeprefix("rank")
+        lines += [f"## Profile: top operators by self time (rank {rank}, {found['steps']} steps)", "",
+                  f"Trace: profile/rank{rank}.pt.trace.json (open in Perfetto)", "",
+                  "| operator | calls | self CPU ms | self device ms | CPU total ms |", "|---|---|---|---|---|"]
+        lines += [f"| `{op['name']}` | {op['calls']} | {op['self_cpu_us'] / 1e3:.3f} | "
+                  f"{op['self_device_us'] / 1e3:.3f} | {op['cpu_us'] / 1e3:.3f} |" for op in found["ops"][:top]]
+        lines.append("")
+    return "\n".join(["", *lines]) if lines else ""
 
 
 def _by_step(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from dtrain.engine import dist
 from dtrain.engine.callbacks import Callback
 from dtrain.engine.loop import LoopConfig, Publish, RunContext, fit
 from dtrain.engine.precision import Precision
+from dtrain.engine.profile import Profiler
 from dtrain.engine.strategies import Strategy, StrategySetup, build_strategy
 from dtrain.models import CatalogModel, build_model
 from dtrain.tracking import Tracker
@@ -58,11 +59,14 @@ def run_worker(job_dict: dict[str, Any], run_dir: str | Path, publish: Publish, 
                callbacks: list[Callback] = ()) -> dict[str, Any]:
     """Train the job in this process (one rank of the process group, if any); returns the summary.
     data: the job's data if the launcher loaded it already (else it is loaded here)."""
-    worker = build_worker(to_objects(job_dict), device, data)
+    job = to_objects(job_dict)
+    worker = build_worker(job, device, data)
     rank = dist.rank()
     tracker = Tracker(run_dir, job_dict) if rank == 0 else None
+    # instrumentation is installed as callbacks, only when configured: the loop has no branch for it
+    installed = [*callbacks, *([Profiler(job.trainer.profile, run_dir)] if job.trainer.profile.enabled else [])]
     ctx = RunContext(rank, dist.world_size(), publish, tracker.log if tracker else _ignore, resume_dir, retarget,
-                     list(callbacks))
+                     installed)
     with tracker or contextlib.nullcontext():  # the tracker marks its W&B run failed if fit raises
         return fit(worker.model, worker.loaders, worker.strategy, worker.loop, ctx)
 
