@@ -193,12 +193,25 @@ class MlflowConfig:
 
 
 @dataclass
+class SystemMetricsConfig:
+    enabled: bool = False
+    """Sample each worker's CPU %, memory and (on GPUs) utilisation in a background thread, logged per rank as
+    sys/<name>/rank<r> at every logged step."""
+    interval_s: float = 1.0
+    """Seconds between samples."""
+
+    def __post_init__(self) -> None:
+        check(self.interval_s > 0, "logging.system_metrics.interval_s", "a number > 0", self.interval_s)
+
+
+@dataclass
 class LoggingConfig:
     progress: bool = True
     """Show a progress bar on rank 0."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    system_metrics: SystemMetricsConfig = field(default_factory=SystemMetricsConfig)
 
 
 @dataclass
