@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
@@ -67,7 +68,13 @@ def check_trackers(job) -> None:
     switched off for this run with one warning line."""
     from dtrain.config import to_dict
     from dtrain.tracking import preflight
+    from dtrain.tracking.mlflow_sink import mlflow_settings
 
+    settings = mlflow_settings(to_dict(job))
+    # a URI from MLFLOW_TRACKING_URI travels with the job (Ray workers may not have the variable), unless it holds
+    # a password (config.yaml must not)
+    if settings is not None and urlparse(settings["tracking_uri"]).password is None:
+        job.logging.mlflow.tracking_uri = settings["tracking_uri"]
     for section, reason in preflight(to_dict(job)).items():
         print(f"[dtrain] warning: {reason}; the run goes on without it", flush=True)
         job.logging[section].enabled = "false"

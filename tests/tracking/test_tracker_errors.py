@@ -61,3 +61,12 @@ def test_true_without_a_uri_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="logging.mlflow.tracking_uri: required when logging.mlflow.enabled"):
         preflight(small_job(**{"logging.mlflow.enabled": "true"}))
     assert preflight(small_job()) == {}, "auto without a URI: MLflow is simply off"
+
+
+def test_tracking_uri_from_the_environment_travels_with_the_job(monkeypatch, capsys):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    job = load_job(None, base=small_job())
+    check_trackers(job)  # auto: on, because of the variable; nothing answers, so off for this run
+    assert job.logging.mlflow.tracking_uri == uri and job.logging.mlflow.enabled == "false"
+    assert "no MLflow tracking server answers" in capsys.readouterr().out

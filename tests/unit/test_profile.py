@@ -10,6 +10,7 @@ import pytest
 from dtrain.cli import main
 from dtrain.launch.spawn import spawn_workers
 from dtrain.report import write_report
+from dtrain.tracking import read_metrics
 from tests.helpers import JOBS, small_job
 
 
@@ -30,6 +31,8 @@ def test_profiles_only_the_chosen_rank_and_report_lists_operators(tmp_path, capf
     assert "## Profile: top operators by self time (rank 1, 2 steps)" in report
     assert f"| `{ops['ops'][0]['name']}` | {ops['ops'][0]['calls']} |" in report
     assert capfd.readouterr().out.count("[dtrain] profiler: rank 1 trace written") == 1
+    step = next(e for e in read_metrics(tmp_path) if e["event"] == "step")
+    assert "time/data_s" in step and not any(k.startswith("sys/") for k in step), "system metrics are opt-in"
 
 
 @pytest.mark.parametrize("over, message", [

@@ -49,8 +49,3 @@ def test_system_metrics_and_time_split_reach_rank_zero(tmp_path):
     assert "![time_split](time_split.png)" in report and "![system](system.png)" in report
     assert (tmp_path / "report" / "system.png").stat().st_size > 10_000
 
-
-def test_without_system_metrics_only_the_time_split_is_logged(tmp_path):
-    spawn_workers(small_job(**{"trainer.max_epochs": 1}), tmp_path, world=2)
-    step = next(e for e in read_metrics(tmp_path) if e["event"] == "step")
-    assert "time/data_s" in step and not any(k.startswith("sys/") for k in step)
