@@ -87,6 +87,10 @@ def _nvml_handle() -> Any:
     except ImportError:
         print("[dtrain] system metrics: no GPU metrics (pip install nvidia-ml-py)", flush=True)
         return None
-    pynvml.nvmlInit()
-    uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-    return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+    try:  # NVML numbers devices its own way: find ours by UUID (CUDA_VISIBLE_DEVICES may renumber them)
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+    except Exception as err:  # a driver without NVML must not stop training
+        print(f"[dtrain] system metrics: no GPU metrics (NVML: {str(err)[:200]})", flush=True)
+        return None
