@@ -15,6 +15,7 @@ ratios; the first --warmup rounds are dropped.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -81,6 +82,21 @@ def _sinks(job: dict[str, Any], folder: Path, uri: str) -> dict[str, list[Any]]:
             "system": [JsonlSink(folder / "system", echo=False)]}
 
 
+def _cpu_per_record(job: dict[str, Any], folder: Path, uri: str, record: dict[str, Any], n: int) -> dict[str, float]:
+    """CPU milliseconds of this process (all its threads: the writers' and MLflow's sending threads included) per
+    logged step record, for fresh sinks of each configuration; flushed and closed inside the measurement."""
+    out = {}
+    for name, sinks in _sinks(job, folder, uri).items():
+        started = time.process_time()
+        for i in range(n):
+            for sink in sinks:
+                sink.log(record | {"step": (i + 1) * 10})
+        for sink in sinks:
+            sink.finish(False)
+        out[name] = 1e3 * (time.process_time() - started) / n
+    return out
+
+
 def _ratios(times: dict[str, list[float]], warmup: int) -> dict[str, dict[str, float]]:
     off = times["off"][warmup:]
     out = {}
@@ -116,9 +132,16 @@ def run(rounds: int, block: int, log_every: int, warmup: int) -> dict[str, Any]:
             sample_cpu_s = (time.process_time() - started) / 200
         for sink in (s for group in sinks.values() for s in group):
             sink.finish(False)
+        last = next(r for r in map(json.loads, (Path(tmp) / "off" / "metrics.jsonl").read_text().splitlines()[::-1])
+                    if r["event"] == "step")
+        (Path(tmp) / "direct").mkdir()
+        cpu_ms = _cpu_per_record(job, Path(tmp) / "direct", uri, last, 2000)
     per_step_ms = 1e3 * sum(rotation.times["off"][warmup:]) / (block * len(rotation.times["off"][warmup:]))
     return {"rounds": rounds, "block": block, "log_every": log_every, "warmup_rounds": warmup,
             "off_step_ms": per_step_ms, "ratios": _ratios(rotation.times, warmup), "times": rotation.times,
+            "cpu_ms_per_logged_step": cpu_ms,
+            "cpu_share_of_a_logging_window": {k: (v - cpu_ms["off"]) / (log_every * per_step_ms)
+                                              for k, v in cpu_ms.items() if k != "off"},
             "system_sample_cpu_ms": 1e3 * sample_cpu_s,
             "system_thread_core_share_at_1s": sample_cpu_s / 1.0}
 
@@ -135,6 +158,10 @@ def main() -> None:
     for name, r in result["ratios"].items():
         print(f"[trackers] {name}: {r['speed_vs_off']:.4f} x off (per-round median {r['median']:.4f}, "
               f"quartiles {r['q1']:.4f}-{r['q3']:.4f})", flush=True)
+    for name, share in result["cpu_share_of_a_logging_window"].items():
+        print(f"[trackers] {name}: {result['cpu_ms_per_logged_step'][name]:.3f} ms CPU per logged step "
+              f"(metrics.jsonl alone: {result['cpu_ms_per_logged_step']['off']:.3f}), "
+              f"{100 * share:.2f} % of a logging window", flush=True)
     print(f"[trackers] off: {result['off_step_ms']:.2f} ms/step; one system sample: "
           f"{result['system_sample_cpu_ms']:.3f} ms CPU", flush=True)
     save("trackers", result, Path(args.out) if args.out else None)

@@ -1,7 +1,8 @@
 """MLflow: one MLflow run per dtrain run (rank 0), through MlflowClient (mlflow imported lazily, only when enabled).
 
 The run gets the job as flat parameters (model.hidden, optim.lr, ...), step and epoch values as metrics at their
-global step (asynchronously: a logged step does not wait for the server), the summary as metrics at the final step
+global step (batched, at most every FLUSH_EVERY_S seconds, and sent by MLflow's logging thread: a logged step
+does not wait for the server), the summary as metrics at the final step
 plus tags (dtrain.stop_reason), and with log_checkpoint the latest checkpoint folder as the artifact 'checkpoint'.
 Its id is kept in the run dir's mlflow_run_id.txt so that --resume and Ray's failure restarts continue it; under
 `dtrain tune` each trial is a run nested under one parent run per search, found again by its dtrain.key tag.
@@ -24,7 +25,9 @@ from dtrain.tracking.base import final_checkpoint, flatten, kept_id, numbers, st
 
 MLFLOW_ID_FILE = "mlflow_run_id.txt"
 KEY_TAG = "dtrain.key"
-_MAX_PARAM_LEN, _MAX_BATCH = 6000, 100
+FLUSH_EVERY_S = 5.0
+"""Step and epoch metrics are sent in one request at most this often (and at the end)."""
+_MAX_PARAM_LEN, _MAX_BATCH, _MAX_METRICS = 6000, 100, 1000
 
 
 def mlflow_settings(job: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any] | None:
@@ -92,6 +95,8 @@ class MlflowSink:
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.client, experiment = connect(cfg)
         self.pending: list[Any] = []
+        self.buffer: list[Any] = []
+        self.sent = time.monotonic()
         with _quick_requests():
             self.run_id, resumed = self._start(experiment, job)
             self._log_params(job, resumed)
@@ -133,10 +138,20 @@ class MlflowSink:
         """Send one dtrain event to the MLflow run (see dtrain.tracking.base for the mapping)."""
         at = step_values(record)
         if at is not None:
-            metrics = self._metrics(at[1], at[0], record.get("time"))
-            self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
+            self.buffer += self._metrics(at[1], at[0], record.get("time"))
+            if len(self.buffer) >= _MAX_METRICS or time.monotonic() - self.sent >= FLUSH_EVERY_S:
+                self._flush()
         elif record.get("event") == "end":
+            self._flush()
             self._summarize(record)
+
+    def _flush(self) -> None:
+        # One request per FLUSH_EVERY_S, sent by MLflow's logging thread: a request per logged step costs the
+        # training processes (and a server on the same machine) far more than the metrics themselves.
+        for i in range(0, len(self.buffer), _MAX_METRICS):
+            self.pending.append(self.client.log_batch(self.run_id, metrics=self.buffer[i:i + _MAX_METRICS],
+                                                      synchronous=False))
+        self.buffer, self.sent = [], time.monotonic()
 
     def _summarize(self, record: dict[str, Any]) -> None:
         summary, step = summary_values(record), record.get("steps", 0)
@@ -150,8 +165,9 @@ class MlflowSink:
                 self.client.set_tag(self.run_id, "dtrain.checkpoint_step", str(found[1]))
 
     def finish(self, failed: bool = False) -> None:
-        """Wait for the queued metrics, then end the run (FAILED when training raised)."""
+        """Send the buffered metrics and wait for them, then end the run (FAILED when training raised)."""
         try:
+            self._flush()
             for operation in self.pending:
                 operation.wait()
         except Exception as err:  # the record in metrics.jsonl is complete; say what MLflow missed
