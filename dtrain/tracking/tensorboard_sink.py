@@ -56,14 +56,19 @@ class TensorBoardSink:
         """Scalars at their global step; the summary at the final step (see the module docstring)."""
         at = step_values(record)
         if at is not None:
-            step, values = at
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, step, walltime=record.get("time"))
+            self._scalars(at[1], at[0], record.get("time"))
         elif record.get("event") == "end":
             summary = summary_values(record)
-            for key, value in numbers(summary).items():
-                self.writer.add_scalar(key, value, record.get("steps", 0), walltime=record.get("time"))
+            self._scalars(numbers(summary), record.get("steps", 0), record.get("time"))
             self.writer.add_text("summary", _code(summary), record.get("steps", 0))
+
+    def _scalars(self, values: dict[str, float], step: int, walltime: float | None) -> None:
+        # One event holding all of a step's values: add_scalar writes an event per value, at about eight times
+        # the CPU time per logged step
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
+        self.writer.file_writer.add_summary(summary, global_step=step, walltime=walltime)
 
     def finish(self, failed: bool = False) -> None:
         """Flush and close the event file (a failed run's events are kept as they are)."""
