@@ -20,7 +20,7 @@ from dtrain.data.base import Batch, EvalLoader, Loader, Loaders
 from dtrain.engine import dist
 from dtrain.engine.callbacks import Callback
 from dtrain.engine.checkpoint import safe_load, set_rng_state
-from dtrain.engine.metrics import MetricSums, NonFiniteGuard
+from dtrain.engine.metrics import MetricSums, NonFiniteGuard, PhaseClock
 from dtrain.engine.saving import STATE_FILE, CheckpointWriter
 from dtrain.engine.state import TrainState
 from dtrain.engine.strategies import Strategy
@@ -145,9 +145,11 @@ def _train_epoch(cfg: LoopConfig, wrapped: nn.Module, loader: Loader, strategy: 
     sums, steps_per_epoch = MetricSums(), loader.steps_per_epoch()
     window_loss, out = None, None
     log_started, log_steps, log_samples = time.perf_counter(), 0, 0  # since the last logged step
+    clock = PhaseClock()
     before_epoch = state.step - state.epoch_samples // loader.plan.global_batch  # steps done before this epoch
     wrapped.train()
     for batch in loader.iter_from(state.epoch_samples):
+        clock.lap("data")
         with strategy.no_sync(not batch.last), strategy.autocast():
             out = wrapped(batch.tensors)
         # Weight by this rank's share of the step's samples: the averaged gradient is then exactly the mean over
@@ -156,9 +158,11 @@ def _train_epoch(cfg: LoopConfig, wrapped: nn.Module, loader: Loader, strategy: 
         strategy.backward(out.loss if weight == 1 else out.loss * weight)
         window_loss = out.loss.detach() if window_loss is None else window_loss + out.loss.detach()
         sums.add(out.metrics, batch.real)
+        clock.lap("forward_backward")
         if not batch.last:
             continue
         result = strategy.step(window_loss)
+        clock.lap("optimizer")
         guard.add(result.skipped)
         window_loss = None
         state.step += 1
@@ -167,8 +171,10 @@ def _train_epoch(cfg: LoopConfig, wrapped: nn.Module, loader: Loader, strategy: 
         log_steps, log_samples = log_steps + 1, log_samples + batch.step_samples
         if state.step % cfg.log_every_n_steps == 0:
             guard.check()  # reads the device back: the clock below covers the device's work, not just the host's
+            per_rank = {k: v for callback in ctx.callbacks for k, v in callback.log_values().items()}
             logged = dist.mean_across_ranks({f"train/{k}": v for k, v in out.metrics.items()}
-                                            | {"train/grad_norm": result.grad_norm})
+                                            | {"train/grad_norm": result.grad_norm} | clock.read(log_steps),
+                                            per_rank)
             elapsed = max(time.perf_counter() - log_started, 1e-9)
             ctx.log({"event": "step", "step": state.step,
                      "epoch": state.epoch + (state.step - before_epoch) / steps_per_epoch, "lr": strategy.lr(),
@@ -182,6 +188,7 @@ def _train_epoch(cfg: LoopConfig, wrapped: nn.Module, loader: Loader, strategy: 
             writer.start(strategy, state, {"epoch": state.epoch, "step": state.step})
         for callback in ctx.callbacks:
             callback.on_step_end(state, ctx.rank)
+        clock.lap("other")
         if cfg.max_steps and state.step >= cfg.max_steps:
             break
     guard.check()
