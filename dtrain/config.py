@@ -115,6 +115,9 @@ class CheckpointConfig:
     """Also save every N optimizer steps (0 disables), for exact mid-epoch resume."""
     keep: int = 2
     """Checkpoints kept by Ray Train (the newest ones)."""
+    background: bool = True
+    """Write checkpoints in a background thread while training goes on (published 4 steps after they are taken);
+    false writes them on the training thread."""
 
     def __post_init__(self) -> None:
         check(self.every_n_epochs >= 0, "checkpoint.every_n_epochs", "an integer >= 0", self.every_n_epochs)

@@ -59,6 +59,7 @@ class LoopConfig:
     max_nonfinite_steps: int = 5
     checkpoint_every_n_epochs: int = 1
     checkpoint_every_n_steps: int = 0
+    checkpoint_background: bool = True
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
@@ -82,7 +83,7 @@ def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConf
         ctx: RunContext) -> dict[str, Any]:
     """Train model on loaders.train as cfg says; returns the summary (final and best metrics, throughput)."""
     model.all_reduce_sum = dist.all_reduce_sum  # the models' one collective (the SOM's batch update)
-    writer = CheckpointWriter(ctx.rank, ctx.world, ctx.publish)
+    writer = CheckpointWriter(ctx.rank, ctx.world, ctx.publish, background=cfg.checkpoint_background)
     try:
         return _fit(model, loaders, strategy, cfg, ctx, writer)
     except BaseException:
