@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from dtrain.compat import ray as ray_compat
 from dtrain.config import to_dict
 from dtrain.data.base import DataBundle
-from dtrain.errors import ConfigError, DtrainError
+from dtrain.errors import ConfigError, DtrainError, find_in_chain
 from dtrain.launch.progress import ProgressFollower
 from dtrain.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
@@ -413,17 +413,7 @@ def _controller_env(values: dict[str, str]) -> Iterator[None]:
 
 def find_user_error(err: BaseException) -> DtrainError | None:
     """The DtrainError behind a Ray error (worker failures, task errors, causes), if there is one."""
-    seen, todo = set(), [err]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, DtrainError):
-            return e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-        todo += list(getattr(e, "worker_failures", {}).values())
-    return None
+    return find_in_chain(err, lambda e: isinstance(e, DtrainError))
 
 
 def _package_root() -> str:
