@@ -11,7 +11,9 @@ CHUNK_BYTES = 2**22
 
 def _rows(x: np.ndarray) -> np.ndarray:
     """x as rows of features: (N, F) as it is, sequences (N, L, C) as (N * L, C) (statistics per channel)."""
-    return x.reshape(-1, x.shape[-1]) if x.ndim == 3 else x.reshape(len(x), -1)
+    if x.ndim == 3:
+        return x.reshape(-1, x.shape[-1])
+    return x.reshape(len(x), int(np.prod(x.shape[1:])))
 
 
 def chunk_rows(x: np.ndarray) -> int:

@@ -51,3 +51,9 @@ def test_splits_hold_every_sample_once_standardised_with_training_statistics(npz
     mean, std = parts[0].astype(np.float64).mean(0), parts[0].astype(np.float64).std(0)
     for scaled, original in zip((bundle.val[0], bundle.test[0]), parts[1:], strict=True):
         np.testing.assert_allclose(scaled.numpy(), (original - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+def test_an_empty_validation_split_is_allowed(npz):
+    path, x = npz
+    bundle = load_data(_data(path, "data.val_fraction=0"))
+    assert len(bundle.val[0]) == 0 and len(bundle.train[0]) + len(bundle.test[0]) == len(x)
