@@ -76,8 +76,11 @@ class FSDPStrategy:
                                   "has none")
             self.model = self._shard(model.to(self.device))
         self.params = trainable(self.model)
-        # Fused, as under DDP: it steps the local shards and takes the skip decision as a device tensor.
-        self.optimizer = build_optimizer(self.params, self.cfg.optim, lr, fused=True)
+        # Fused, as under DDP: it steps the local shards and takes the skip decision as a device tensor. torch has
+        # no sharded fused SGD kernel (aten._fused_sgd_ has no DTensor rule): SGD steps with foreach kernels and
+        # reads the skip decision back, once per step.
+        self.fused = self.cfg.optim.name != "sgd"
+        self.optimizer = build_optimizer(self.params, self.cfg.optim, lr, fused=self.fused or None)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, total_steps, steps_per_epoch)
         self.constant_lr = constant_schedule(self.cfg.optim)
         return self.model
@@ -116,7 +119,10 @@ class FSDPStrategy:
         norm = _full(norm)
         clip(self.params, self.cfg.grad_clip, self.cfg.grad_clip_mode, norm)
         skipped = nonfinite(norm)  # the same on every rank, decided on the device
-        step_unless(self.optimizer, skipped)
+        if self.fused:
+            step_unless(self.optimizer, skipped)
+        elif not bool(skipped):
+            self.optimizer.step()
         if not self.constant_lr:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
