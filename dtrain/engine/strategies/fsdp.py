@@ -65,12 +65,7 @@ class FSDPStrategy:
                               "here; set it to false")
 
     def setup(self, model: nn.Module, lr: float, total_steps: int, steps_per_epoch: int) -> nn.Module:
-        if self.model is None:
-            if len(model.stages()) > 1:
-                # set_stage (run by the loop before setup) moves weights between layers (unrolling a deep
-                # autoencoder), which a sharded model only sees as its local shards
-                raise ConfigError("trainer.strategy: fsdp does not train staged models (layer-wise pre-training); "
-                                  "use ddp or deepspeed")
+        if self.model is None:  # sharded once: a staged model's later stages only change what is trainable
             if self.options.offload_params and self.device.type != "cuda":
                 raise ConfigError("trainer.fsdp.offload_params: offloads from a CUDA GPU to the CPU; this worker "
                                   "has none")
