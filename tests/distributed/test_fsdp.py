@@ -11,9 +11,10 @@ import shutil
 import pytest
 import torch
 
+from dtrain.compat.torch import is_compiled
 from dtrain.config import load_job, to_dict, to_objects
 from dtrain.data import load_data
-from dtrain.engine.callbacks import StateBytes
+from dtrain.engine.callbacks import Callback, StateBytes
 from dtrain.engine.checkpoint import safe_load
 from dtrain.launch.spawn import spawn_workers
 from dtrain.models import build_model
@@ -30,6 +31,21 @@ STEPS = 22
 # FSDP reduce-scatters what DDP all-reduces and sums the norm from shards: the same float32 sums in another order.
 # Measured: losses and weights agree to ~2e-7 relative after 22 steps; the bounds leave 50x room.
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
+
+
+class Prepared(Callback):
+    """Writes rank<r>.json into folder at set-up: the model's compiled modules and those whose forward runs under
+    activation checkpointing (the latter get their own forward attribute)."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+
+    def on_setup(self, strategy, model, rank: int) -> None:
+        modules = dict(model.named_modules())
+        found = {"compiled": [n for n, m in modules.items() if is_compiled(m)],
+                 "checkpointed": [n for n, m in modules.items() if "forward" in vars(m)]}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{rank}.json").write_text(json.dumps(found))
 
 
 def _job(**over) -> dict:
@@ -51,7 +67,8 @@ def runs(tmp_path_factory):
     def get(name: str) -> dict:
         if name not in done:
             job = _job(**jobs[name])
-            summary = spawn_workers(job, root / name, world=2, callbacks=[StateBytes(root / name / "memory")])
+            summary = spawn_workers(job, root / name, world=2, callbacks=[StateBytes(root / name / "memory"),
+                                                                          Prepared(root / name / "prepared")])
             done[name] = {"summary": summary, "dir": root / name, "job": job}
         return done[name]
 
@@ -139,8 +156,13 @@ def test_a_sharded_checkpoint_gives_the_catalog_models_state_dict(runs, tmp_path
     assert acc == pytest.approx(run["summary"]["test"]["test/acc"], abs=1e-6)
 
 
+def _prepared(run) -> list[dict]:
+    return [json.loads((run["dir"] / "prepared" / f"rank{r}.json").read_text()) for r in range(2)]
+
+
 def test_activation_checkpointing_changes_nothing_but_memory(runs):
     """Recomputing the forward in the backward runs the same kernels on the same inputs: equal losses."""
+    assert all(p == {"compiled": [], "checkpointed": ["net"]} for p in _prepared(runs("fsdp-recompute")))
     plain, recomputed = _steps(runs("fsdp")["dir"]), _steps(runs("fsdp-recompute")["dir"])
     assert [s["train/loss"] for s in recomputed] == [s["train/loss"] for s in plain]
     assert [s["train/grad_norm"] for s in recomputed] == [s["train/grad_norm"] for s in plain]
@@ -149,6 +171,9 @@ def test_activation_checkpointing_changes_nothing_but_memory(runs):
 def test_compiled_blocks_follow_eager(runs):
     """inductor's fused kernels round differently from eager's: measured ~1e-7 relative over 4 steps."""
     eager, compiled = _steps(runs("fsdp")["dir"])[:4], _steps(runs("fsdp-compiled")["dir"])
+    # each block (the two Linear layers) compiled on its own, the root (loss, metrics) left eager
+    assert all(p == {"compiled": ["net.1", "net.3"], "checkpointed": []} for p in _prepared(runs("fsdp-compiled")))
+    assert _prepared(runs("fsdp")) == [{"compiled": [], "checkpointed": []}] * 2
     assert len(compiled) == 4
     assert [s["train/loss"] for s in compiled] == pytest.approx([s["train/loss"] for s in eager], rel=LOSS_RTOL)
     assert [s["train/grad_norm"] for s in compiled] == pytest.approx([s["train/grad_norm"] for s in eager],
