@@ -204,3 +204,17 @@ def test_bf16_trains(tmp_path):
     summary, _ = _run_job("mlp_digits.yaml", tmp_path, "bf16", ["trainer.strategy=fsdp", "trainer.max_epochs=2",
                                                                 "trainer.precision=bf16-mixed"])
     assert summary["skipped_steps"] == 0 and summary["test"]["test/acc"] > 0.85
+
+
+def test_fsdp_trains_through_ray(ray_session, tmp_path):
+    """The command line's path: Ray Train workers, Ray's merged checkpoint folders hold one DCP checkpoint."""
+    from dtrain.launch.train import fit_job
+
+    job = load_job(JOBS / "mlp_digits.yaml", [f"runs_dir={tmp_path}", "name=ray", "trainer.strategy=fsdp",
+                                               "trainer.max_epochs=3", "logging.progress=false",
+                                               "logging.wandb.enabled=false", "model.dropout=0"])
+    summary = fit_job(job)
+    assert summary["world_size"] == 2 and summary["skipped_steps"] == 0 and summary["test"]["test/acc"] > 0.85
+    checkpoint = sorted((tmp_path / "ray").glob("checkpoint_*"))[-1]
+    model = build_model(to_objects(job).model, load_data(to_objects(job).data).meta)
+    model.load_state_dict(_plain_state_dict(checkpoint, tmp_path), strict=True)
