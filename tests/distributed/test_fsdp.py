@@ -48,6 +48,23 @@ class Prepared(Callback):
         (self.folder / f"rank{rank}.json").write_text(json.dumps(found))
 
 
+class FullWeights(Callback):
+    """After the last step, every rank gathers the full weights (strategy.full_state_dict, a collective); rank 0
+    saves them to path."""
+
+    def __init__(self, path) -> None:
+        self.path, self.strategy = path, None
+
+    def on_setup(self, strategy, model, rank: int) -> None:
+        self.strategy = strategy
+
+    def on_step_end(self, state, rank: int) -> None:
+        if state.step == STEPS:
+            full = self.strategy.full_state_dict()
+            if rank == 0:
+                torch.save(full, self.path)
+
+
 def _job(**over) -> dict:
     return small_job(**{**BASE, **over})
 
@@ -68,7 +85,8 @@ def runs(tmp_path_factory):
         if name not in done:
             job = _job(**jobs[name])
             summary = spawn_workers(job, root / name, world=2, callbacks=[StateBytes(root / name / "memory"),
-                                                                          Prepared(root / name / "prepared")])
+                                                                          Prepared(root / name / "prepared"),
+                                                                          FullWeights(root / name / "full.pt")])
             done[name] = {"summary": summary, "dir": root / name, "job": job}
         return done[name]
 
@@ -101,6 +119,8 @@ def test_fsdp_follows_the_ddp_trajectory_and_weights(runs, tmp_path):
     assert set(fsdp_weights) == set(ddp_weights)
     for key, value in ddp_weights.items():
         torch.testing.assert_close(fsdp_weights[key], value, rtol=0, atol=WEIGHT_ATOL)
+    gathered = torch.load(runs("fsdp")["dir"] / "full.pt", weights_only=True)  # full_state_dict() in the workers
+    assert gathered.keys() == fsdp_weights.keys() and all(gathered[k].equal(v) for k, v in fsdp_weights.items())
     assert runs("fsdp")["summary"]["test"]["test/acc"] == pytest.approx(runs("ddp")["summary"]["test"]["test/acc"],
                                                                       abs=1e-3)
 
