@@ -235,6 +235,6 @@ def test_fsdp_trains_through_ray(ray_session, tmp_path):
                                                "logging.wandb.enabled=false", "model.dropout=0"])
     summary = fit_job(job)
     assert summary["world_size"] == 2 and summary["skipped_steps"] == 0 and summary["test"]["test/acc"] > 0.85
-    checkpoint = sorted((tmp_path / "ray").glob("checkpoint_*"))[-1]
+    checkpoint = sorted((tmp_path / "ray").glob("checkpoint_*/fsdp"))[-1].parent
     model = build_model(to_objects(job).model, load_data(to_objects(job).data).meta)
     model.load_state_dict(_plain_state_dict(checkpoint, tmp_path), strict=True)
