@@ -1,7 +1,7 @@
 """`make bench`: run the benchmarks (each in its own process) and print one table of what they measured.
 
-    python -m benchmarks.run [--sections overhead,ddpflags,startup,zero,compile,precision,hotpath,gpu] [--quick]
-                             [--table-only]
+    python -m benchmarks.run [--sections overhead,ddpflags,startup,zero,compile,precision,hotpath,trackers,gpu]
+                             [--quick] [--table-only]
 
 Results go to benchmarks/results/<name>.json (with the machine's details); --table-only prints the table from the
 JSON files already there (e.g. ones fetched from a GPU machine into --results DIR).
@@ -23,11 +23,13 @@ QUICK = {"overhead": ["--repeats", "1", "--epochs", "3", "--warmup", "5", "--run
          "startup": ["--repeats", "1", "--runs", "import,engine"],
          "zero": ["--epochs", "2", "--warmup", "5", "--hidden", "64"],
          "precision": ["--quick", "--repeats", "1"], "hotpath": ["--steps", "300"], "ddpflags": ["--steps", "300"],
-         "gpu": ["--quick", "--repeats", "1"], "compile": ["--steps", "60", "--warmup", "10", "--hidden", "64"]}
+         "trackers": ["--rounds", "3", "--block", "20", "--warmup", "1"], "gpu": ["--quick", "--repeats", "1"],
+         "compile": ["--steps", "60", "--warmup", "10", "--hidden", "64"]}
 FULL = {"overhead": ["--boundary"]}
 MODULES = {"overhead": "benchmarks.overhead", "ddpflags": "benchmarks.ddp_flags", "startup": "benchmarks.startup",
            "zero": "benchmarks.zero_memory", "compile": "benchmarks.compile_speed",
-           "precision": "benchmarks.precision", "hotpath": "benchmarks.hot_path", "gpu": "benchmarks.gpu"}
+           "precision": "benchmarks.precision", "hotpath": "benchmarks.hot_path", "trackers": "benchmarks.trackers",
+           "gpu": "benchmarks.gpu"}
 
 
 def _load(folder: Path, name: str) -> dict[str, Any] | None:
@@ -88,6 +90,10 @@ def table(folder: Path) -> list[tuple[str, str, str, str]]:
             vs_metrics = f", {r['paired']['engine_vs_hand_metrics']:.3f} x hand+metrics" if "paired" in r else ""
             rows.append((f"hot path ({r.get('device', gpu.get('device'))})", "small mlp fp32",
                          f"{r['engine_steps_s']:.0f} steps/s{counts}", f"{r['engine_vs_hand']:.3f} x hand{vs_metrics}"))
+    if r := _load(folder, "trackers"):
+        for name, q in r["ratios"].items():
+            rows.append(("trackers", f"{name} (in turns with off, 1 proc)", f"{q['speed_vs_off']:.4f} x off",
+                         f"per-round median {q['median']:.4f} ({q['q1']:.4f}-{q['q3']:.4f})"))
     return rows
 
 
@@ -100,7 +106,8 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="overhead,ddpflags,startup,zero,compile,precision,hotpath,gpu")
+    parser.add_argument("--sections",
+                        default="overhead,ddpflags,startup,zero,compile,precision,hotpath,trackers,gpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks that all runs")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
@@ -29,9 +30,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (run_dir / "config.yaml").is_file():
             raise DtrainError(f"{run_dir}: not a run directory (no config.yaml); --resume takes runs/<name>")
         job = _load(str(run_dir / "config.yaml"), args.overrides)
+        _located_at(job, run_dir)
     else:
         job = _load(args.job, args.overrides)
-    data = _check_buildable(job)
+    data = _check_buildable(job, args.address)
+    check_trackers(job)
     summary = fit_job(job, address=args.address, resume=args.resume, data=data)
     run_dir = run_dir_for(job)
     print(f"[dtrain] run finished: {run_dir}")
@@ -44,9 +47,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_buildable(job):
+def _located_at(job, folder: Path) -> None:
+    """A resumed run or search continues in the folder given on the command line (it may have been moved or
+    copied), not where its config.yaml says it was created."""
+    folder = folder.expanduser().resolve()
+    job.runs_dir, job.name = str(folder.parent), folder.name
+
+
+def _check_buildable(job, address: str | None = None):
     """Load the data and build the model once on the driver, so bad input fails fast and clearly, before Ray.
-    Returns the loaded data (`dtrain train` hands it to the workers)."""
+    The model is built on the meta device (nothing is allocated), which also tells whether it fits this machine
+    when Ray runs here. Returns the loaded data (`dtrain train` hands it to the workers)."""
+    import torch
+
     from dtrain.config import to_objects
     from dtrain.data import load_data
     from dtrain.models import build_model
@@ -57,8 +70,30 @@ def _check_buildable(job):
     if obj.optim.descent == "minibatch" and obj.data.batch_size > n_train:
         raise DtrainError(f"data.batch_size: {obj.data.batch_size} is larger than the training set "
                           f"({n_train} samples after the val/test split)")
-    build_model(obj.model, data.meta)
+    with torch.device("meta"):
+        model = build_model(obj.model, data.meta)
+    if address is None:
+        from dtrain.launch.train import check_model_fits
+
+        check_model_fits(sum(p.numel() for p in model.parameters()), job)
     return data
+
+
+def check_trackers(job) -> None:
+    """Before Ray starts: a tracker that is enabled=true and cannot work is an error; an enabled=auto one is
+    switched off for this run with one warning line."""
+    from dtrain.config import to_dict
+    from dtrain.tracking import preflight
+    from dtrain.tracking.mlflow_sink import mlflow_settings
+
+    settings = mlflow_settings(to_dict(job))
+    # a URI from MLFLOW_TRACKING_URI travels with the job (Ray workers may not have the variable), unless it holds
+    # a password (config.yaml must not)
+    if settings is not None and urlparse(settings["tracking_uri"]).password is None:
+        job.logging.mlflow.tracking_uri = settings["tracking_uri"]
+    for section, reason in preflight(to_dict(job)).items():
+        print(f"[dtrain] warning: {reason}; the run goes on without it", flush=True)
+        job.logging[section].enabled = "false"
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -69,9 +104,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if not (search_dir / JOB_FILE).is_file():
             raise DtrainError(f"{search_dir}: not a search directory (no {JOB_FILE}); --resume takes runs/<search>")
         job = _load(str(search_dir / JOB_FILE), args.overrides)
+        _located_at(job, search_dir)
     else:
         job = _load(args.job, args.overrides)
-    _check_buildable(job)
+    _check_buildable(job, args.address)
+    check_trackers(job)
     rows, tune_cfg = run_search(job, address=args.address, resume=args.resume)
     search_dir = Path(job.runs_dir).resolve() / job.name
     print_table(rows, tune_cfg.metric)
@@ -201,14 +238,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    terminated = _stop_on_sigterm()
     try:
         return args.func(args)
     except DtrainError as err:
         print(f"dtrain: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if terminated:
+            print("dtrain: terminated (SIGTERM); the run stopped as on Ctrl-C", file=sys.stderr)
+            return 143
         print("dtrain: interrupted", file=sys.stderr)
         return 130
+
+
+def _stop_on_sigterm() -> list[bool]:
+    """Make SIGTERM (what a scheduler or `kill` sends) stop a run the way Ctrl-C does: the run is aborted and its
+    workers stopped, the last checkpoint kept. Returns a flag list that the handler appends to once it fired."""
+    import signal
+    import threading
+
+    fired: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        return fired
+
+    def handler(signum: int, frame: object) -> None:
+        fired.append(True)
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, handler)
+    return fired
 
 
 if __name__ == "__main__":

@@ -8,9 +8,12 @@ schema, so a typo anywhere is caught the same way.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -20,6 +23,7 @@ from dtrain.engine.loop import EarlyStoppingConfig
 from dtrain.engine.optim import OptimConfig
 from dtrain.engine.precision import DTYPES
 from dtrain.engine.prepare import checkpoint_layers, compile_options
+from dtrain.engine.profile import ProfileConfig
 from dtrain.engine.strategies import STRATEGIES, strategy_class, strategy_options
 from dtrain.errors import ConfigError, check
 
@@ -62,7 +66,11 @@ class TrainerBase:
     activation_checkpointing: Any = False
     """Recompute activations in the backward instead of keeping them: false, true (every top-level layer) or a
     list of layer names (qualified module names, e.g. [net])."""
+    start_timeout_s: float = 120.0
+    """Seconds to wait for the workers' CPUs/GPUs to be free (their placement) before the run fails with one line,
+    instead of waiting for ever (e.g. behind other runs or a search's trials on the same cluster)."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
         compile_options(self.compile)
@@ -81,12 +89,24 @@ class TrainerBase:
         check(self.grad_clip_mode in ("norm", "value"), "trainer.grad_clip_mode", "norm or value", self.grad_clip_mode)
         check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", "an integer >= 1", self.log_every_n_steps)
         check(self.max_failures >= 0, "trainer.max_failures", "an integer >= 0", self.max_failures)
+        check(self.start_timeout_s > 0, "trainer.start_timeout_s", "a number of seconds > 0", self.start_timeout_s)
+        self._check_profile()
         # the strategy's own checks of its section against these settings (e.g. raw DeepSpeed keys that contradict
         # them), when the job loads
         strategy_class(self.strategy).check(getattr(self, self.strategy, None), precision=self.precision,
                                             grad_clip=self.grad_clip, grad_clip_mode=self.grad_clip_mode,
                                             grad_accum=self.grad_accum, compile=bool(self.compile),
                                             activation_checkpointing=bool(self.activation_checkpointing))
+
+
+    def _check_profile(self) -> None:
+        p = self.profile
+        if not p.enabled:
+            return
+        check(self.num_workers is None or max(p.ranks) < self.num_workers, "trainer.profile.ranks",
+              f"ranks below trainer.num_workers ({self.num_workers})", list(p.ranks))
+        check(self.max_steps is None or p.last_step <= self.max_steps, "trainer.profile",
+              f"wait + warmup + active <= trainer.max_steps ({self.max_steps})", p.last_step)
 
 
 TrainerConfig = dataclasses.make_dataclass(
@@ -148,10 +168,65 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    enabled: bool = False
+    """Write TensorBoard event files (the same values W&B receives)."""
+    dir: str | None = None
+    """Root folder of event files; the run's go in <dir>/<name>. null = <run dir>/tensorboard."""
+    name: str | None = None
+    """The run's folder under dir; null = the job name (dtrain tune sets it to <search>/<trial>)."""
+
+
+@dataclass
+class MlflowConfig:
+    enabled: str = "auto"
+    """auto (on when a tracking URI is set here or in MLFLOW_TRACKING_URI; a server that does not answer is a
+    warning), true (a URI is required and must answer) or false."""
+    tracking_uri: str | None = None
+    """http(s)://host:port of an MLflow tracking server, or a store URI (sqlite:///..., a folder); null =
+    MLFLOW_TRACKING_URI. Credentials go in MLflow's environment variables (MLFLOW_TRACKING_TOKEN, ...), never here."""
+    experiment: str = "dtrain"
+    """MLflow experiment (created if missing)."""
+    run_name: str | None = None
+    """Run name; null = the job name (dtrain tune sets it to the trial id)."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Tags of the MLflow run."""
+    log_checkpoint: bool = False
+    """Upload the run's latest checkpoint folder as the artifact 'checkpoint' when training ends."""
+    key: str | None = None
+    """Continue the run tagged dtrain.key=<key> when the run dir has none yet (dtrain tune sets one per trial)."""
+    parent_run_id: str | None = None
+    """Nest the run under this MLflow run (dtrain tune sets its search's parent run)."""
+
+    def __post_init__(self) -> None:
+        check(str(self.enabled).lower() in ("auto", "true", "false"), "logging.mlflow.enabled", "auto, true or false",
+              self.enabled)
+        url = urlparse(self.tracking_uri or "")
+        check(url.password is None, "logging.mlflow.tracking_uri", "a URI without a password (it would be saved in "
+              "config.yaml; set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN)",
+              url._replace(netloc=f"{url.username}:***@{url.hostname}").geturl() if url.password else None)
+
+
+@dataclass
+class SystemMetricsConfig:
+    enabled: bool = False
+    """Sample each worker's CPU %, memory and (on GPUs) utilisation in a background thread, logged per rank as
+    sys/<name>/rank<r> at every logged step."""
+    interval_s: float = 1.0
+    """Seconds between samples."""
+
+    def __post_init__(self) -> None:
+        check(self.interval_s > 0, "logging.system_metrics.interval_s", "a number > 0", self.interval_s)
+
+
+@dataclass
 class LoggingConfig:
     progress: bool = True
     """Show a progress bar on rank 0."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    system_metrics: SystemMetricsConfig = field(default_factory=SystemMetricsConfig)
 
 
 @dataclass
@@ -169,6 +244,42 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tune: Any = None
     """Search section for `dtrain tune` (see dtrain.launch.tune)."""
+
+    def __post_init__(self) -> None:
+        check(self.name is None or bool(RUN_NAME.fullmatch(self.name)) and self.name not in (".", ".."), "name",
+              "a plain run name (letters, digits, '.', '_', '-'; no '/'), the folder under runs_dir", self.name)
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+ENV_INTERPOLATION = re.compile(r"\$\{\s*(oc\.env|env)\s*:")
+
+
+def _reject_env_interpolations(node: Any, where: str, prefix: str = "") -> None:
+    """A job must say what it means: an ${oc.env:...} read from the environment would be resolved silently into
+    the run's config.yaml (and differ between the driver and the workers of a cluster)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _reject_env_interpolations(value, where, f"{prefix}{key}.")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _reject_env_interpolations(value, where, f"{prefix}{i}.")
+    elif isinstance(node, str) and ENV_INTERPOLATION.search(node):
+        raise ConfigError(f"{where}: {prefix[:-1]}: {node!r} reads an environment variable, which a job may not do "
+                          "(write the value, or pass it as an override: key=$VARIABLE)")
+
+
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """No float field of the job is inf or NaN (e.g. optim.lr=1e400 parses as inf)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            check(math.isfinite(value), f"{prefix}{f.name}", "a finite number", value)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                check(not isinstance(item, float) or math.isfinite(item), f"{prefix}{f.name}.{i}", "a finite number",
+                      item)
 
 
 def _schema_error(err: OmegaConfBaseException, where: str) -> ConfigError:
@@ -206,7 +317,9 @@ def load_job(
         dotlist = OmegaConf.from_dotlist(list(overrides))
     except Exception as err:
         raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from None
-    return build_job(OmegaConf.merge(user, dotlist), where)
+    merged = OmegaConf.merge(user, dotlist)
+    _reject_env_interpolations(OmegaConf.to_container(merged, resolve=False), where)
+    return build_job(merged, where)
 
 
 def build_job(user: DictConfig, where: str = "job") -> DictConfig:
@@ -230,7 +343,7 @@ def build_job(user: DictConfig, where: str = "job") -> DictConfig:
             with open_dict(merged):
                 merged.tune = tune
         # Build the dataclasses once so that every __post_init__ check runs on the final values.
-        OmegaConf.to_object(merged)
+        _check_finite(OmegaConf.to_object(merged))
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     except OmegaConfBaseException as err:

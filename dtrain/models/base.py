@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -105,4 +105,4 @@ def supervised_step(model: CatalogModel, batch: tuple[Tensor, ...], task: str) -
 
 
 def flat_dim(shape: tuple[int, ...]) -> int:
-    return int(torch.tensor(shape).prod().item()) if shape else 1
+    return math.prod(shape)

@@ -6,6 +6,7 @@ shards, one set of files per rank, never gathered."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,15 +136,19 @@ class FSDPStrategy:
         bad = 1.0 - all_finite(held, self.device)
         return float(dist.all_reduce_sum(bad)) == 0.0
 
-    def save(self, folder: Path) -> None:
+    def snapshot(self, folder: Path) -> Callable[[], None]:
         """Each rank writes its shards into its own folder (rank 0 also DCP's .metadata); merged by the launcher
-        they form one torch.distributed.checkpoint directory, readable at any world size."""
+        they form one torch.distributed.checkpoint directory, readable at any world size.
+
+        Written now, on the training thread: dcp.save agrees on the layout with collectives, which must not run
+        beside training's own on the same process group."""
         import torch.distributed.checkpoint as dcp
 
         dcp.save(self._state(), storage_writer=dcp.FileSystemWriter(folder / CHECKPOINT_DIR))
         if dist.rank() == 0:
             atomic_save({"scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict()},
                         folder / SCHEDULE_FILE)
+        return lambda: None
 
     def load(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
