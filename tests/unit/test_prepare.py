@@ -80,7 +80,7 @@ def _run(tmp_path, name: str, extra: list[str]) -> list[dict]:
     job = to_dict(load_job(JOBS / "mlp_digits.yaml", [
         f"runs_dir={tmp_path}", f"name={name}", "logging.progress=false", "logging.wandb.enabled=false",
         "checkpoint.every_n_epochs=0", "trainer.max_steps=4", "trainer.log_every_n_steps=1", "trainer.num_workers=1",
-        "data.val_fraction=0", "data.test_fraction=0.05", "model.dropout=0", *extra]))
+        "data.val_fraction=0.05", "data.test_fraction=0.05", "model.dropout=0", *extra]))
     run_worker(job, tmp_path / name, LocalPublisher(tmp_path / name), torch.device("cpu"))
     return [e for e in read_metrics(tmp_path / name) if e["event"] == "step"]
 
