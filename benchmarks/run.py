@@ -1,8 +1,7 @@
 """`make bench`: run the benchmarks (each in its own process) and print one table of what they measured.
 
-    python -m benchmarks.run [--sections overhead,ddpflags,startup,zero,precision,hotpath,trackers,checkpoints,
-                              datamemory,gpu] [--quick]
-                             [--table-only]
+    python -m benchmarks.run [--sections overhead,ddpflags,startup,zero,compile,precision,hotpath,trackers,
+                              checkpoints,datamemory,gpu] [--quick] [--table-only]
 
 Results go to benchmarks/results/<name>.json (with the machine's details); --table-only prints the table from the
 JSON files already there (e.g. ones fetched from a GPU machine into --results DIR).
@@ -25,10 +24,11 @@ QUICK = {"overhead": ["--repeats", "1", "--epochs", "3", "--warmup", "5", "--run
          "zero": ["--epochs", "2", "--warmup", "5", "--hidden", "64"],
          "precision": ["--quick", "--repeats", "1"], "hotpath": ["--steps", "300"], "ddpflags": ["--steps", "300"],
          "trackers": ["--rounds", "3", "--block", "20", "--warmup", "1"], "gpu": ["--quick", "--repeats", "1"],
-         "checkpoints": ["--repeats", "1", "--epochs", "3"], "datamemory": ["--rows", "100000"]}
+         "checkpoints": ["--repeats", "1", "--epochs", "3"], "datamemory": ["--rows", "100000"],
+         "compile": ["--steps", "60", "--warmup", "10", "--hidden", "64"]}
 FULL = {"overhead": ["--boundary"]}
 MODULES = {"overhead": "benchmarks.overhead", "ddpflags": "benchmarks.ddp_flags", "startup": "benchmarks.startup",
-           "zero": "benchmarks.zero_memory",
+           "zero": "benchmarks.zero_memory", "compile": "benchmarks.compile_speed",
            "precision": "benchmarks.precision", "hotpath": "benchmarks.hot_path", "trackers": "benchmarks.trackers",
            "checkpoints": "benchmarks.checkpoint_cost", "datamemory": "benchmarks.data_memory", "gpu": "benchmarks.gpu"}
 
@@ -68,6 +68,11 @@ def table(folder: Path) -> list[tuple[str, str, str, str]]:
             mem = f"p/g/o {m['param_bytes'] / 2**20:.1f}/{m['grad_bytes'] / 2**20:.1f}/" \
                   f"{m['optimizer_state_bytes'] / 2**20:.1f} MiB"
             rows.append(("zero", name, f"{mem}, {row['steps_s']:.1f} steps/s", f"{row['vs_ddp']:.2f} x ddp bytes"))
+    if r := _load(folder, "compile_speed"):
+        for name, row in r["rows"].items():
+            extra = (f"{row['speedup']:.2f} x eager, compile {row['compile_s']:.0f} s, pays after "
+                     f"{row['break_even_steps'] or float('inf'):.0f} steps") if "speedup" in row else ""
+            rows.append(("compile", name, f"{row['steps_s']:.1f} steps/s", extra))
     for name in ("precision_cpu", "gpu"):
         r = _load(folder, name)
         if not r:
@@ -111,8 +116,8 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="overhead,ddpflags,startup,zero,precision,hotpath,trackers,checkpoints,"
-                                              "datamemory,gpu")
+    parser.add_argument("--sections", default="overhead,ddpflags,startup,zero,compile,precision,hotpath,trackers,"
+                                              "checkpoints,datamemory,gpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks that all runs")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))

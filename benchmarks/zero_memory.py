@@ -1,10 +1,10 @@
-"""DeepSpeed ZeRO: per-rank parameter / gradient / optimizer-state bytes and steps/s, DDP vs ZeRO 0-3, 2 ranks.
+"""Sharding: per-rank parameter / gradient / optimizer-state bytes and steps/s, DDP vs ZeRO 0-3 vs FSDP2, 2 ranks.
 
 Each strategy trains the same catalog MLP on digits in 2 local gloo processes (dtrain.launch.spawn, fp32, Adam).
-DeepSpeed's per-rank bytes come from the StateBytes callback (dtrain.engine.callbacks: what the rank holds
+DeepSpeed's and FSDP's per-rank bytes come from the StateBytes callback (dtrain.engine.callbacks: what the rank holds
 at its first optimizer step); DDP's are counted on a replica after one Adam step (every DDP rank holds all of it).
 
-    python -m benchmarks.zero_memory [--hidden 1024,1024] [--epochs 3]
+    python -m benchmarks.zero_memory [--hidden 1024,1024] [--epochs 3] [--only ddp,zero3,fsdp]
 """
 
 from __future__ import annotations
@@ -46,13 +46,19 @@ def run_one(job: dict[str, Any], warmup: int) -> tuple[float, list[dict[str, Any
         return _metrics_rate(Path(tmp), warmup), [json.loads(f.read_text()) for f in files]
 
 
-def run(hidden: list[int], batch: int, epochs: int, warmup: int, repeats: int) -> dict[str, Any]:
-    """DDP and ZeRO 0-3 side by side; memory per rank (rank 0) and median steps/s over repeats."""
+def run(hidden: list[int], batch: int, epochs: int, warmup: int, repeats: int,
+        only: list[str] | None = None) -> dict[str, Any]:
+    """DDP, ZeRO 0-3 and FSDP2 (resharding after forward or not) side by side; memory per rank (rank 0) and median
+    steps/s over repeats. only: the names of the runs to make (all by default)."""
     base = mlp_job(hidden, batch, epochs, log_every_n_steps=5)
     jobs = {"ddp": base}
     for stage in range(4):
         jobs[f"zero{stage}"] = mlp_job(hidden, batch, epochs, log_every_n_steps=5, strategy="deepspeed",
                                        deepspeed={"zero_stage": stage})
+    for name, reshard in (("fsdp", True), ("fsdp_keep", False)):
+        jobs[name] = mlp_job(hidden, batch, epochs, log_every_n_steps=5, strategy="fsdp",
+                             fsdp={"reshard_after_forward": reshard})
+    jobs = {name: job for name, job in jobs.items() if not only or name in only}
     rows: dict[str, dict[str, Any]] = {}
     rates: dict[str, list[float]] = {name: [] for name in jobs}
     for rep in range(repeats):
@@ -66,7 +72,8 @@ def run(hidden: list[int], batch: int, epochs: int, warmup: int, repeats: int) -
         row["steps_s_all"] = rates[name]
         r0 = row["per_rank"][0]
         row["total_bytes"] = r0["param_bytes"] + r0["grad_bytes"] + r0["optimizer_state_bytes"]
-    ddp_total = rows["ddp"]["total_bytes"]
+    ddp = rows["ddp"]["per_rank"][0] if "ddp" in rows else ddp_bytes(base)
+    ddp_total = ddp["param_bytes"] + ddp["grad_bytes"] + ddp["optimizer_state_bytes"]
     for row in rows.values():
         row["vs_ddp"] = row["total_bytes"] / ddp_total
     return {"setting": {"model": f"mlp hidden={hidden}", "data": "digits", "batch_per_rank": batch, "ranks": 2,
@@ -80,9 +87,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--only", default="", help="comma-separated runs: ddp, zero0-3, fsdp, fsdp_keep")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    result = run([int(h) for h in args.hidden.split(",")], args.batch, args.epochs, args.warmup, args.repeats)
+    result = run([int(h) for h in args.hidden.split(",")], args.batch, args.epochs, args.warmup, args.repeats,
+                 [n for n in args.only.split(",") if n])
     print(save("zero_memory", result, args.out))
 
 

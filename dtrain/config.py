@@ -22,6 +22,7 @@ from dtrain.data.config import DataConfig
 from dtrain.engine.loop import EarlyStoppingConfig
 from dtrain.engine.optim import OptimConfig
 from dtrain.engine.precision import DTYPES
+from dtrain.engine.prepare import checkpoint_layers, compile_options
 from dtrain.engine.profile import ProfileConfig
 from dtrain.engine.strategies import STRATEGIES, strategy_class, strategy_options
 from dtrain.errors import ConfigError, check
@@ -32,7 +33,7 @@ PRECISIONS = tuple(DTYPES)
 @dataclass
 class TrainerBase:
     strategy: str = "ddp"
-    """A registered strategy: ddp or deepspeed (see dtrain.engine.strategies)."""
+    """A registered strategy: ddp, deepspeed or fsdp (see dtrain.engine.strategies)."""
     num_workers: int | None = None
     """Training workers; null = one per GPU when GPUs are present, otherwise 2."""
     use_gpu: str = "auto"
@@ -60,6 +61,11 @@ class TrainerBase:
     handles overflows: a non-finite loss). Noticed at the next logged step, checkpoint or epoch end."""
     max_failures: int = 0
     """Worker-group restarts Ray Train may make after a failure (resuming from the latest checkpoint)."""
+    compile: Any = False
+    """torch.compile the model: false, true, or {mode, fullgraph, backend, dynamic} (see engine.prepare)."""
+    activation_checkpointing: Any = False
+    """Recompute activations in the backward instead of keeping them: false, true (every top-level layer) or a
+    list of layer names (qualified module names, e.g. [net])."""
     start_timeout_s: float = 120.0
     """Seconds to wait for the workers' CPUs/GPUs to be free (their placement) before the run fails with one line,
     instead of waiting for ever (e.g. behind other runs or a search's trials on the same cluster)."""
@@ -67,6 +73,8 @@ class TrainerBase:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
+        compile_options(self.compile)
+        checkpoint_layers(self.activation_checkpointing)
         check(self.strategy in STRATEGIES, "trainer.strategy", "one of " + ", ".join(STRATEGIES), self.strategy)
         check(self.num_workers is None or self.num_workers >= 1, "trainer.num_workers", "an integer >= 1",
               self.num_workers)
@@ -87,7 +95,8 @@ class TrainerBase:
         # them), when the job loads
         strategy_class(self.strategy).check(getattr(self, self.strategy, None), precision=self.precision,
                                             grad_clip=self.grad_clip, grad_clip_mode=self.grad_clip_mode,
-                                            grad_accum=self.grad_accum)
+                                            grad_accum=self.grad_accum, compile=bool(self.compile),
+                                            activation_checkpointing=bool(self.activation_checkpointing))
 
 
     def _check_profile(self) -> None:

@@ -47,6 +47,11 @@ def dispatch_mode() -> type:
     return TorchDispatchMode
 
 
+def is_compiled(module: nn.Module) -> bool:
+    """Whether module.compile() was applied to module (its __call__ then runs the compiled _call_impl)."""
+    return module._compiled_call_impl is not None
+
+
 def _steps_read_found_inf() -> bool:
     """Whether Adam's and SGD's step still take found_inf from the optimizer (what step_unless relies on)."""
     steps = (torch.optim.Adam.step, torch.optim.SGD.step)
@@ -65,4 +70,5 @@ def check() -> None:
         "nn.Module._buffers": lambda: nn.Linear(1, 1)._buffers,
         "nn.Module._non_persistent_buffers_set": lambda: nn.Linear(1, 1)._non_persistent_buffers_set,
         "torch.utils._python_dispatch.TorchDispatchMode": dispatch_mode,
+        "nn.Module._compiled_call_impl": lambda: hasattr(nn.Linear(1, 1), "_compiled_call_impl") or None,
     })

@@ -18,6 +18,7 @@ from dtrain.engine import dist
 from dtrain.engine.callbacks import Callback
 from dtrain.engine.loop import LoopConfig, Publish, RunContext, fit
 from dtrain.engine.precision import Precision
+from dtrain.engine.prepare import checkpoint_layers, compile_options
 from dtrain.engine.profile import Profiler
 from dtrain.engine.strategies import Strategy, StrategySetup, build_strategy
 from dtrain.launch.sysmetrics import SystemMonitor
@@ -46,7 +47,8 @@ def build_worker(job: Any, device: torch.device, data: DataBundle | None = None)
     torch.manual_seed(t.seed + 1 + rank)  # but independent dropout masks per rank
     setup = StrategySetup(device=device, precision=Precision(t.precision, device), optim=job.optim,
                           grad_clip=t.grad_clip, grad_clip_mode=t.grad_clip_mode, micro_batch=plan.micro_batch,
-                          accum=plan.accum)
+                          accum=plan.accum, compile=compile_options(t.compile),
+                          activation_checkpointing=checkpoint_layers(t.activation_checkpointing))
     strategy = build_strategy(t.strategy, setup, getattr(t, t.strategy, None))
     loop = LoopConfig(lr=job.optim.lr, max_epochs=t.max_epochs, max_steps=t.max_steps,
                       log_every_n_steps=t.log_every_n_steps, max_nonfinite_steps=t.max_nonfinite_steps,

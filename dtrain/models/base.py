@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -58,6 +59,21 @@ class CatalogModel(nn.Module):
     def predict(self, x: Tensor) -> Tensor:
         """Model output for inputs x (logits, forecasts, reconstructions or features)."""
         raise NotImplementedError
+
+    def blocks(self) -> list[nn.Module]:
+        """The layers FSDP shards one at a time (and compile and activation checkpointing treat as units); the
+        root holds the rest. Default: every Linear, convolution, recurrent and normalisation layer. A model that
+        reads a layer's weights outside that layer's forward returns [] (see dtrain.models.parallel)."""
+        from dtrain.models.parallel import default_blocks
+
+        return default_blocks(self)
+
+    def parallelize(self, **fsdp: Any) -> None:
+        """Shard this model with FSDP2 (torch.distributed.fsdp.fully_shard, options as given): each block, then
+        the root. Override beside a model to cut it differently."""
+        from dtrain.models.parallel import parallelize
+
+        parallelize(self, self.blocks(), **fsdp)
 
     @staticmethod
     def all_reduce_sum(t: Tensor) -> Tensor:

@@ -64,6 +64,9 @@ class DBN(CatalogModel):
         self.dropout = nn.Dropout(cfg.dropout)
         self.stage = "finetune"
 
+    def blocks(self) -> list[nn.Module]:
+        return []  # the Gibbs chain reads W and its transpose outside the layer's forward: sharded whole
+
     def stages(self) -> list[Stage]:
         return pretraining_stages(self.cfg, len(self.rbms))
 

@@ -72,6 +72,19 @@ CASES = [
     ("batch-larger-than-data-set", "train JOB data.batch_size=100000", "data.batch_size: 100000 is larger"),
     ("more-workers-than-cpus", "train JOB trainer.num_workers=512", "trainer.num_workers: 512 workers"),
     ("gpu-on-a-cpu-machine", "train JOB trainer.use_gpu=true", "trainer.use_gpu"),
+    ("fsdp-unknown-key", "train JOB trainer.strategy=fsdp trainer.fsdp.reshard=false",
+     "unknown key 'trainer.fsdp.reshard'"),
+    ("fsdp-offload-without-gpu", "train JOB trainer.strategy=fsdp trainer.fsdp.offload_params=true",
+     "trainer.fsdp.offload_params: offloads from a CUDA GPU"),
+    ("fsdp-fp16", "train JOB trainer.strategy=fsdp trainer.precision=fp16-mixed", "trainer.precision: fsdp runs 32"),
+    ("compile-missing-backend", "train JOB trainer.compile.backend=tvm", "tvm needs the tvm package"),
+    ("compile-unknown-backend", "config JOB trainer.compile.backend=xla9", "trainer.compile.backend: expected one of"),
+    ("compile-unknown-mode", "config JOB trainer.compile.mode=fast", "trainer.compile.mode: expected one of"),
+    ("compile-unknown-key", "config JOB trainer.compile.fast=true", "trainer.compile: expected true, false or a map"),
+    ("compile-under-deepspeed", "train JOB trainer.strategy=deepspeed trainer.compile=true",
+     "trainer.compile: not supported under trainer.strategy=deepspeed"),
+    ("activation-checkpointing-number", "config JOB trainer.activation_checkpointing=3",
+     "trainer.activation_checkpointing: expected true, false or a list of layer names"),
     ("resume-not-a-run-dir", "train {d} --resume", "not a run directory"),
     ("run-dir-exists", "train JOB name=taken", "run directory"),
     # hardening (issue 17): values that used to slip through
@@ -85,14 +98,14 @@ CASES = [
     ("model-too-big", "train JOB model.hidden=[100000000]", "model: mlp has 7,500,000,010 parameters"),
     ("zero-start-timeout", "config JOB trainer.start_timeout_s=0", "trainer.start_timeout_s"),
 ]
-NEEDS_NO_GPU = {"gpu-on-a-cpu-machine"}
+NEEDS_NO_GPU = {"gpu-on-a-cpu-machine", "fsdp-offload-without-gpu"}
 PARAMS = [pytest.param(c, id=c[0], marks=[pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")]
                        if c[0] in NEEDS_NO_GPU else []) for c in CASES]
 # Also run as a fresh `python -m dtrain` (about 3 CPU-seconds each, so a representative few): proves the real
 # interpreter prints nothing else (no import-time warnings or tracebacks) and that no Ray is started.
 IN_SUBPROCESS = {"missing-job-file", "unknown-nested-key", "missing-data-file", "csv-ragged-row",
                  "batch-larger-than-data-set", "more-workers-than-cpus", "gpu-on-a-cpu-machine", "model-too-big",
-                 "runs-dir-is-a-file"}
+                 "runs-dir-is-a-file", "fsdp-unknown-key", "compile-missing-backend"}
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ On a GPU every device-to-host transfer (`.item()`, `float(t)`, `bool(t)`, `.toli
 step cannot be launched while the current one runs. Each catalog model's job trains one epoch per stage at two batch
 sizes (4x as many steps at the smaller one) with step logging off, under DDP and under DeepSpeed ZeRO 0-3, counting
 every such transfer and where it came from (dtrain's code, DeepSpeed's, torch's): dtrain's must not grow with the
-number of steps. DeepSpeed's own are counted too: ZeRO 1-3 decide on the host whether a step overflowed
+number of steps (under FSDP too). DeepSpeed's own are counted too: ZeRO 1-3 decide on the host whether a step overflowed
 (is_invalid_grad_norm inside DeepSpeed's optimizer: twice a step at ZeRO 1-2, once at ZeRO 3), which dtrain cannot
 remove; fp32 ZeRO-0 reads nothing back.
 On a GPU the same runs count every synchronising CUDA call that torch.cuda.set_sync_debug_mode reports.
@@ -152,6 +152,17 @@ def test_a_deepspeed_training_step_reads_back_only_what_deepspeed_itself_does(st
         assert {k: v for k, v in growth.items() if not k.startswith("deepspeed ")} == {}
         # DeepSpeed's own overflow check: exactly this many read-backs per step, inside its ZeRO optimizer
         assert sum(growth.values()) == deepspeeds_own * (many_steps - few_steps), growth
+
+
+@pytest.mark.slow
+def test_an_fsdp_training_step_reads_nothing_back(tmp_path):
+    """Sharded gradients: their norm is all-reduced, clipped and the skip decided on the device, as under DDP."""
+    extra = ["trainer.strategy=fsdp", "trainer.grad_clip=1.0", "trainer.grad_accum=2"]
+    few, few_steps = _spawned_transfers(64, tmp_path, extra)
+    many, many_steps = _spawned_transfers(16, tmp_path, extra)
+    assert many_steps >= 3 * few_steps > 0
+    for rank in range(2):
+        assert _growth(few[rank], many[rank]) == {}, f"rank {rank}: {many_steps - few_steps} more steps"
 
 
 def test_the_counter_sees_every_kind_of_read_back(monkeypatch):

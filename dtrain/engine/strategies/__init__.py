@@ -16,6 +16,7 @@ from dtrain.errors import ConfigError
 STRATEGIES: dict[str, str] = {
     "ddp": "dtrain.engine.strategies.ddp:DDPStrategy",
     "deepspeed": "dtrain.engine.strategies.deepspeed:DeepSpeedStrategy",
+    "fsdp": "dtrain.engine.strategies.fsdp:FSDPStrategy",
 }
 
 

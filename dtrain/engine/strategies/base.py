@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from dtrain.engine.optim import OptimConfig
 from dtrain.engine.precision import Precision
+from dtrain.engine.prepare import CompileOptions
 
 
 @dataclass
@@ -30,6 +31,10 @@ class StrategySetup:
     """Samples one rank feeds forward at a time (the largest micro-batch of the batch plan)."""
     accum: int = 1
     """Micro-batches per optimizer step."""
+    compile: CompileOptions | None = None
+    """torch.compile settings; None runs eagerly (applied by engine.prepare.prepare_model in setup)."""
+    activation_checkpointing: bool | list[str] = False
+    """Recompute these layers' activations in the backward (true: every top-level layer; see prepare_model)."""
 
 
 @dataclass

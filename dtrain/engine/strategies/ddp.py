@@ -16,6 +16,7 @@ from dtrain.compat.torch import step_unless
 from dtrain.engine import dist
 from dtrain.engine.checkpoint import atomic_save, safe_load, to_cpu
 from dtrain.engine.optim import build_optimizer, build_scheduler, constant_schedule, retarget, trainable
+from dtrain.engine.prepare import prepare_model
 from dtrain.engine.strategies.base import StepResult, StrategySetup
 from dtrain.engine.strategies.grads import all_finite, clip, nonfinite, same_device_and_dtype, total_norm
 from dtrain.errors import ConfigError
@@ -38,7 +39,7 @@ class DDPStrategy:
         """DDP runs every precision, clipping mode and accumulation."""
 
     def setup(self, model: nn.Module, lr: float, total_steps: int, steps_per_epoch: int) -> nn.Module:
-        self.raw = model.to(self.device)
+        self.raw = prepare_model(model.to(self.device), self.cfg.compile, self.cfg.activation_checkpointing)
         if dist.world_size() > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # broadcast_buffers=False: no model here keeps running statistics that must match across ranks, and

@@ -57,8 +57,12 @@ class DeepSpeedStrategy:
         self.engine: Any = None
 
     @classmethod
-    def check(cls, options: DeepSpeedOptions, **trainer: Any) -> None:
+    def check(cls, options: DeepSpeedOptions, *, compile: bool = False, activation_checkpointing: bool = False,
+              **trainer: Any) -> None:
         """The translated config, and DeepSpeed's own parser on raw keys: conflicts fail when the job loads."""
+        for key, wanted in (("compile", compile), ("activation_checkpointing", activation_checkpointing)):
+            if wanted:  # DeepSpeed's engine wraps the module its own way (ZeRO-3 hooks, its own compile)
+                raise ConfigError(f"trainer.{key}: not supported under trainer.strategy=deepspeed; use ddp or fsdp")
         deepspeed_config(options, **trainer)
 
     def setup(self, model: nn.Module, lr: float, total_steps: int, steps_per_epoch: int) -> nn.Module:
