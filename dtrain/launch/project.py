@@ -26,10 +26,7 @@ def add_user_code(spec: str | Path | None) -> None:
     """Put the job's project directory and the current directory on this process's import path and on PYTHONPATH,
     which every process the launchers start inherits (see shipped_paths)."""
     found = [project_dir(spec)] if spec is not None else []
-    folders = [str(p) for p in [*found, Path.cwd().resolve()] if p is not None]
-    use_paths(folders)
-    current = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*folders, *current]))
+    use_paths([str(p) for p in [*found, Path.cwd().resolve()] if p is not None])
 
 
 def shipped_paths() -> list[str]:
@@ -38,6 +35,8 @@ def shipped_paths() -> list[str]:
 
 
 def use_paths(folders: Iterable[str]) -> None:
-    """Prepend the folders that exist here to sys.path (a worker on another node may not have them)."""
-    new = [f for f in folders if f not in sys.path and Path(f).is_dir()]
-    sys.path[:0] = new
+    """Prepend the folders that exist here (a worker on another node may not have them) to sys.path, and to
+    PYTHONPATH, so that the processes started from this one (Ray Tune's trials start Ray Train's) have them too."""
+    here = [f for f in folders if Path(f).is_dir()]
+    sys.path[:0] = [f for f in here if f not in sys.path]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*here, *shipped_paths()]))

@@ -19,7 +19,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dtrain.errors import DtrainError
-from dtrain.launch.project import shipped_paths, use_paths
 
 
 class LocalPublisher:
@@ -99,7 +98,6 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
     if env is not None:  # the caller's environment now, not the fork server's from when it started
         os.environ.clear()
         os.environ.update(env)
-        use_paths(shipped_paths())  # the fork server's sys.path is from when it started: add the user's code
     sys.stdout.flush(), sys.stderr.flush()
     for fd, target in stdio:  # the caller's stdout and stderr
         os.dup2(fd, target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -47,11 +48,10 @@ class TinyResNet(CatalogModel):
         in_channels = meta.input_shape[0]
         self.stem = nn.Sequential(nn.Conv2d(in_channels, cfg.channels, 3, padding=1), nn.ReLU())
         self.blocks = nn.Sequential(*[Block(cfg.channels) for _ in range(cfg.blocks)])
-        self.head = nn.Linear(cfg.channels, meta.num_classes)
+        self.head = nn.Linear(cfg.channels * math.prod(meta.input_shape[1:]), meta.num_classes)
 
     def predict(self, x: Tensor) -> Tensor:
-        features = self.blocks(self.stem(x)).mean(dim=(2, 3))  # global average pooling
-        return self.head(features)
+        return self.head(self.blocks(self.stem(x)).flatten(1))
 
     def forward(self, batch: tuple[Tensor, ...]) -> StepOutput:
         x, y = batch
