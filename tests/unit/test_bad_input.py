@@ -19,6 +19,7 @@ from tests.helpers import JOBS, ROOT
 JOB = str(JOBS / "mlp_digits.yaml")
 MODULE_JOB = str(ROOT / "examples/user_project/jobs/smallnet_digits.yaml")  # a plain nn.Module through the adapter
 RESNET_JOB = str(ROOT / "examples/user_project/jobs/resnet_digits.yaml")  # a CatalogModel by import path
+TUNE_JOB = str(ROOT / "examples/user_project/jobs/tune_smallnet.yaml")  # a search over the module's args
 
 
 def _write_files(d: Path) -> None:
@@ -100,6 +101,8 @@ CASES = [
     ("module-arg-rejected", "config {mod} model.args.depth=3",
      "model.args.depth: mynets.nets:SmallNet takes no argument 'depth' (it takes: input_shape, num_classes, width"),
     ("module-constructor-raises", "train {mod} model.args.width=-4", "model.args: mynets.nets:SmallNet(...) failed"),
+    ("tune-space-arg-rejected", "tune {tune} tune.space.model.args.depth=choice([2])",
+     "tune.space.model.args.depth: 2 does not fit the job: model.args.depth: mynets.nets:SmallNet takes no argument"),
     ("unknown-loss", "config {mod} model.loss=hinge", "model.loss: expected one of cross_entropy, mse, bce_logits"),
     ("loss-path-does-not-import", "config {mod} model.loss=mynets.lossez:fn", "model.loss: cannot import"),
     ("loss-does-not-fit-output", "train {mod} model.loss=mse", "model.loss: on the network's output failed"),
@@ -134,7 +137,7 @@ def scratch(tmp_path_factory):
 
 def _argv(case, d: Path) -> list[str]:
     name, cmd, _ = case
-    jobs = {"{d}": str(d), "JOB": JOB, "{mod}": MODULE_JOB, "{res}": RESNET_JOB}
+    jobs = {"{d}": str(d), "JOB": JOB, "{mod}": MODULE_JOB, "{res}": RESNET_JOB, "{tune}": TUNE_JOB}
     argv = cmd.split()
     for placeholder, value in jobs.items():
         argv = [a.replace(placeholder, value) for a in argv]
