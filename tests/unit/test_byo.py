@@ -5,7 +5,7 @@ project is found."""
 
 from __future__ import annotations
 
-import os
+import sys
 
 import pytest
 import torch
@@ -117,9 +117,9 @@ def test_the_job_files_project_and_the_current_folder_go_on_the_path(tmp_path, m
     assert project_dir(loose / "job.yaml") is None  # no project above it, and not under the current folder
     monkeypatch.chdir(tmp_path)
     assert project_dir(loose / "job.yaml") == tmp_path
-    monkeypatch.setattr("sys.path", list(os.sys.path))
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p not in (str(PROJECT), str(tmp_path))])
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     add_user_code(PROJECT / "jobs" / "resnet_digits.yaml")
     assert shipped_paths()[:2] == [str(PROJECT), str(tmp_path)] and shipped_paths()[-1] == "/elsewhere"
-    assert os.sys.path[:2] == [str(PROJECT), str(tmp_path)]
+    assert sys.path[:2] == [str(PROJECT), str(tmp_path)]
     assert load_job(PROJECT / "jobs" / "resnet_digits.yaml").model.name == "mynets.resnet:TinyResNet"
