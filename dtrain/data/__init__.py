@@ -14,7 +14,7 @@ from dtrain.data import bundled, files, generated, series
 from dtrain.data.base import Arrays, DataBundle
 from dtrain.errors import ConfigError, DataError, DtrainError, first_line
 from dtrain.models.base import DataMeta
-from dtrain.models.plugins import import_object, is_import_path
+from dtrain.models.plugins import check_keywords, function_by_name
 
 # name -> loader(**options) -> Arrays
 DATASETS: dict[str, Callable[..., Arrays]] = {
@@ -34,16 +34,7 @@ DATASETS: dict[str, Callable[..., Arrays]] = {
 
 def data_loader(name: str) -> Callable[..., Arrays]:
     """The loader called name: a registered data set, or the function at a `module:function` import path."""
-    if name in DATASETS:
-        return DATASETS[name]
-    if not is_import_path(name):
-        raise ConfigError(f"data.name: expected one of {', '.join(sorted(DATASETS))}, or an import path "
-                          f"module:function, got {name!r}")
-    loader = import_object(name, "data.name")
-    if not callable(loader) or inspect.isclass(loader):
-        raise ConfigError(f"data.name: expected a function returning dtrain.data.Arrays at {name}, "
-                          f"got {type(loader).__name__}")
-    return loader
+    return function_by_name(name, DATASETS, "data.name", "a function returning dtrain.data.Arrays")
 
 
 def load_arrays(cfg: Any) -> Arrays:
@@ -68,14 +59,8 @@ def load_arrays(cfg: Any) -> Arrays:
 
 def _user_arrays(loader: Callable[..., Any], cfg: Any) -> Arrays:
     """The user's loader, called like a registered one; its mistakes are one line naming data.name."""
-    params = inspect.signature(loader).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = dict(cfg.options or {}, **({"path": cfg.path} if cfg.path else {}))
-    for key in kwargs:
-        if key not in params and not takes_any:
-            where = "data.path" if key == "path" else f"data.options.{key}"
-            takes = ", ".join(params) or "none"
-            raise ConfigError(f"{where}: {cfg.name} takes no argument {key!r} (it takes: {takes})")
+    check_keywords(loader, kwargs, lambda key: "data.path" if key == "path" else f"data.options.{key}", cfg.name)
     try:
         arrays = loader(**kwargs)
     except DtrainError:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 
 from dtrain.errors import ConfigError, DtrainError, check, first_line
 from dtrain.models.base import CatalogModel, DataMeta, StepOutput
-from dtrain.models.plugins import import_object, is_import_path
+from dtrain.models.plugins import check_keywords, function_by_name, import_object, parameters
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -69,7 +68,7 @@ class ModuleConfig:
         check(bool(self.target), "model.target", "an import path module:Class of an nn.Module", self.target)
         factory = import_object(self.target, "model.target")
         check(callable(factory), "model.target", f"a class or function at {self.target}", type(factory).__name__)
-        check_args(factory, self.args, self.target)
+        check_keywords(factory, self.args, lambda key: f"model.args.{key}", self.target)
         if self.loss is not None:
             loss_function(self.loss)
         for name in self.metrics:
@@ -78,37 +77,12 @@ class ModuleConfig:
 
 def loss_function(name: str) -> Loss:
     """The loss called name: a built-in one, or the callable at an import path."""
-    if name in LOSSES:
-        return LOSSES[name]
-    if not is_import_path(name):
-        raise ConfigError(f"model.loss: expected one of {', '.join(LOSSES)} or an import path module:function, "
-                          f"got {name!r}")
-    fn = import_object(name, "model.loss")
-    check(callable(fn), "model.loss", f"a function (output, target) -> loss at {name}", type(fn).__name__)
-    return fn
-
-
-def _parameters(factory: Any) -> dict[str, inspect.Parameter] | None:
-    try:
-        return dict(inspect.signature(factory).parameters)
-    except (TypeError, ValueError):  # a builtin without a signature: let the call itself judge the arguments
-        return None
-
-
-def check_args(factory: Any, args: dict[str, Any], target: str) -> None:
-    """Fail on a keyword the constructor does not take, naming model.args.<key> and what it does take."""
-    params = _parameters(factory)
-    if params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    for key in args:
-        if key not in params or params[key].kind is inspect.Parameter.POSITIONAL_ONLY:
-            takes = ", ".join(p for p in params if params[p].kind is not inspect.Parameter.VAR_POSITIONAL) or "none"
-            raise ConfigError(f"model.args.{key}: {target} takes no argument {key!r} (it takes: {takes})")
+    return function_by_name(name, LOSSES, "model.loss", "a function (output, target) -> loss")
 
 
 def module_args(factory: Any, args: dict[str, Any], meta: DataMeta) -> dict[str, Any]:
     """args plus the data-derived parameters (FROM_DATA) the constructor takes and args leaves out."""
-    params = _parameters(factory) or {}
+    params = parameters(factory) or {}
     derived = {k: getattr(meta, k) for k in FROM_DATA if k in params and k not in args}
     return {**derived, **args}
 

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+from collections.abc import Callable, Iterable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -38,6 +39,40 @@ def import_object(path: str, key: str) -> Any:
             raise ConfigError(f"{key}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     return obj
+
+
+def function_by_name(name: str, registry: dict[str, Any], key: str, what: str) -> Any:
+    """registry[name], or the function at a `module:function` import path (what data.name and model.loss take)."""
+    if name in registry:
+        return registry[name]
+    if not is_import_path(name):
+        raise ConfigError(f"{key}: expected one of {', '.join(sorted(registry))}, or an import path module:function, "
+                          f"got {name!r}")
+    fn = import_object(name, key)
+    if not callable(fn) or inspect.isclass(fn):
+        raise ConfigError(f"{key}: expected {what} at {name}, got {type(fn).__name__}")
+    return fn
+
+
+def parameters(fn: Any) -> dict[str, inspect.Parameter] | None:
+    """fn's parameters by name, or None when it has no signature (a builtin: the call itself judges)."""
+    try:
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_keywords(fn: Any, names: Iterable[str], key_of: Callable[[str], str], what: str) -> None:
+    """Fail on a keyword argument fn does not take, naming its job key (key_of(name)) and what fn does take."""
+    params = parameters(fn)
+    if params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    named = [p for p, v in params.items() if v.kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                            inspect.Parameter.POSITIONAL_ONLY)]
+    for name in names:
+        if name not in named:
+            raise ConfigError(f"{key_of(name)}: {what} takes no argument {name!r} (it takes: "
+                              f"{', '.join(named) or 'none'})")
 
 
 def plugin_entry_points() -> dict[str, EntryPoint]:
