@@ -29,9 +29,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (run_dir / "config.yaml").is_file():
             raise DtrainError(f"{run_dir}: not a run directory (no config.yaml); --resume takes runs/<name>")
         job = _load(str(run_dir / "config.yaml"), args.overrides)
+        _located_at(job, run_dir)
     else:
         job = _load(args.job, args.overrides)
-    data = _check_buildable(job)
+    data = _check_buildable(job, args.address)
     summary = fit_job(job, address=args.address, resume=args.resume, data=data)
     run_dir = run_dir_for(job)
     print(f"[dtrain] run finished: {run_dir}")
@@ -44,9 +45,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_buildable(job):
+def _located_at(job, folder: Path) -> None:
+    """A resumed run or search continues in the folder given on the command line (it may have been moved or
+    copied), not where its config.yaml says it was created."""
+    folder = folder.expanduser().resolve()
+    job.runs_dir, job.name = str(folder.parent), folder.name
+
+
+def _check_buildable(job, address: str | None = None):
     """Load the data and build the model once on the driver, so bad input fails fast and clearly, before Ray.
-    Returns the loaded data (`dtrain train` hands it to the workers)."""
+    The model is built on the meta device (nothing is allocated), which also tells whether it fits this machine
+    when Ray runs here. Returns the loaded data (`dtrain train` hands it to the workers)."""
+    import torch
+
     from dtrain.config import to_objects
     from dtrain.data import load_data
     from dtrain.models import build_model, check_step, runs_user_code
@@ -57,9 +68,14 @@ def _check_buildable(job):
     if obj.optim.descent == "minibatch" and obj.data.batch_size > n_train:
         raise DtrainError(f"data.batch_size: {obj.data.batch_size} is larger than the training set "
                           f"({n_train} samples after the val/test split)")
-    model = build_model(obj.model, data.meta)
-    if runs_user_code(obj.model.name):  # the user's code: one step proves it
-        check_step(model, tuple(t[:2] for t in data.train))
+    with torch.device("meta"):
+        model = build_model(obj.model, data.meta)
+    if address is None:
+        from dtrain.launch.train import check_model_fits
+
+        check_model_fits(sum(p.numel() for p in model.parameters()), job)
+    if runs_user_code(obj.model.name):  # the user's code: one real step on two samples proves it keeps the contract
+        check_step(build_model(obj.model, data.meta), tuple(t[:2] for t in data.train))
     return data
 
 
@@ -71,9 +87,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if not (search_dir / JOB_FILE).is_file():
             raise DtrainError(f"{search_dir}: not a search directory (no {JOB_FILE}); --resume takes runs/<search>")
         job = _load(str(search_dir / JOB_FILE), args.overrides)
+        _located_at(job, search_dir)
     else:
         job = _load(args.job, args.overrides)
-    _check_buildable(job)
+    _check_buildable(job, args.address)
     rows, tune_cfg = run_search(job, address=args.address, resume=args.resume)
     search_dir = Path(job.runs_dir).resolve() / job.name
     print_table(rows, tune_cfg.metric)
@@ -219,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    terminated = _stop_on_sigterm()
     try:
         if getattr(args, "job", None) is not None:  # the job may name the user's own code by import path
             from dtrain.launch.project import add_user_code
@@ -229,8 +247,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dtrain: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if terminated:
+            print("dtrain: terminated (SIGTERM); the run stopped as on Ctrl-C", file=sys.stderr)
+            return 143
         print("dtrain: interrupted", file=sys.stderr)
         return 130
+
+
+def _stop_on_sigterm() -> list[bool]:
+    """Make SIGTERM (what a scheduler or `kill` sends) stop a run the way Ctrl-C does: the run is aborted and its
+    workers stopped, the last checkpoint kept. Returns a flag list that the handler appends to once it fired."""
+    import signal
+    import threading
+
+    fired: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        return fired
+
+    def handler(signum: int, frame: object) -> None:
+        fired.append(True)
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, handler)
+    return fired
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ schema, so a typo anywhere is caught the same way.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,9 @@ class TrainerBase:
     handles overflows: a non-finite loss). Noticed at the next logged step, checkpoint or epoch end."""
     max_failures: int = 0
     """Worker-group restarts Ray Train may make after a failure (resuming from the latest checkpoint)."""
+    start_timeout_s: float = 120.0
+    """Seconds to wait for the workers' CPUs/GPUs to be free (their placement) before the run fails with one line,
+    instead of waiting for ever (e.g. behind other runs or a search's trials on the same cluster)."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     def __post_init__(self) -> None:
@@ -73,6 +78,7 @@ class TrainerBase:
         check(self.grad_clip_mode in ("norm", "value"), "trainer.grad_clip_mode", "norm or value", self.grad_clip_mode)
         check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", "an integer >= 1", self.log_every_n_steps)
         check(self.max_failures >= 0, "trainer.max_failures", "an integer >= 0", self.max_failures)
+        check(self.start_timeout_s > 0, "trainer.start_timeout_s", "a number of seconds > 0", self.start_timeout_s)
         # the strategy's own checks of its section against these settings (e.g. raw DeepSpeed keys that contradict
         # them), when the job loads
         strategy_class(self.strategy).check(getattr(self, self.strategy, None), precision=self.precision,
@@ -161,6 +167,42 @@ class JobConfig:
     tune: Any = None
     """Search section for `dtrain tune` (see dtrain.launch.tune)."""
 
+    def __post_init__(self) -> None:
+        check(self.name is None or bool(RUN_NAME.fullmatch(self.name)) and self.name not in (".", ".."), "name",
+              "a plain run name (letters, digits, '.', '_', '-'; no '/'), the folder under runs_dir", self.name)
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+ENV_INTERPOLATION = re.compile(r"\$\{\s*(oc\.env|env)\s*:")
+
+
+def _reject_env_interpolations(node: Any, where: str, prefix: str = "") -> None:
+    """A job must say what it means: an ${oc.env:...} read from the environment would be resolved silently into
+    the run's config.yaml (and differ between the driver and the workers of a cluster)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _reject_env_interpolations(value, where, f"{prefix}{key}.")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _reject_env_interpolations(value, where, f"{prefix}{i}.")
+    elif isinstance(node, str) and ENV_INTERPOLATION.search(node):
+        raise ConfigError(f"{where}: {prefix[:-1]}: {node!r} reads an environment variable, which a job may not do "
+                          "(write the value, or pass it as an override: key=$VARIABLE)")
+
+
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """No float field of the job is inf or NaN (e.g. optim.lr=1e400 parses as inf)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            check(math.isfinite(value), f"{prefix}{f.name}", "a finite number", value)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                check(not isinstance(item, float) or math.isfinite(item), f"{prefix}{f.name}.{i}", "a finite number",
+                      item)
+
 
 def _schema_error(err: OmegaConfBaseException, where: str) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
@@ -197,7 +239,9 @@ def load_job(
         dotlist = OmegaConf.from_dotlist(list(overrides))
     except Exception as err:
         raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from None
-    return build_job(OmegaConf.merge(user, dotlist), where)
+    merged = OmegaConf.merge(user, dotlist)
+    _reject_env_interpolations(OmegaConf.to_container(merged, resolve=False), where)
+    return build_job(merged, where)
 
 
 def build_job(user: DictConfig, where: str = "job") -> DictConfig:
@@ -221,7 +265,7 @@ def build_job(user: DictConfig, where: str = "job") -> DictConfig:
             with open_dict(merged):
                 merged.tune = tune
         # Build the dataclasses once so that every __post_init__ check runs on the final values.
-        OmegaConf.to_object(merged)
+        _check_finite(OmegaConf.to_object(merged))
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     except OmegaConfBaseException as err:

@@ -16,6 +16,8 @@ HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 """Seconds between the Train controller's polls of its workers."""
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Seconds the Train controller waits for its workers' placement group before that attempt times out."""
 """Ray Train otherwise echoes every worker print twice (log + stdout)."""
 
 TRAIN_CONTEXT_MODULE = "ray.train.v2._internal.execution.context"
@@ -34,6 +36,38 @@ def quiet_train_worker_logs(drop: Callable[[logging.LogRecord], bool]) -> None:
 
 UPLOAD_LOGGERS = ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk")
 """Loggers that log every file of a working_dir that `ray job submit` packs and uploads."""
+
+
+NOTICE_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+"""Driver-side loggers whose WARNING lines are notices, not problems (token authentication is on: as it should)."""
+
+
+def quiet_driver_notices() -> None:
+    """No notice lines from Ray in the driver when a local Ray starts (only its errors)."""
+    for name in NOTICE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+PRINT_LOGS_HANDLER = "ray_print_logs"
+"""The driver-side handler (ray._private.worker) that prints every worker's output lines to this console."""
+
+
+def show_worker_lines(keep: Callable[[str], bool]) -> None:
+    """Of the output Ray streams from every worker and actor to the driver's console, print only the lines keep()
+    accepts, as they are (without Ray's "(Actor pid=...)" prefix); the rest stays in Ray's log files."""
+    import sys
+
+    from ray._private import worker
+
+    def print_kept(data: dict[str, Any]) -> None:
+        sink = sys.stderr if data.get("is_err") else sys.stdout
+        for line in data.get("lines", []):
+            if keep(line):
+                print(line, file=sink, flush=True)
+
+    dispatcher = worker.global_worker_stdstream_dispatcher
+    dispatcher.remove_handler(PRINT_LOGS_HANDLER)
+    dispatcher.add_handler(PRINT_LOGS_HANDLER, print_kept)
 
 
 def quiet_upload_logs() -> None:
@@ -64,6 +98,31 @@ def init_local(**kwargs: Any) -> None:
     ray.init(_node_ip_address="127.0.0.1", **kwargs)
 
 
+STARTUP_TIMEOUT = "The current node timed out during startup"
+"""What ray.init raises (as a bare Exception, ray._private.node) when the new node does not register in time."""
+
+
+def is_startup_timeout(err: BaseException) -> bool:
+    """Whether err is ray.init's 'node timed out during startup' (a loaded machine), which is worth a retry."""
+    return STARTUP_TIMEOUT in str(err)
+
+
+def is_worker_start_timeout(err: BaseException) -> bool:
+    """Whether err (a Train run's failure) is its workers' placement not coming through in time."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, WorkerGroupStartupTimeoutError):
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "controller_failure", None)]
+    return False
+
+
 def check() -> None:
     """CompatError naming each private Ray API above that no longer exists."""
     import inspect
@@ -83,11 +142,19 @@ def check() -> None:
         HEALTH_CHECK_INTERVAL_ENV: env(HEALTH_CHECK_INTERVAL_ENV),
         PREEMPTION_WATCHER_ENV: env(PREEMPTION_WATCHER_ENV),
         PRINT_PATCH_ENV: env(PRINT_PATCH_ENV),
+        WORKER_GROUP_START_TIMEOUT_ENV: env(WORKER_GROUP_START_TIMEOUT_ENV),
         TRAIN_CONTEXT_MODULE: lambda: importlib.util.find_spec(TRAIN_CONTEXT_MODULE),
         f"{TRAIN_ERROR_LOGGER} logging 'Error in training function'": lambda: (
             "Error in training function" in inspect.getsource(importlib.import_module(TRAIN_ERROR_LOGGER)) or None),
         "TrainController.abort": lambda: TrainController.abort,
-        **{f"logger module {name}": (lambda n=name: importlib.util.find_spec(n)) for name in UPLOAD_LOGGERS},
+        "ray._private.worker.global_worker_stdstream_dispatcher": lambda: importlib.import_module(
+            "ray._private.worker").global_worker_stdstream_dispatcher,
+        f"print handler '{PRINT_LOGS_HANDLER}'": lambda: f'"{PRINT_LOGS_HANDLER}"' in inspect.getsource(
+            importlib.import_module("ray._private.worker")) or None,
+        **{f"logger module {name}": (lambda n=name: importlib.util.find_spec(n))
+           for name in UPLOAD_LOGGERS + NOTICE_LOGGERS},
         "SubmissionClient._do_request": lambda: SubmissionClient._do_request,
         "ray.init(_node_ip_address=...)": lambda: "_node_ip_address" in inspect.getsource(ray.init) or None,
+        f"'{STARTUP_TIMEOUT}' (ray._private.node)": lambda: STARTUP_TIMEOUT in inspect.getsource(
+            importlib.import_module("ray._private.node")) or None,
     })

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dtrain.data import bundled, files, generated, series
+from dtrain.data import bundled, files, generated, series, transforms
 from dtrain.data.base import Arrays, DataBundle
 from dtrain.errors import ConfigError, DataError, DtrainError, first_line
 from dtrain.models.base import DataMeta
@@ -89,8 +89,22 @@ def _split(arrays: Arrays, cfg: Any) -> dict[str, tuple[np.ndarray, np.ndarray |
     n_test = int(round(n * cfg.test_fraction))
     n_val = int(round((n - n_test) * cfg.val_fraction))
     n_train = n - n_test - n_val
-    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
-    return {k: (arrays.x[idx], _maybe(arrays.y, idx)) for k, idx in parts.items()}
+    # Each split keeps its samples in their file order (the loader shuffles every epoch anyway), so the training
+    # rows can be moved to the front of the array in place instead of copied: no second copy of the data set.
+    parts = {"train": np.sort(order[:n_train]), "val": np.sort(order[n_train:n_train + n_val]),
+             "test": np.sort(order[n_train + n_val:])}
+    out = {k: (arrays.x[idx], _maybe(arrays.y, idx)) for k, idx in parts.items() if k != "train"}
+    x = _writable_float32(arrays.x)
+    return {"train": (_take_rows_to_front(x, parts["train"]), _maybe(arrays.y, parts["train"])), **out}
+
+
+def _take_rows_to_front(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """x[rows] built in x's own memory: for ascending rows (so rows[i] >= i), chunk by chunk; returns that view."""
+    step = transforms.chunk_rows(x)
+    for start in range(0, len(rows), step):
+        chunk = rows[start:start + step]
+        x[start:start + len(chunk)] = x[chunk]
+    return x[:len(rows)]
 
 
 def _maybe(y: np.ndarray | None, idx: Any) -> np.ndarray | None:
@@ -115,14 +129,18 @@ def load_data(cfg: Any) -> DataBundle:
         raise DataError(f"data: no training samples left after the val/test split of {len(arrays.x)} samples")
     if cfg.fourier:
         splits = {k: (fourier_features(x), y) for k, (x, y) in splits.items()}
+    splits = {k: (_writable_float32(x), y) for k, (x, y) in splits.items()}
     if cfg.standardize and arrays.task != "unsupervised_binary":
-        train_x = splits["train"][0].astype(np.float64)
-        axes = tuple(range(train_x.ndim - 1)) if train_x.ndim == 3 else 0
-        mean, std = train_x.mean(axis=axes), train_x.std(axis=axes)
+        mean, std = transforms.mean_std(splits["train"][0])
         std[std < 1e-8] = 1.0
-        splits = {k: ((x - mean) / std, y) for k, (x, y) in splits.items()}
-    if cfg.minmax:
-        splits = _minmax(splits)
+        for x, _ in splits.values():
+            transforms.scale_(x, mean, std)
+    if cfg.minmax:  # to [0, 1] with the training min/max; val/test values outside that range are clipped
+        low, high = transforms.min_max(splits["train"][0])
+        span = high - low
+        span[span < 1e-8] = 1.0
+        for x, _ in splits.values():
+            transforms.scale_(x, low, span, clip=(0.0, 1.0))
     tensors = {k: _tensors(x, y, arrays.task) for k, (x, y) in splits.items()}
     sample = tensors["train"][0]
     output_dim = 0
@@ -134,18 +152,16 @@ def load_data(cfg: Any) -> DataBundle:
     return DataBundle(tensors["train"], tensors["val"], tensors["test"], meta)
 
 
-def _minmax(splits: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """Scale to [0, 1] with the training min/max; val/test values outside the training range are clipped."""
-    train_x = splits["train"][0].astype(np.float64)
-    axes = tuple(range(train_x.ndim - 1)) if train_x.ndim == 3 else 0
-    low, span = train_x.min(axis=axes), train_x.max(axis=axes) - train_x.min(axis=axes)
-    span[span < 1e-8] = 1.0
-    return {k: (np.clip((x - low) / span, 0.0, 1.0), y) for k, (x, y) in splits.items()}
+def _writable_float32(x: np.ndarray) -> np.ndarray:
+    """x as a contiguous float32 array this pipeline may scale in place (copied only when it is not one already)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x if x.flags.writeable else x.copy()
 
 
 def _tensors(x: np.ndarray, y: np.ndarray | None, task: str) -> tuple[Tensor, ...]:
-    xt = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+    """Tensors sharing the arrays' memory (no copy when they are contiguous and of the right dtype already)."""
+    xt = torch.from_numpy(_writable_float32(x))
     if y is None:
         return (xt,)
-    yt = torch.as_tensor(np.ascontiguousarray(y), dtype=torch.long if task == "classification" else torch.float32)
-    return (xt, yt)
+    dtype = np.int64 if task == "classification" else np.float32
+    return (xt, torch.from_numpy(np.ascontiguousarray(y, dtype=dtype)))

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from dtrain.data.base import Arrays
+from dtrain.data.transforms import all_finite
 from dtrain.errors import DataError
 
 # IDX type codes (third byte of the magic number) -> big-endian numpy dtype
@@ -105,8 +106,8 @@ def _arrays(x: np.ndarray, y: np.ndarray | None, task: str, where: str,
         raise DataError(f"{where}: features must be numeric, got dtype {x.dtype}")
     if y is not None and len(y) != len(x):
         raise DataError(f"{where}: {len(x)} samples but {len(y)} targets")
-    x = x.astype(np.float32)
-    if not np.all(np.isfinite(x)):
+    x = x.astype(np.float32, copy=False)
+    if not all_finite(x):
         raise DataError(f"{where}: features contain NaN or infinite values")
     task = _task_of(y, task, where)
     num_classes = 0

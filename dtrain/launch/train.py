@@ -8,6 +8,9 @@ import logging
 import math
 import os
 import shutil
+import sys
+import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from dtrain.compat import ray as ray_compat
 from dtrain.config import to_dict
+from dtrain.data.base import DataBundle
 from dtrain.errors import ConfigError, DtrainError
 from dtrain.launch.progress import ProgressFollower
 from dtrain.launch.project import shipped_paths
-from dtrain.tracking import CONFIG_FILE, SUMMARY_FILE
+from dtrain.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -49,12 +53,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     downloaded = Path(checkpoint.to_directory()) if remote else None
     try:
         resume_dir = _resume_dir(checkpoint, downloaded, Path(config["run_dir"]), config.get("resume", False))
-        data = ray.get(config["data"]) if config.get("data") is not None else None  # loaded once, by the driver
+        # loaded once, by the driver; read in place from Ray's shared object store
+        data = from_object_store(ray.get(config["data"])) if config.get("data") is not None else None
         run_worker(config["job"], config["run_dir"], publish, ray.train.torch.get_device(), resume_dir, data,
                    retarget=own is None and checkpoint is not None, callbacks=config.get("callbacks") or [])
     finally:
         if downloaded is not None:
             shutil.rmtree(downloaded, ignore_errors=True)
+
+
+def to_object_store(data: DataBundle) -> dict[str, Any]:
+    """The data as numpy arrays, which Ray's object store hands to every worker on the node without a copy (torch
+    tensors would be pickled, and each worker would unpickle a copy of its own)."""
+    return {"splits": [tuple(t.numpy() for t in split) for split in (data.train, data.val, data.test)],
+            "meta": data.meta}
+
+
+def from_object_store(shipped: dict[str, Any]) -> DataBundle:
+    """DataBundle of tensors over the object store's (read-only, shared) arrays: the loop only reads them."""
+    import torch
+
+    with warnings.catch_warnings():  # torch warns that the arrays are read-only: nothing writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        splits = [tuple(torch.from_numpy(a) for a in split) for split in shipped["splits"]]
+    return DataBundle(*splits, shipped["meta"])
 
 
 def _is_user_error_traceback(record: logging.LogRecord) -> bool:
@@ -105,12 +127,53 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     # keep Ray Train from echoing every worker print twice.
     runtime_env = {"env_vars": {"PYTHONPATH": _package_root() + os.pathsep + os.environ.get("PYTHONPATH", ""),
                                 ray_compat.PRINT_PATCH_ENV: "0"}}
+    ray_compat.quiet_driver_notices()
+    with _keep_sigterm_handler():
+        _start_ray(address, num_cpus, runtime_env)
+    # dtrain's own lines only: Ray's and libraries' chatter from workers and actors stays in Ray's log files
+    ray_compat.show_worker_lines(lambda line: line.startswith("[dtrain]"))
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """Ray's core installs its own SIGTERM handler in the driver (it prints a raw stack dump); keep the caller's."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, Any]) -> None:
+    import ray
+
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
-    else:
-        # The dashboard is kept: Ray Train's placement-group cleaner polls its state API and warns without it.
-        ray_compat.init_local(num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
-                              logging_level=logging.WARNING, runtime_env=runtime_env)
+        return
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            # The dashboard is kept: Ray Train's placement-group cleaner polls its state API and warns without it.
+            ray_compat.init_local(num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
+                                  logging_level=logging.WARNING, runtime_env=runtime_env)
+            return
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception when its node does not come up
+            ray.shutdown()  # stop what did start before trying again
+            if not ray_compat.is_startup_timeout(err):
+                raise
+            if attempt == START_ATTEMPTS:
+                raise DtrainError(f"Ray could not start on this machine: its node did not come up within Ray's 30 s, "
+                                  f"{START_ATTEMPTS} times; the machine is probably overloaded (other runs?): try "
+                                  "again when it is quieter, or start Ray once with `ray start --head` and pass "
+                                  "--address") from None
+            print(f"[dtrain] Ray's node did not come up in time (attempt {attempt} of {START_ATTEMPTS}); "
+                  "starting it again", file=sys.stderr, flush=True)
+
+
+START_ATTEMPTS = 3
+"""Embedded Ray start-ups tried before giving up: on a loaded machine Ray's node can miss its fixed 30 s."""
 
 
 def resolve_resources(job: DictConfig) -> tuple[int, bool]:
@@ -144,21 +207,65 @@ def check_local_resources(job: DictConfig) -> None:
     use_gpu = str(t.use_gpu).lower()
     if use_gpu == "true" and not torch.cuda.is_available():
         raise ConfigError("trainer.use_gpu: true, but this machine has no GPU (use --address for a GPU cluster)")
-    gpus = torch.cuda.device_count() if use_gpu != "false" else 0
-    workers = t.num_workers or (gpus or 2)
+    workers = local_workers(job)
     if workers * t.cpus_per_worker > cpus:
         raise ConfigError(f"trainer.num_workers: {workers} workers x {t.cpus_per_worker:g} CPUs need "
                           f"{workers * t.cpus_per_worker:g} CPUs, this machine has {cpus}")
 
 
+def local_workers(job: DictConfig) -> int:
+    """How many workers the job starts on this machine (trainer.num_workers, else one per GPU, else 2)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if str(job.trainer.use_gpu).lower() != "false" else 0
+    return job.trainer.num_workers or (gpus or 2)
+
+
+def check_model_fits(num_params: int, job: DictConfig) -> None:
+    """ConfigError before anything is allocated when the workers on this machine cannot hold the model's weights,
+    gradients and optimizer state (a lower bound: activations and data come on top). num_params: counted on a
+    model built on the meta device, which allocates nothing."""
+    import psutil
+
+    workers, t = local_workers(job), job.trainer
+    per_param = {"weights": 4, "gradients": 4, "optimizer state": _optimizer_bytes(job.optim)}
+    if t.strategy == "deepspeed":  # ZeRO divides state among the workers: optimizer from 1, gradients 2, weights 3
+        stage = t.deepspeed.zero_stage
+        for part, from_stage in (("optimizer state", 1), ("gradients", 2), ("weights", 3)):
+            per_param[part] /= workers if stage >= from_stage else 1
+    need = num_params * sum(per_param.values())
+    if str(t.use_gpu).lower() != "false" and _gpu_bytes() is not None:
+        have, where = _gpu_bytes(), "each GPU has"
+        total = need
+    else:
+        have, where, total = psutil.virtual_memory().available, "this machine has", need * workers
+    if total > have:
+        raise ConfigError(f"model: {job.model.name} has {num_params:,} parameters; their weights, gradients and "
+                          f"optimizer state need ~{need / 2**30:.1f} GiB per worker x {workers} workers = "
+                          f"{total / 2**30:.1f} GiB, {where} {have / 2**30:.1f} GiB available; make the model "
+                          "smaller, shard it (trainer.strategy=deepspeed, zero_stage 3) or use a bigger machine")
+
+
+def _optimizer_bytes(optim: Any) -> int:
+    if optim.name in ("adam", "adamw"):
+        return 8  # two fp32 moments
+    return 4 if optim.momentum else 0
+
+
+def _gpu_bytes() -> int | None:
+    import torch
+
+    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+
+
 def run_dir_for(job: DictConfig) -> Path:
-    return Path(job.runs_dir).resolve() / job.name
+    return Path(job.runs_dir).expanduser().resolve() / job.name
 
 
 def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False, callbacks: list | None = None,
             init_checkpoint: str | None = None, data: Any = None, worker_callbacks: list | None = None
             ) -> dict[str, Any]:
-    """Run job through Ray Train; returns summary.json's content. Writes runs/<name>/config.yaml first.
+    """Run job through Ray Train; returns summary.json's content. Claims runs/<name>/ (config.yaml) first.
 
     callbacks: Ray Train callbacks (run in its controller); worker_callbacks: engine callbacks (in every worker).
     init_checkpoint: a checkpoint folder to start from when the run has none of its own (weights, optimizer, state);
@@ -166,40 +273,93 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
     data: the job's DataBundle if the caller loaded it already: it goes to the workers through Ray's object store
     (one load for the whole run, and workers never need the data files or their readers); else each worker loads it.
     """
+    if address is None:
+        check_local_resources(job)  # before an embedded Ray starts (slow) and before the run dir is claimed
+    run_dir = claim_run_dir(job, resume)
+    try:
+        init_ray(address)
+        workers, use_gpu = resolve_resources(job)
+        trainer = _trainer(job, run_dir, workers, use_gpu, resume=resume, callbacks=callbacks,
+                           init_checkpoint=init_checkpoint, data=data, worker_callbacks=worker_callbacks)
+        _fit(trainer, job, run_dir, workers, local=address is None)
+    except BaseException:
+        if not resume:
+            release_unused(run_dir)  # a run that never trained leaves no folder behind to block its name
+        raise
+    summary_file = run_dir / SUMMARY_FILE
+    return json.loads(summary_file.read_text()) if summary_file.exists() else {}
+
+
+def claim_run_dir(job: DictConfig, resume: bool) -> Path:
+    """The run directory, taken before anything starts: created at once (of two runs started together with the
+    same name, one gets it; the other is told) with config.yaml in it, or with resume, found with its config.yaml."""
+    runs = usable_folder(Path(job.runs_dir).expanduser(), "runs_dir")
+    run_dir = runs / job.name
+    if resume:
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise ConfigError(f"{run_dir}: not a run directory (no {CONFIG_FILE}); --resume takes runs/<name>")
+        return run_dir
+    try:
+        run_dir.mkdir()
+    except FileExistsError:
+        raise ConfigError(f"name: run directory {run_dir} already exists; pass --resume to continue it or choose "
+                          "another name=") from None
+    OmegaConf.save(job, run_dir / CONFIG_FILE)
+    return run_dir
+
+
+def usable_folder(path: Path, key: str) -> Path:
+    """path as an absolute folder that exists (created if need be) and can be written; ConfigError naming key."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{key}: {path} is a file or lies under one; expected a folder") from None
+    except OSError as err:
+        raise ConfigError(f"{key}: {path} cannot be created ({err.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {path} is not writable")
+    return path.resolve()
+
+
+def release_unused(run_dir: Path, trained: str = METRICS_FILE) -> None:
+    """Remove a claimed run (or search) directory that never trained (no `trained` file in it: rank 0's
+    metrics.jsonl, a search's trials/), so that its name is free again; Ray's own bookkeeping goes with it."""
+    if run_dir.is_dir() and not (run_dir / trained).exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _trainer(job: DictConfig, run_dir: Path, workers: int, use_gpu: bool, *, resume: bool, callbacks: list | None,
+             init_checkpoint: str | None, data: Any, worker_callbacks: list | None) -> Any:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    run_dir = run_dir_for(job)
-    if run_dir.exists() and (run_dir / CONFIG_FILE).exists() and not resume:
-        raise ConfigError(f"name: run directory {run_dir} already exists; pass --resume to continue it "
-                          "or choose another name=")
-    if address is None:
-        check_local_resources(job)  # before an embedded Ray starts (slow) and before the run dir is written
-    init_ray(address)
-    workers, use_gpu = resolve_resources(job)  # before the run dir exists: a job that cannot fit leaves nothing
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(job, run_dir / CONFIG_FILE)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(job), "run_dir": str(run_dir), "init_checkpoint": init_checkpoint,
-                           "resume": resume, "data": None if data is None else ray.put(data),
+                           "resume": resume, "data": None if data is None else ray.put(to_object_store(data)),
                            "report_metrics": bool(callbacks), "callbacks": worker_callbacks or [],
                            "sys_path": shipped_paths()},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": job.trainer.cpus_per_worker}),
         run_config=RunConfig(name=job.name, storage_path=str(run_dir.parent),
-                             failure_config=FailureConfig(max_failures=job.trainer.max_failures),
+                             # controller failures are the workers' placement timing out: fail at the first one
+                             failure_config=FailureConfig(max_failures=job.trainer.max_failures,
+                                                          controller_failure_limit=0),
                              checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
-                             callbacks=callbacks,
-                             logging_config=LoggingConfig(log_level="WARNING")),
+                             callbacks=callbacks, logging_config=LoggingConfig(log_level="WARNING")),
     )
+
+
+def _fit(trainer: Any, job: DictConfig, run_dir: Path, workers: int, local: bool) -> None:
+    """trainer.fit() with the progress bar following the run, and a user error from a worker raised as itself."""
     follower = ProgressFollower(run_dir) if job.logging.progress else None
     if follower:
         follower.start()
     try:
-        controller = {POLL_ENV: os.environ.get(POLL_ENV) or poll_interval(workers)}
-        if address is None:  # Ray on this machine alone: no node can be preempted, and the watcher logs an error
+        controller = {POLL_ENV: os.environ.get(POLL_ENV) or poll_interval(workers),
+                      ray_compat.WORKER_GROUP_START_TIMEOUT_ENV: f"{job.trainer.start_timeout_s:g}"}
+        if local:  # Ray on this machine alone: no node can be preempted, and the watcher logs an error
             controller[PREEMPTION_ENV] = os.environ.get(PREEMPTION_ENV) or "0"
         with _controller_env(controller):
             trainer.fit()
@@ -209,12 +369,16 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
         user = find_user_error(err)
         if user is not None:
             raise user from None
+        if ray_compat.is_worker_start_timeout(err):
+            t = job.trainer
+            raise DtrainError(f"trainer.start_timeout_s: the {workers} workers ({t.cpus_per_worker:g} CPUs each) "
+                              f"could not be placed within {t.start_timeout_s:g} s: other runs, search trials or "
+                              "actors hold the cluster's resources; wait for them, lower trainer.num_workers, or "
+                              "raise trainer.start_timeout_s") from None
         raise
     finally:
         if follower:
             follower.stop()
-    summary_file = run_dir / SUMMARY_FILE
-    return json.loads(summary_file.read_text()) if summary_file.exists() else {}
 
 
 POLL_ENV = ray_compat.HEALTH_CHECK_INTERVAL_ENV

@@ -186,15 +186,24 @@ def run_search(job: DictConfig, *, address: str | None = None,
     the result rows (best first) and the validated tune section."""
     from ray import tune
 
-    from dtrain.launch.train import init_ray
+    from dtrain.launch.train import init_ray, release_unused, usable_folder
 
     cfg, params, base, jobs = prepare(job)
-    search_dir = Path(job.runs_dir).resolve() / job.name
-    if not resume and (search_dir / JOB_FILE).exists():
-        raise ConfigError(f"name: search directory {search_dir} already exists; pass --resume to continue it "
-                          "or choose another name=")
-    init_ray(address)
-    concurrency, resources, note = plan_concurrency([base, *jobs], cfg)
+    search_dir = usable_folder(Path(job.runs_dir).expanduser(), "runs_dir") / job.name
+    if not resume:
+        try:
+            search_dir.mkdir()  # claimed at once: two searches started together with one name cannot share it
+        except FileExistsError:
+            raise ConfigError(f"name: search directory {search_dir} already exists; pass --resume to continue it "
+                              "or choose another name=") from None
+        OmegaConf.save(job, search_dir / JOB_FILE)
+    try:
+        init_ray(address)
+        concurrency, resources, note = plan_concurrency([base, *jobs], cfg)
+    except BaseException:
+        if not resume:
+            release_unused(search_dir, "trials")
+        raise
     print(f"[dtrain] tune: {note}; running up to {concurrency} at once", flush=True)
     setup = {"base": base, "params": params, "metric": cfg.metric, "search_dir": str(search_dir),
              "search_name": job.name, "sys_path": shipped_paths()}
@@ -204,8 +213,6 @@ def run_search(job: DictConfig, *, address: str | None = None,
             raise ConfigError(f"{search_dir}: no Tune state to resume from (the search never started)")
         tuner = tune.Tuner.restore(str(search_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
-        search_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(job, search_dir / JOB_FILE)
         tuner = tune.Tuner(
             trainable, param_space={key: p.domain(grid=cfg.search_alg == "grid") for key, p in params.items()},
             tune_config=tune.TuneConfig(

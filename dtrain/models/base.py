@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -89,4 +89,4 @@ def supervised_step(model: CatalogModel, batch: tuple[Tensor, ...], task: str) -
 
 
 def flat_dim(shape: tuple[int, ...]) -> int:
-    return int(torch.tensor(shape).prod().item()) if shape else 1
+    return math.prod(shape)

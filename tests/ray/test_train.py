@@ -1,8 +1,13 @@
 """The vertical slice through Ray Train: job spec -> `dtrain train` -> TorchTrainer -> 2 DDP workers -> run dir."""
 
 import json
+import shutil
+import signal
 import subprocess
 import sys
+import time
+
+import pytest
 
 from dtrain.tracking import read_metrics
 from tests.helpers import JOBS, ROOT
@@ -29,3 +34,79 @@ def test_cli_trains_the_make_train_job_to_097_on_a_running_cluster(ray_session, 
     assert epochs and all("val/acc" in e for e in epochs)
     assert any(e["event"] == "step" and "train/grad_norm" in e and "lr" in e for e in events)
     assert epochs[-1]["val/loss"] < epochs[0]["val/loss"]
+
+
+def _dtrain(args, address, **kwargs):
+    return subprocess.run([sys.executable, "-m", "dtrain", *map(str, args), "--address", address],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, **kwargs)
+
+
+def test_resume_continues_the_run_directory_given_even_when_moved(ray_session, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    common = ["logging.wandb.enabled=false", "logging.progress=false", "trainer.early_stopping.monitor=null",
+              "model.hidden=[32]"]
+    first = _dtrain(["train", JOBS / "mlp_digits.yaml", f"runs_dir={tmp_path / 'a'}", "name=orig",
+                     "trainer.max_epochs=1", *common], address)
+    assert first.returncode == 0, first.stderr[-2000:]
+    shutil.copytree(tmp_path / "a" / "orig", tmp_path / "b" / "copy")
+    before = (tmp_path / "a" / "orig" / "metrics.jsonl").read_text()
+    again = _dtrain(["train", tmp_path / "b" / "copy", "trainer.max_epochs=2", "--resume"], address)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "a" / "orig" / "metrics.jsonl").read_text() == before  # the original is untouched
+    events = read_metrics(tmp_path / "b" / "copy")
+    assert [e["step"] for e in events if e["event"] == "resume"] == [21]  # from the copy's own checkpoint
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2]
+
+
+def test_workers_that_cannot_be_placed_fail_within_the_start_timeout(ray_session, tmp_path):
+    """Another run holds the cluster's CPUs: the run says so in one line instead of waiting for ever."""
+    from dtrain.config import load_job
+    from dtrain.errors import DtrainError
+    from dtrain.launch.train import fit_job
+
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    hog = ray_session.remote(num_cpus=cpus - 1)(_Hog).remote()  # leaves 1 CPU: 2 workers cannot be placed
+    ray_session.get(hog.ready.remote())
+    job = load_job(JOBS / "mlp_digits.yaml", [f"runs_dir={tmp_path}", "name=starved", "trainer.start_timeout_s=3",
+                                              "logging.progress=false", "logging.wandb.enabled=false"])
+    started = time.monotonic()
+    try:
+        with pytest.raises(DtrainError, match=r"^trainer.start_timeout_s: the 2 workers \(1 CPUs each\) could not "
+                                              r"be placed within 3 s"):
+            fit_job(job)
+    finally:
+        ray_session.kill(hog)
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "starved").exists()  # it never trained: the name is free again
+
+
+class _Hog:
+    def ready(self) -> bool:
+        return True
+
+
+def test_sigterm_stops_a_run_like_ctrl_c_with_one_line(ray_session, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "dtrain", "train", str(JOBS / "mlp_digits.yaml"), f"runs_dir={tmp_path}",
+           "name=term", "trainer.max_epochs=500", "trainer.early_stopping.monitor=null", "logging.progress=false",
+           "logging.wandb.enabled=false", "--address", address]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "term").glob("checkpoint_*")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "dtrain: terminated (SIGTERM)" in err and "SIGTERM received" not in err + out
+
+
+def test_a_successful_run_prints_dtrains_lines_and_nothing_else(ray_session, tmp_path):
+    """Workers, Ray Train's controller and DeepSpeed log plenty (accelerator notices, Ray's own lines); the console
+    shows dtrain's lines only (each line printed once, without Ray's "(RayTrainWorker pid=...)" prefix)."""
+    proc = _dtrain(["train", JOBS / "mlp_digits_deepspeed.yaml", f"runs_dir={tmp_path}", "name=quiet",
+                    "trainer.max_epochs=2", "logging.progress=false", "logging.wandb.enabled=false"],
+                   ray_session.get_runtime_context().gcs_address)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert [line for line in lines if not line.startswith("[dtrain]")] == []
+    assert sum("epoch=" in line for line in lines) == 2

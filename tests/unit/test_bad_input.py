@@ -39,6 +39,7 @@ def _write_files(d: Path) -> None:
     (d / "mnist").mkdir()
     (d / "runs" / "taken").mkdir(parents=True)
     (d / "runs" / "taken" / "config.yaml").write_text("model: {name: mlp}\n")
+    (d / "afile").write_text("not a folder\n")
 
 
 # (id, command line after `dtrain` ({d} = the scratch folder), what the one error line must contain)
@@ -77,6 +78,16 @@ CASES = [
     ("gpu-on-a-cpu-machine", "train JOB trainer.use_gpu=true", "trainer.use_gpu"),
     ("resume-not-a-run-dir", "train {d} --resume", "not a run directory"),
     ("run-dir-exists", "train JOB name=taken", "run directory"),
+    # hardening (issue 17): values that used to slip through
+    ("infinite-lr", "config JOB optim.lr=1e400", "optim.lr: expected a finite number, got inf"),
+    ("nan-momentum", "config JOB optim.momentum=nan", "optim.momentum: expected a finite number, got nan"),
+    ("absolute-run-name", "config JOB name=/tmp/elsewhere", "name: expected a plain run name"),
+    ("run-name-escapes", "train JOB name=../escape", "name: expected a plain run name"),
+    ("env-interpolation", "config JOB name=${oc.env:HOME}", "name: '${oc.env:HOME}' reads an environment variable"),
+    ("runs-dir-is-a-file", "train JOB runs_dir={d}/afile", "runs_dir: {d}/afile is a file or lies under one"),
+    ("runs-dir-under-a-file", "train JOB runs_dir={d}/afile/sub", "runs_dir: {d}/afile/sub is a file or lies under"),
+    ("model-too-big", "train JOB model.hidden=[100000000]", "model: mlp has 7,500,000,010 parameters"),
+    ("zero-start-timeout", "config JOB trainer.start_timeout_s=0", "trainer.start_timeout_s"),
     # the user's own code (examples/user_project and tests/unit/byo_models.py), named by import path
     ("model-path-does-not-import", "config JOB model.name=nopkg.nets:Net",
      "model.name: cannot import 'nopkg.nets': no module named 'nopkg'"),
@@ -125,8 +136,8 @@ PARAMS = [pytest.param(c, id=c[0], marks=[pytest.mark.skipif(torch.cuda.is_avail
 # Also run as a fresh `python -m dtrain` (about 3 CPU-seconds each, so a representative few): proves the real
 # interpreter prints nothing else (no import-time warnings or tracebacks) and that no Ray is started.
 IN_SUBPROCESS = {"missing-job-file", "unknown-nested-key", "missing-data-file", "csv-ragged-row",
-                 "batch-larger-than-data-set", "more-workers-than-cpus", "gpu-on-a-cpu-machine",
-                 "model-path-does-not-import", "forward-returns-bare-tensor"}
+                 "batch-larger-than-data-set", "more-workers-than-cpus", "gpu-on-a-cpu-machine", "model-too-big",
+                 "runs-dir-is-a-file", "model-path-does-not-import", "forward-returns-bare-tensor"}
 
 
 @pytest.fixture(scope="module")
@@ -143,12 +154,14 @@ def _argv(case, d: Path) -> list[str]:
     for placeholder, value in jobs.items():
         argv = [a.replace(placeholder, value) for a in argv]
     if argv[0] == "train" and "--resume" not in argv:
-        argv += [f"runs_dir={d / 'runs'}"] + ([] if any(a.startswith("name=") for a in argv) else [f"name={name}"])
+        argv += [] if any(a.startswith("runs_dir=") for a in argv) else [f"runs_dir={d / 'runs'}"]
+        argv += [] if any(a.startswith("name=") for a in argv) else [f"name={name}"]
     return argv
 
 
 def _assert_one_clear_line(case, rc, err, d):
     name, _, expected = case
+    expected = expected.replace("{d}", str(d))
     lines = err.strip().splitlines()
     assert rc == 2, (rc, err[-2000:])
     assert len(lines) == 1, err[-2000:]

@@ -1,0 +1,92 @@
+"""Memory of the in-memory data path: peak RSS of the `dtrain train` driver and of each Ray Train worker above
+their baseline, per data set size (generated .npz of N rows x 64 float32 features, 10 classes).
+
+Each size runs the real command line (embedded Ray, 2 workers, 20 steps, no checkpoints) while a sampler thread
+reads the RSS of the driver and of every RayTrainWorker process every 50 ms; the baseline is the same run on a
+1,000-row file. Ratios are (peak - baseline) / size of the feature array.
+
+    python -m benchmarks.data_memory [--rows 100000,1000000,4000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from benchmarks.common import save
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_npz(path: Path, rows: int) -> int:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, 64)).astype(np.float32)
+    np.savez(path, x=x, y=rng.integers(0, 10, rows))
+    return x.nbytes
+
+
+def peaks(npz: Path, runs: Path) -> dict[str, float]:
+    """Peak RSS (bytes) of the driver and of the largest worker during one run."""
+    cmd = [sys.executable, "-m", "dtrain", "train", str(ROOT / "jobs" / "mlp_digits.yaml"), "data.name=npz",
+           f"data.path={npz}", f"runs_dir={runs}", f"name={npz.stem}", "trainer.max_steps=20",
+           "checkpoint.every_n_epochs=0", "logging.progress=false", "logging.wandb.enabled=false",
+           "trainer.early_stopping.monitor=null"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    driver, top = psutil.Process(proc.pid), {"driver": 0.0, "worker": 0.0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            try:
+                top["driver"] = max(top["driver"], driver.memory_info().rss)
+                for p in psutil.process_iter(["cmdline"]):
+                    if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                        top["worker"] = max(top["worker"], p.memory_info().rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    _, err = proc.communicate(timeout=1800)
+    done.set()
+    thread.join()
+    if proc.returncode != 0:
+        raise RuntimeError(err[-2000:])
+    return top
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="100000,1000000,4000000")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base_file = Path(tmp) / "base.npz"
+        write_npz(base_file, 1000)
+        base = peaks(base_file, Path(tmp) / "runs")
+        for rows in (int(r) for r in args.rows.split(",")):
+            npz = Path(tmp) / f"rows{rows}.npz"
+            size = write_npz(npz, rows)
+            top = peaks(npz, Path(tmp) / "runs")
+            npz.unlink()
+            row = {"rows": rows, "feature_bytes": size,
+                   **{f"{k}_x": (top[k] - base[k]) / size for k in ("driver", "worker")},
+                   **{f"{k}_peak_mib": top[k] / 2**20 for k in ("driver", "worker")}}
+            print(f"{rows:>9} rows ({size / 2**20:.0f} MiB): driver {row['driver_x']:.2f}x, "
+                  f"each worker {row['worker_x']:.2f}x above baseline", flush=True)
+            results.append(row)
+    print(f"results: {save(args.out or 'data_memory', {'baseline': base, 'runs': results})}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Launcher hardening without a real Ray: run directories claimed atomically, Ray's start-up retried on a loaded
+machine, a linear model (mlp with no hidden layer) trains."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dtrain.config import load_job, to_dict
+from dtrain.errors import ConfigError, DtrainError
+from dtrain.launch import train as launch
+from dtrain.launch.spawn import LocalPublisher
+from dtrain.launch.worker import run_worker
+from tests.helpers import JOBS
+
+
+def test_two_runs_started_at_once_with_one_name_cannot_share_the_run_directory(tmp_path):
+    job = load_job(JOBS / "mlp_digits.yaml", [f"runs_dir={tmp_path}", "name=same"])
+    outcomes, start = [], threading.Barrier(8)
+
+    def claim() -> None:
+        start.wait()
+        try:
+            outcomes.append(launch.claim_run_dir(job, resume=False))
+        except ConfigError as err:
+            outcomes.append(err)
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    claimed = [o for o in outcomes if not isinstance(o, Exception)]
+    assert claimed == [tmp_path / "same"] and len(outcomes) == 8
+    assert all("already exists" in str(o) for o in outcomes if isinstance(o, Exception))
+    assert OmegaConf.load(tmp_path / "same" / "config.yaml").name == "same"  # config.yaml written with the claim
+    launch.release_unused(tmp_path / "same")  # it never trained: nothing left to block the name
+    assert not (tmp_path / "same").exists()
+
+
+class _NodeTimesOut:
+    """ray.init as on a loaded machine: the node misses Ray's start-up window `failures` times."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls = failures, 0
+
+    def __call__(self, **kwargs) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise Exception("The current node timed out during startup. This could happen because some of the "
+                            "raylet failed to startup or the GCS has become overloaded.")
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+
+
+def test_a_ray_start_up_that_times_out_is_retried(no_ray, monkeypatch, capsys):
+    start = _NodeTimesOut(failures=2)
+    monkeypatch.setattr(launch.ray_compat, "init_local", start)
+    launch.init_ray(None)
+    assert start.calls == 3
+    assert capsys.readouterr().err.count("Ray's node did not come up in time") == 2
+
+
+def test_a_ray_that_never_starts_is_one_line_with_advice(no_ray, monkeypatch):
+    start = _NodeTimesOut(failures=99)
+    monkeypatch.setattr(launch.ray_compat, "init_local", start)
+    with pytest.raises(DtrainError, match=r"^Ray could not start on this machine: .* 3 times; .*--address$"):
+        launch.init_ray(None)
+    assert start.calls == launch.START_ATTEMPTS
+
+
+def test_mlp_without_hidden_layers_is_a_linear_softmax_model_that_trains(tmp_path, one_thread):
+    job = load_job(JOBS / "mlp_digits.yaml", ["model.hidden=[]", "trainer.num_workers=1", "logging.progress=false",
+                                              "logging.wandb.enabled=false", f"runs_dir={tmp_path}", "name=linear",
+                                              "trainer.max_epochs=15"])
+    summary = run_worker(to_dict(job), tmp_path / "linear", LocalPublisher(tmp_path), torch.device("cpu"))
+    assert summary["test"]["test/acc"] >= 0.9  # multinomial logistic regression on digits: ~0.95
