@@ -158,7 +158,7 @@ def test_submit_ships_the_users_project_in_the_working_dir(cluster, monkeypatch)
                   cluster.address, "--follow"], cluster.env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     acc = float(re.search(r"\[dtrain\] test/acc = ([0-9.]+)", run.stdout).group(1))
-    assert acc > 0.9, run.stdout[-2000:]
+    assert acc > 0.8, run.stdout[-2000:]  # a linear model gets about 0.6 on the spirals
     _use_token(monkeypatch, cluster)
     info = submit.status(submit.connect(cluster.address), run.stdout.splitlines()[0].strip())
     # The spec runs from the project's root (its path inside the project), not from dtrain's repository.
