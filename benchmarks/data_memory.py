@@ -1,8 +1,9 @@
-"""Memory of the in-memory data path: peak RSS of the `dtrain train` driver and of each Ray Train worker above
+"""Memory of the in-memory data path: peak memory of the `dtrain train` driver and of each Ray Train worker above
 their baseline, per data set size (generated .npz of N rows x 64 float32 features, 10 classes).
 
 Each size runs the real command line (embedded Ray, 2 workers, 20 steps, no checkpoints) while a sampler thread
-reads the RSS of the driver and of every RayTrainWorker process every 50 ms; the baseline is the same run on a
+reads the memory of the driver and of every RayTrainWorker process every 100 ms: RSS (which counts the pages of
+Ray's shared object store a process touched) and USS (its own pages only). The baseline is the same run on a
 1,000-row file. Ratios are (peak - baseline) / size of the feature array.
 
     python -m benchmarks.data_memory [--rows 100000,1000000,4000000]
@@ -40,19 +41,20 @@ def peaks(npz: Path, runs: Path) -> dict[str, float]:
            "checkpoint.every_n_epochs=0", "logging.progress=false", "logging.wandb.enabled=false",
            "trainer.early_stopping.monitor=null"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    driver, top = psutil.Process(proc.pid), {"driver": 0.0, "worker": 0.0}
+    driver, top = psutil.Process(proc.pid), {"driver": 0.0, "worker": 0.0, "driver_uss": 0.0, "worker_uss": 0.0}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             try:
-                top["driver"] = max(top["driver"], driver.memory_info().rss)
-                for p in psutil.process_iter(["cmdline"]):
-                    if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-                        top["worker"] = max(top["worker"], p.memory_info().rss)
+                for name, p in [("driver", driver)] + [("worker", p) for p in psutil.process_iter(["cmdline"])
+                                                        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]:
+                    mem = p.memory_full_info()
+                    top[name] = max(top[name], mem.rss)
+                    top[f"{name}_uss"] = max(top[f"{name}_uss"], mem.uss)
             except psutil.Error:
                 pass
-            time.sleep(0.05)
+            time.sleep(0.1)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -80,10 +82,11 @@ def main() -> None:
             top = peaks(npz, Path(tmp) / "runs")
             npz.unlink()
             row = {"rows": rows, "feature_bytes": size,
-                   **{f"{k}_x": (top[k] - base[k]) / size for k in ("driver", "worker")},
-                   **{f"{k}_peak_mib": top[k] / 2**20 for k in ("driver", "worker")}}
-            print(f"{rows:>9} rows ({size / 2**20:.0f} MiB): driver {row['driver_x']:.2f}x, "
-                  f"each worker {row['worker_x']:.2f}x above baseline", flush=True)
+                   **{f"{k}_x": (top[k] - base[k]) / size for k in top},
+                   **{f"{k}_peak_mib": top[k] / 2**20 for k in top}}
+            print(f"{rows:>9} rows ({size / 2**20:.0f} MiB) above baseline: driver {row['driver_x']:.2f}x RSS, "
+                  f"{row['driver_uss_x']:.2f}x USS; each worker {row['worker_x']:.2f}x RSS, "
+                  f"{row['worker_uss_x']:.2f}x USS", flush=True)
             results.append(row)
     print(f"results: {save(args.out or 'data_memory', {'baseline': base, 'runs': results})}")
 

@@ -1,6 +1,8 @@
 """`make bench`: run the benchmarks (each in its own process) and print one table of what they measured.
 
-    python -m benchmarks.run [--sections overhead,ddpflags,startup,zero,precision,hotpath,gpu] [--quick] [--table-only]
+    python -m benchmarks.run [--sections overhead,ddpflags,startup,zero,precision,hotpath,trackers,checkpoints,
+                              datamemory,gpu] [--quick]
+                             [--table-only]
 
 Results go to benchmarks/results/<name>.json (with the machine's details); --table-only prints the table from the
 JSON files already there (e.g. ones fetched from a GPU machine into --results DIR).
@@ -22,11 +24,13 @@ QUICK = {"overhead": ["--repeats", "1", "--epochs", "3", "--warmup", "5", "--run
          "startup": ["--repeats", "1", "--runs", "import,engine"],
          "zero": ["--epochs", "2", "--warmup", "5", "--hidden", "64"],
          "precision": ["--quick", "--repeats", "1"], "hotpath": ["--steps", "300"], "ddpflags": ["--steps", "300"],
-         "gpu": ["--quick", "--repeats", "1"]}
+         "trackers": ["--rounds", "3", "--block", "20", "--warmup", "1"], "gpu": ["--quick", "--repeats", "1"],
+         "checkpoints": ["--repeats", "1", "--epochs", "3"], "datamemory": ["--rows", "100000"]}
 FULL = {"overhead": ["--boundary"]}
 MODULES = {"overhead": "benchmarks.overhead", "ddpflags": "benchmarks.ddp_flags", "startup": "benchmarks.startup",
            "zero": "benchmarks.zero_memory",
-           "precision": "benchmarks.precision", "hotpath": "benchmarks.hot_path", "gpu": "benchmarks.gpu"}
+           "precision": "benchmarks.precision", "hotpath": "benchmarks.hot_path", "trackers": "benchmarks.trackers",
+           "checkpoints": "benchmarks.checkpoint_cost", "datamemory": "benchmarks.data_memory", "gpu": "benchmarks.gpu"}
 
 
 def _load(folder: Path, name: str) -> dict[str, Any] | None:
@@ -82,6 +86,19 @@ def table(folder: Path) -> list[tuple[str, str, str, str]]:
             vs_metrics = f", {r['paired']['engine_vs_hand_metrics']:.3f} x hand+metrics" if "paired" in r else ""
             rows.append((f"hot path ({r.get('device', gpu.get('device'))})", "small mlp fp32",
                          f"{r['engine_steps_s']:.0f} steps/s{counts}", f"{r['engine_vs_hand']:.3f} x hand{vs_metrics}"))
+    if r := _load(folder, "trackers"):
+        for name, q in r["ratios"].items():
+            rows.append(("trackers", f"{name} (in turns with off, 1 proc)", f"{q['speed_vs_off']:.4f} x off",
+                         f"per-round median {q['median']:.4f} ({q['q1']:.4f}-{q['q3']:.4f})"))
+    if r := _load(folder, "checkpoint_cost"):
+        for mode, ratios in r["ratios_vs_off"].items():
+            rows.append(("checkpoints", f"{mode} (every epoch, 2 procs, in turns)",
+                         f"{sorted(ratios)[len(ratios) // 2]:.3f} x off", f"range {min(ratios):.3f}-{max(ratios):.3f}"))
+    if r := _load(folder, "data_memory"):
+        for run in r["runs"]:
+            rows.append(("in-memory data", f"{run['rows']:,} rows x 64 float32, 2 workers",
+                         f"driver {run['driver_uss_x']:.2f}x, worker {run['worker_uss_x']:.2f}x (USS)",
+                         f"RSS: driver {run['driver_x']:.2f}x, worker {run['worker_x']:.2f}x"))
     return rows
 
 
@@ -94,7 +111,8 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="overhead,ddpflags,startup,zero,precision,hotpath,gpu")
+    parser.add_argument("--sections", default="overhead,ddpflags,startup,zero,precision,hotpath,trackers,checkpoints,"
+                                              "datamemory,gpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks that all runs")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))

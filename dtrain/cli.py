@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
@@ -33,6 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         job = _load(args.job, args.overrides)
     data = _check_buildable(job, args.address)
+    check_trackers(job)
     summary = fit_job(job, address=args.address, resume=args.resume, data=data)
     run_dir = run_dir_for(job)
     print(f"[dtrain] run finished: {run_dir}")
@@ -79,6 +81,23 @@ def _check_buildable(job, address: str | None = None):
     return data
 
 
+def check_trackers(job) -> None:
+    """Before Ray starts: a tracker that is enabled=true and cannot work is an error; an enabled=auto one is
+    switched off for this run with one warning line."""
+    from dtrain.config import to_dict
+    from dtrain.tracking import preflight
+    from dtrain.tracking.mlflow_sink import mlflow_settings
+
+    settings = mlflow_settings(to_dict(job))
+    # a URI from MLFLOW_TRACKING_URI travels with the job (Ray workers may not have the variable), unless it holds
+    # a password (config.yaml must not)
+    if settings is not None and urlparse(settings["tracking_uri"]).password is None:
+        job.logging.mlflow.tracking_uri = settings["tracking_uri"]
+    for section, reason in preflight(to_dict(job)).items():
+        print(f"[dtrain] warning: {reason}; the run goes on without it", flush=True)
+        job.logging[section].enabled = "false"
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from dtrain.launch.tune import BEST_FILE, JOB_FILE, RESULTS_FILE, print_table, run_search
 
@@ -91,6 +110,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         job = _load(args.job, args.overrides)
     _check_buildable(job, args.address)
+    check_trackers(job)
     rows, tune_cfg = run_search(job, address=args.address, resume=args.resume)
     search_dir = Path(job.runs_dir).resolve() / job.name
     print_table(rows, tune_cfg.metric)

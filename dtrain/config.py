@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -21,6 +22,7 @@ from dtrain.data.config import DataConfig
 from dtrain.engine.loop import EarlyStoppingConfig
 from dtrain.engine.optim import OptimConfig
 from dtrain.engine.precision import DTYPES
+from dtrain.engine.profile import ProfileConfig
 from dtrain.engine.strategies import STRATEGIES, strategy_class, strategy_options
 from dtrain.errors import ConfigError, check
 
@@ -62,6 +64,7 @@ class TrainerBase:
     """Seconds to wait for the workers' CPUs/GPUs to be free (their placement) before the run fails with one line,
     instead of waiting for ever (e.g. behind other runs or a search's trials on the same cluster)."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
         check(self.strategy in STRATEGIES, "trainer.strategy", "one of " + ", ".join(STRATEGIES), self.strategy)
@@ -79,11 +82,22 @@ class TrainerBase:
         check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", "an integer >= 1", self.log_every_n_steps)
         check(self.max_failures >= 0, "trainer.max_failures", "an integer >= 0", self.max_failures)
         check(self.start_timeout_s > 0, "trainer.start_timeout_s", "a number of seconds > 0", self.start_timeout_s)
+        self._check_profile()
         # the strategy's own checks of its section against these settings (e.g. raw DeepSpeed keys that contradict
         # them), when the job loads
         strategy_class(self.strategy).check(getattr(self, self.strategy, None), precision=self.precision,
                                             grad_clip=self.grad_clip, grad_clip_mode=self.grad_clip_mode,
                                             grad_accum=self.grad_accum)
+
+
+    def _check_profile(self) -> None:
+        p = self.profile
+        if not p.enabled:
+            return
+        check(self.num_workers is None or max(p.ranks) < self.num_workers, "trainer.profile.ranks",
+              f"ranks below trainer.num_workers ({self.num_workers})", list(p.ranks))
+        check(self.max_steps is None or p.last_step <= self.max_steps, "trainer.profile",
+              f"wait + warmup + active <= trainer.max_steps ({self.max_steps})", p.last_step)
 
 
 TrainerConfig = dataclasses.make_dataclass(
@@ -101,6 +115,9 @@ class CheckpointConfig:
     """Also save every N optimizer steps (0 disables), for exact mid-epoch resume."""
     keep: int = 2
     """Checkpoints kept by Ray Train (the newest ones)."""
+    background: bool = True
+    """Write checkpoints in a background thread while training goes on (published 4 steps after they are taken);
+    false writes them on the training thread."""
 
     def __post_init__(self) -> None:
         check(self.every_n_epochs >= 0, "checkpoint.every_n_epochs", "an integer >= 0", self.every_n_epochs)
@@ -145,10 +162,65 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    enabled: bool = False
+    """Write TensorBoard event files (the same values W&B receives)."""
+    dir: str | None = None
+    """Root folder of event files; the run's go in <dir>/<name>. null = <run dir>/tensorboard."""
+    name: str | None = None
+    """The run's folder under dir; null = the job name (dtrain tune sets it to <search>/<trial>)."""
+
+
+@dataclass
+class MlflowConfig:
+    enabled: str = "auto"
+    """auto (on when a tracking URI is set here or in MLFLOW_TRACKING_URI; a server that does not answer is a
+    warning), true (a URI is required and must answer) or false."""
+    tracking_uri: str | None = None
+    """http(s)://host:port of an MLflow tracking server, or a store URI (sqlite:///..., a folder); null =
+    MLFLOW_TRACKING_URI. Credentials go in MLflow's environment variables (MLFLOW_TRACKING_TOKEN, ...), never here."""
+    experiment: str = "dtrain"
+    """MLflow experiment (created if missing)."""
+    run_name: str | None = None
+    """Run name; null = the job name (dtrain tune sets it to the trial id)."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Tags of the MLflow run."""
+    log_checkpoint: bool = False
+    """Upload the run's latest checkpoint folder as the artifact 'checkpoint' when training ends."""
+    key: str | None = None
+    """Continue the run tagged dtrain.key=<key> when the run dir has none yet (dtrain tune sets one per trial)."""
+    parent_run_id: str | None = None
+    """Nest the run under this MLflow run (dtrain tune sets its search's parent run)."""
+
+    def __post_init__(self) -> None:
+        check(str(self.enabled).lower() in ("auto", "true", "false"), "logging.mlflow.enabled", "auto, true or false",
+              self.enabled)
+        url = urlparse(self.tracking_uri or "")
+        check(url.password is None, "logging.mlflow.tracking_uri", "a URI without a password (it would be saved in "
+              "config.yaml; set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN)",
+              url._replace(netloc=f"{url.username}:***@{url.hostname}").geturl() if url.password else None)
+
+
+@dataclass
+class SystemMetricsConfig:
+    enabled: bool = False
+    """Sample each worker's CPU %, memory and (on GPUs) utilisation in a background thread, logged per rank as
+    sys/<name>/rank<r> at every logged step."""
+    interval_s: float = 1.0
+    """Seconds between samples."""
+
+    def __post_init__(self) -> None:
+        check(self.interval_s > 0, "logging.system_metrics.interval_s", "a number > 0", self.interval_s)
+
+
+@dataclass
 class LoggingConfig:
     progress: bool = True
     """Show a progress bar on rank 0."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    system_metrics: SystemMetricsConfig = field(default_factory=SystemMetricsConfig)
 
 
 @dataclass

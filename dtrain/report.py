@@ -34,11 +34,28 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
                                    ("metrics", _plot_metrics(epochs, out / "metrics.png")),
                                    ("lr", _plot_series(steps, epochs, "lr", "learning rate", out / "lr.png")),
                                    ("grad_norm", _plot_series(steps, epochs, "train/grad_norm", "gradient norm",
-                                                              out / "grad_norm.png"))) if ok]
+                                                              out / "grad_norm.png")),
+                                   ("time_split", _plot_time_split(steps, epochs, out / "time_split.png")),
+                                   ("system", _plot_system(steps, epochs, out / "system.png"))) if ok]
     end = next((e for e in reversed(events) if e.get("event") == "end"), None)
     path = out / REPORT_FILE
-    path.write_text(_markdown(run_dir, _job(run_dir), end, epochs, plots))
+    path.write_text(_markdown(run_dir, _job(run_dir), end, epochs, plots) + _profile_section(run_dir))
     return path
+
+
+def _profile_section(run_dir: Path, top: int = 15) -> str:
+    """The top operators by self time of each profiled rank (trainer.profile), from profile/rank<r>.ops.json."""
+    lines = []
+    for path in sorted((run_dir / "profile").glob("rank*.ops.json")):
+        found = json.loads(path.read_text())
+        rank = path.name.split(".")[0].removeprefix("rank")
+        lines += [f"## Profile: top operators by self time (rank {rank}, {found['steps']} steps)", "",
+                  f"Trace: profile/rank{rank}.pt.trace.json (open in Perfetto)", "",
+                  "| operator | calls | self CPU ms | self device ms | CPU total ms |", "|---|---|---|---|---|"]
+        lines += [f"| `{op['name']}` | {op['calls']} | {op['self_cpu_us'] / 1e3:.3f} | "
+                  f"{op['self_device_us'] / 1e3:.3f} | {op['cpu_us'] / 1e3:.3f} |" for op in found["ops"][:top]]
+        lines.append("")
+    return "\n".join(["", *lines]) if lines else ""
 
 
 def _by_step(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -130,6 +147,34 @@ def _plot_series(steps: list[dict[str, Any]], epochs: list[dict[str, Any]], key:
         return False
     fig, axes = _figure(label.capitalize(), label)
     axes[0].plot(xs, ys, marker="." if len(xs) < 50 else None)
+    return _save(fig, axes, epochs, path)
+
+
+def _plot_time_split(steps: list[dict[str, Any]], epochs: list[dict[str, Any]], path: Path) -> bool:
+    """Where each step's time goes (host clocks, mean over ranks): data wait, forward/backward, optimizer, other."""
+    phases = [k for k in ("time/data_s", "time/forward_backward_s", "time/optimizer_s", "time/other_s")
+              if _series(steps, k)[0]]
+    if not phases:
+        return False
+    fig, axes = _figure("Time per step by phase (host clocks, mean over workers)", "seconds per step")
+    xs = _series(steps, phases[0])[0]
+    rows = {r["step"]: r for r in steps}
+    axes[0].stackplot(xs, *[[rows[x].get(k, 0.0) for x in xs] for k in phases],
+                      labels=[k.removeprefix("time/").removesuffix("_s").replace("_", "/") for k in phases])
+    return _save(fig, axes, epochs, path)
+
+
+def _plot_system(steps: list[dict[str, Any]], epochs: list[dict[str, Any]], path: Path) -> bool:
+    """One panel per system metric (CPU %, memory, GPU), one line per worker."""
+    keys = sorted({k for r in steps for k in r if k.startswith("sys/")})
+    names = sorted({k.split("/")[1] for k in keys})
+    if not names:
+        return False
+    fig, axes = _figure("System metrics per worker", "", len(names))
+    for ax, name in zip(axes, names, strict=True):
+        ax.set_ylabel(name)
+        for key in (k for k in keys if k.split("/")[1] == name):
+            ax.plot(*_series(steps, key), label=key.rsplit("/", 1)[-1])
     return _save(fig, axes, epochs, path)
 
 

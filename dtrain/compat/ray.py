@@ -111,16 +111,9 @@ def is_worker_start_timeout(err: BaseException) -> bool:
     """Whether err (a Train run's failure) is its workers' placement not coming through in time."""
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-    seen, todo = set(), [err]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, WorkerGroupStartupTimeoutError):
-            return True
-        todo += [e.__cause__, e.__context__, getattr(e, "controller_failure", None)]
-    return False
+    from dtrain.errors import find_in_chain
+
+    return find_in_chain(err, lambda e: isinstance(e, WorkerGroupStartupTimeoutError)) is not None
 
 
 def check() -> None:

@@ -25,6 +25,11 @@ class Callback:
     def on_step_end(self, state: TrainState, rank: int) -> None:
         """After each optimizer step (state.step is the step just done)."""
 
+    def log_values(self) -> dict[str, float]:
+        """Host values this rank adds to a logged step, gathered per rank to rank 0 in the loop's own collective
+        ('<key>/rank<r>'). Every rank must return the same keys."""
+        return {}
+
 
 class StateBytes(Callback):
     """Writes rank<r>.json into folder at the first optimizer step: the bytes this rank holds of the weights, the

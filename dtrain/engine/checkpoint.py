@@ -9,6 +9,7 @@ Tensors are loaded with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -39,6 +40,18 @@ def atomic_save(obj: Any, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def to_cpu(obj: Any) -> Any:
+    """A copy of obj (dicts, lists, tuples of tensors and values) whose tensors are detached copies on the CPU: a
+    snapshot that training can no longer change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def safe_load(path: Path) -> Any:

@@ -26,12 +26,26 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
-def mean_across_ranks(values: dict[str, Tensor]) -> dict[str, float]:
-    """Average a dict of scalar tensors across ranks with one collective."""
-    if not values:
+def mean_across_ranks(values: dict[str, Tensor | float],
+                      per_rank: dict[str, float] | None = None) -> dict[str, float]:
+    """Average a dict of scalars (device tensors or host floats) across ranks with one collective.
+
+    per_rank: host values every rank has under the same keys, returned for each rank as '<key>/rank<r>' by the same
+    collective (each rank writes its slot of a zeroed vector; the sum holds everyone's). Host values travel to the
+    device in one copy.
+    """
+    per_rank = per_rank or {}
+    if not values and not per_rank:
         return {}
-    keys = sorted(values)
-    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
-    all_reduce_sum(stacked)
-    stacked /= world_size()
-    return dict(zip(keys, stacked.tolist(), strict=True))
+    on_device = sorted(k for k, v in values.items() if isinstance(v, Tensor))
+    on_host, own, world, me = sorted(set(values) - set(on_device)), sorted(per_rank), world_size(), rank()
+    host = torch.zeros(len(on_host) + world * len(own))
+    host[:len(on_host)] = torch.tensor([float(values[k]) for k in on_host])
+    start = len(on_host) + me * len(own)
+    host[start:start + len(own)] = torch.tensor([float(per_rank[k]) for k in own])
+    parts = [torch.stack([values[k].detach().float().reshape(()) for k in on_device])] if on_device else []
+    device = parts[0].device if parts else torch.device("cpu")
+    numbers = all_reduce_sum(torch.cat([*parts, host.to(device)])).tolist()
+    means = dict(zip(on_device + on_host, (v / world for v in numbers), strict=False))
+    gathered = numbers[len(on_device) + len(on_host):]
+    return means | {f"{k}/rank{r}": gathered[r * len(own) + i] for r in range(world) for i, k in enumerate(own)}

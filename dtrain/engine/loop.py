@@ -7,9 +7,6 @@ launcher).
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,16 +19,17 @@ from torch import nn
 from dtrain.data.base import Batch, EvalLoader, Loader, Loaders
 from dtrain.engine import dist
 from dtrain.engine.callbacks import Callback
-from dtrain.engine.checkpoint import atomic_save, rng_state, safe_load, set_rng_state, write_manifest
-from dtrain.engine.metrics import MetricSums, NonFiniteGuard
+from dtrain.engine.checkpoint import safe_load, set_rng_state
+from dtrain.engine.metrics import MetricSums, NonFiniteGuard, PhaseClock
+from dtrain.engine.saving import STATE_FILE, CheckpointWriter
 from dtrain.engine.state import TrainState
 from dtrain.engine.strategies import Strategy
-from dtrain.errors import TrainingError, check
+from dtrain.errors import check
 from dtrain.models.base import CatalogModel
 
-STATE_FILE = "train_state.pt"
 Publish = Callable[[dict[str, Any], Path | None], None]
-"""Called by every rank at each epoch end and checkpoint with the metrics and this rank's checkpoint folder."""
+"""Called by every rank at each epoch end and checkpoint with the metrics and this rank's checkpoint folder, at the
+same step on every rank; the folder then belongs to the publisher (it removes it once it has copied it)."""
 
 
 @dataclass
@@ -61,6 +59,7 @@ class LoopConfig:
     max_nonfinite_steps: int = 5
     checkpoint_every_n_epochs: int = 1
     checkpoint_every_n_steps: int = 0
+    checkpoint_background: bool = True
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
@@ -84,6 +83,16 @@ def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConf
         ctx: RunContext) -> dict[str, Any]:
     """Train model on loaders.train as cfg says; returns the summary (final and best metrics, throughput)."""
     model.all_reduce_sum = dist.all_reduce_sum  # the models' one collective (the SOM's batch update)
+    writer = CheckpointWriter(ctx.rank, ctx.world, ctx.publish, background=cfg.checkpoint_background)
+    try:
+        return _fit(model, loaders, strategy, cfg, ctx, writer)
+    except BaseException:
+        writer.close()
+        raise
+
+
+def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConfig, ctx: RunContext,
+         writer: CheckpointWriter) -> dict[str, Any]:
     started = time.perf_counter()
     state = TrainState(**safe_load(ctx.resume_dir / STATE_FILE)) if ctx.resume_dir else TrainState()
     stages, train = model.stages(), loaders.train
@@ -103,7 +112,7 @@ def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConf
                  "steps_per_epoch": steps_per_epoch, "global_batch": train.plan.global_batch})
         while state.epoch < epochs and not state.stopped:
             train.set_epoch(state.stage * 10_000 + state.epoch)
-            train_metrics = _train_epoch(cfg, wrapped, train, strategy, state, ctx, guard)
+            train_metrics = _train_epoch(cfg, wrapped, train, strategy, state, ctx, guard, writer)
             val_metrics = evaluate(wrapped, loaders.val, strategy, "val")
             state.epoch, state.epoch_samples, state.epochs_done = state.epoch + 1, 0, state.epochs_done + 1
             metrics = {"stage": stage.name, "epoch": state.epoch, "step": state.step, **train_metrics, **val_metrics}
@@ -111,8 +120,9 @@ def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConf
             ctx.log({"event": "epoch", **metrics})
             every = cfg.checkpoint_every_n_epochs
             if every > 0 and state.epoch % every == 0 or state.stopped:
-                _save_checkpoint(strategy, state, ctx, metrics)
+                writer.start(strategy, state, metrics)
             else:
+                writer.finish()  # a mid-epoch checkpoint first: what is published stays in order
                 ctx.publish(metrics, None)
             if cfg.max_steps and state.step >= cfg.max_steps:
                 state.stopped, state.stop_reason = True, f"max_steps={cfg.max_steps} reached"
@@ -120,6 +130,7 @@ def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConf
             state.stopped = False  # early stopping ends a pre-training stage, not the run
         if not state.stopped:
             state.stage, state.epoch = state.stage + 1, 0
+    writer.finish()
     test_metrics = evaluate(wrapped, loaders.test, strategy, "test")
     wall = time.perf_counter() - started
     summary = {"final": {**state.history.get("last", {}), **test_metrics}, "best": state.history.get("best", {}),
@@ -131,13 +142,15 @@ def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConf
 
 
 def _train_epoch(cfg: LoopConfig, wrapped: nn.Module, loader: Loader, strategy: Strategy, state: TrainState,
-                 ctx: RunContext, guard: NonFiniteGuard) -> dict[str, float]:
+                 ctx: RunContext, guard: NonFiniteGuard, writer: CheckpointWriter) -> dict[str, float]:
     sums, steps_per_epoch = MetricSums(), loader.steps_per_epoch()
     window_loss, out = None, None
     log_started, log_steps, log_samples = time.perf_counter(), 0, 0  # since the last logged step
+    clock = PhaseClock()
     before_epoch = state.step - state.epoch_samples // loader.plan.global_batch  # steps done before this epoch
     wrapped.train()
     for batch in loader.iter_from(state.epoch_samples):
+        clock.lap("data")
         with strategy.no_sync(not batch.last), strategy.autocast():
             out = wrapped(batch.tensors)
         # Weight by this rank's share of the step's samples: the averaged gradient is then exactly the mean over
@@ -146,9 +159,11 @@ def _train_epoch(cfg: LoopConfig, wrapped: nn.Module, loader: Loader, strategy: 
         strategy.backward(out.loss if weight == 1 else out.loss * weight)
         window_loss = out.loss.detach() if window_loss is None else window_loss + out.loss.detach()
         sums.add(out.metrics, batch.real)
+        clock.lap("forward_backward")
         if not batch.last:
             continue
         result = strategy.step(window_loss)
+        clock.lap("optimizer")
         guard.add(result.skipped)
         window_loss = None
         state.step += 1
@@ -157,19 +172,24 @@ def _train_epoch(cfg: LoopConfig, wrapped: nn.Module, loader: Loader, strategy: 
         log_steps, log_samples = log_steps + 1, log_samples + batch.step_samples
         if state.step % cfg.log_every_n_steps == 0:
             guard.check()  # reads the device back: the clock below covers the device's work, not just the host's
+            per_rank = {k: v for callback in ctx.callbacks for k, v in callback.log_values().items()}
             logged = dist.mean_across_ranks({f"train/{k}": v for k, v in out.metrics.items()}
-                                            | {"train/grad_norm": result.grad_norm})
+                                            | {"train/grad_norm": result.grad_norm} | clock.read(log_steps),
+                                            per_rank)
             elapsed = max(time.perf_counter() - log_started, 1e-9)
             ctx.log({"event": "step", "step": state.step,
                      "epoch": state.epoch + (state.step - before_epoch) / steps_per_epoch, "lr": strategy.lr(),
                      "samples_per_s": log_samples / elapsed, "step_time_s": elapsed / log_steps, **logged})
             log_started, log_steps, log_samples = time.perf_counter(), 0, 0
+        if writer.due(state.step):
+            writer.finish()
         every = cfg.checkpoint_every_n_steps
         if every and state.step % every == 0 and state.step - before_epoch < steps_per_epoch:  # not the epoch's last
             guard.check()
-            _save_checkpoint(strategy, state, ctx, {"epoch": state.epoch, "step": state.step})
+            writer.start(strategy, state, {"epoch": state.epoch, "step": state.step})
         for callback in ctx.callbacks:
             callback.on_step_end(state, ctx.rank)
+        clock.lap("other")
         if cfg.max_steps and state.step >= cfg.max_steps:
             break
     guard.check()
@@ -206,24 +226,6 @@ def _early_stopping(es: EarlyStoppingConfig, state: TrainState, metrics: dict[st
         if state.bad_epochs >= es.patience:
             state.stopped = True
             state.stop_reason = f"early stopping: {key} did not improve for {es.patience} epochs"
-
-
-def _save_checkpoint(strategy: Strategy, state: TrainState, ctx: RunContext, metrics: dict[str, Any]) -> None:
-    """Every rank writes its share into a folder of its own, seals it with its manifest and publishes it."""
-    if not strategy.weights_finite():
-        raise TrainingError("training stopped: the weights became non-finite; the last good checkpoint is kept")
-    folder = Path(tempfile.mkdtemp(prefix="dtrain-ckpt-"))
-    try:
-        strategy.save(folder)
-        if ctx.rank == 0:
-            atomic_save(dataclasses.asdict(state), folder / STATE_FILE)
-        atomic_save(rng_state(), folder / f"rng_rank{ctx.rank}.pt")
-        # Sealed last: a checkpoint missing any rank's manifest or file is detected and skipped on resume.
-        position = {k: getattr(state, k) for k in ("stage", "epoch", "epoch_samples", "step")}
-        write_manifest(folder, ctx.rank, ctx.world, position)
-        ctx.publish(metrics, folder)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _resume(strategy: Strategy, state: TrainState, ctx: RunContext, lr: float) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
@@ -81,3 +83,31 @@ class MetricSums:
         packed = dist.all_reduce_sum(torch.cat([self.totals, self.totals.new_tensor([self.n])]))
         *totals, n = packed.tolist()
         return {f"{prefix}/{k}": v / max(n, 1.0) for k, v in zip(self.keys, totals, strict=True)}
+
+
+class PhaseClock:
+    """Host time of each phase of the training steps in a logging window (data wait, forward/backward, optimizer,
+    other: logging, checkpoints, callbacks).
+
+    Host clocks only: it never synchronises with the device. On a GPU, kernels run asynchronously, so a phase
+    measures its launch time, and waiting for the device shows where the host waits (a read-back at a logged step
+    lands in 'other', a strategy that synchronises inside its step in 'optimizer').
+    """
+
+    PHASES = ("data", "forward_backward", "optimizer", "other")
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap to phase."""
+        now = time.perf_counter()
+        self.totals[phase] += now - self.last
+        self.last = now
+
+    def read(self, steps: int) -> dict[str, float]:
+        """Per-step means over the window as {time/<phase>_s: seconds}, and start a new window."""
+        out = {f"time/{k}_s": v / max(steps, 1) for k, v in self.totals.items()}
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        return out

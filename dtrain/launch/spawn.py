@@ -34,6 +34,7 @@ class LocalPublisher:
         partial = self.root / f".partial_{target.name}" if target else None
         if folder is not None:
             shutil.copytree(folder, partial, dirs_exist_ok=True)  # every rank adds its files, as Ray merges them
+            shutil.rmtree(folder, ignore_errors=True)  # published: the folder is ours to remove
         dist.barrier() if dist.is_initialized() else None
         if target is not None and (not dist.is_initialized() or dist.get_rank() == 0):
             shutil.rmtree(target, ignore_errors=True)  # a replayed step after a resume replaces its old copy

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from dtrain.compat import ray as ray_compat
 from dtrain.config import to_dict
 from dtrain.data.base import DataBundle
-from dtrain.errors import ConfigError, DtrainError
+from dtrain.errors import ConfigError, DtrainError, find_in_chain
 from dtrain.launch.progress import ProgressFollower
 from dtrain.launch.project import shipped_paths
 from dtrain.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
@@ -31,7 +31,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint, CheckpointUploadMode
 
     from dtrain.launch.project import use_paths
     from dtrain.launch.worker import run_worker
@@ -42,7 +42,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Metrics alone go to Ray only when a controller callback consumes them (dtrain tune): dtrain train logs
         # them itself, and each ray.train.report is a round trip through Ray's actors at every epoch end.
         if folder is not None or config.get("report_metrics"):
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None)
+            # The upload to storage runs in the background too (Ray removes the folder once it is uploaded), except
+            # under dtrain tune, whose schedulers act on each report before the trial trains on.
+            mode = CheckpointUploadMode.SYNC if config.get("report_metrics") else CheckpointUploadMode.ASYNC
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None,
+                             checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
 
     ray_compat.quiet_train_worker_logs(drop=_is_user_error_traceback)
     # A run's own latest checkpoint wins; init_checkpoint only seeds a fresh run (dtrain tune's PBT exploit).
@@ -414,17 +418,7 @@ def _controller_env(values: dict[str, str]) -> Iterator[None]:
 
 def find_user_error(err: BaseException) -> DtrainError | None:
     """The DtrainError behind a Ray error (worker failures, task errors, causes), if there is one."""
-    seen, todo = set(), [err]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, DtrainError):
-            return e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-        todo += list(getattr(e, "worker_failures", {}).values())
-    return None
+    return find_in_chain(err, lambda e: isinstance(e, DtrainError))
 
 
 def _package_root() -> str:

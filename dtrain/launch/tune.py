@@ -15,6 +15,7 @@ import json
 import math
 import re
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from dtrain.config import build_job, to_dict
 from dtrain.errors import ConfigError, DtrainError
 from dtrain.launch.project import shipped_paths
 from dtrain.launch.search_space import Param, TuneConfig, apply_params, check_against_job, read_tune_section
+from dtrain.tracking.mlflow_sink import end_search_run, start_search_run
 
 JOB_FILE = "job.yaml"
 RESULTS_FILE = "results.csv"
@@ -105,14 +107,21 @@ def _forward(queue: Any, metric: str) -> None:
 
 def trial_job(base: dict, params: dict[str, Param], sample: dict[str, Any], search_name: str,
               trial_id: str = "trial") -> dict:
-    """The job a trial trains: the search's job with the sampled values and no tune section; one W&B run per
-    trial (grouped by search, named by trial, one id shared by the trial's segments after PBT exploits/resumes)."""
+    """The job a trial trains: the search's job with the sampled values and no tune section; one tracker run per
+    trial (grouped by search, named by trial, one run shared by the trial's segments after PBT exploits/resumes):
+    W&B by group and id, TensorBoard by folder <dir>/<search>/<trial>, MLflow nested under the search's parent run
+    (logging.mlflow.parent_run_id, set by run_search) and found again by its key."""
     job = apply_params(base, params, sample)
     job.pop("tune", None)
     wandb = job.setdefault("logging", {}).setdefault("wandb", {})
     wandb["group"] = wandb.get("group") or search_name
     wandb["name"] = wandb.get("name") or trial_id
     wandb["id"] = re.sub(r"[^A-Za-z0-9_-]", "-", f"{search_name}-{trial_id}")[-64:]
+    tensorboard = job["logging"].setdefault("tensorboard", {})
+    tensorboard["name"] = tensorboard.get("name") or f"{search_name}/{trial_id}"
+    mlflow = job["logging"].setdefault("mlflow", {})
+    mlflow["run_name"] = mlflow.get("run_name") or trial_id
+    mlflow["key"] = re.sub(r"[^A-Za-z0-9_./-]", "-", f"{search_name}/{trial_id}")
     job.setdefault("checkpoint", {})["keep"] = max(2, job.get("checkpoint", {}).get("keep", 2))
     return job
 
@@ -200,10 +209,13 @@ def run_search(job: DictConfig, *, address: str | None = None,
     try:
         init_ray(address)
         concurrency, resources, note = plan_concurrency([base, *jobs], cfg)
+        parent = start_search_run(base, search_dir)  # MLflow's parent run of the trials (None when off)
     except BaseException:
         if not resume:
             release_unused(search_dir, "trials")
         raise
+    if parent:
+        base["logging"]["mlflow"]["parent_run_id"] = parent
     print(f"[dtrain] tune: {note}; running up to {concurrency} at once", flush=True)
     setup = {"base": base, "params": params, "metric": cfg.metric, "search_dir": str(search_dir),
              "search_name": job.name, "sys_path": shipped_paths()}
@@ -223,7 +235,10 @@ def run_search(job: DictConfig, *, address: str | None = None,
             run_config=tune.RunConfig(name=search_dir.name, storage_path=str(search_dir.parent), verbose=1,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=_keep(cfg))),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        end_search_run(base, parent, failed=sys.exc_info()[0] is not None)
     rows = result_rows(grid, cfg, params, search_dir)
     if rows and all(r["status"] == "error" for r in rows):
         raise _first_error(grid)

@@ -18,7 +18,9 @@ from dtrain.engine import dist
 from dtrain.engine.callbacks import Callback
 from dtrain.engine.loop import LoopConfig, Publish, RunContext, fit
 from dtrain.engine.precision import Precision
+from dtrain.engine.profile import Profiler
 from dtrain.engine.strategies import Strategy, StrategySetup, build_strategy
+from dtrain.launch.sysmetrics import SystemMonitor
 from dtrain.models import CatalogModel, build_model
 from dtrain.tracking import Tracker
 
@@ -49,7 +51,8 @@ def build_worker(job: Any, device: torch.device, data: DataBundle | None = None)
     loop = LoopConfig(lr=job.optim.lr, max_epochs=t.max_epochs, max_steps=t.max_steps,
                       log_every_n_steps=t.log_every_n_steps, max_nonfinite_steps=t.max_nonfinite_steps,
                       checkpoint_every_n_epochs=job.checkpoint.every_n_epochs,
-                      checkpoint_every_n_steps=job.checkpoint.every_n_steps, early_stopping=t.early_stopping)
+                      checkpoint_every_n_steps=job.checkpoint.every_n_steps,
+                      checkpoint_background=job.checkpoint.background, early_stopping=t.early_stopping)
     return Worker(model, in_memory_loaders(data, plan, rank, device, t.seed), strategy, loop)
 
 
@@ -58,12 +61,19 @@ def run_worker(job_dict: dict[str, Any], run_dir: str | Path, publish: Publish, 
                callbacks: list[Callback] = ()) -> dict[str, Any]:
     """Train the job in this process (one rank of the process group, if any); returns the summary.
     data: the job's data if the launcher loaded it already (else it is loaded here)."""
-    worker = build_worker(to_objects(job_dict), device, data)
+    job = to_objects(job_dict)
+    worker = build_worker(job, device, data)
     rank = dist.rank()
     tracker = Tracker(run_dir, job_dict) if rank == 0 else None
+    # instrumentation is installed as callbacks, only when configured: the loop has no branch for it
+    system = job.logging.system_metrics
+    monitor = SystemMonitor(system.interval_s) if system.enabled else None
+    installed = [*callbacks, *([Profiler(job.trainer.profile, run_dir)] if job.trainer.profile.enabled else []),
+                 *([monitor] if monitor else [])]
     ctx = RunContext(rank, dist.world_size(), publish, tracker.log if tracker else _ignore, resume_dir, retarget,
-                     list(callbacks))
-    with tracker or contextlib.nullcontext():  # the tracker marks its W&B run failed if fit raises
+                     installed)
+    # the tracker marks its runs failed if fit raises; the monitor's thread stops either way
+    with tracker or contextlib.nullcontext(), monitor or contextlib.nullcontext():
         return fit(worker.model, worker.loaders, worker.strategy, worker.loop, ctx)
 
 

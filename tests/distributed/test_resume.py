@@ -26,7 +26,7 @@ from tests.helpers import small_job
 # resume must restore exactly. 1294 training samples / (16 x 2 ranks) = 41 steps per epoch.
 JOB = small_job(**{"model.dropout": 0.2, "data.batch_size": 16, "optim.scheduler": "cosine", "optim.warmup_steps": 5,
                    "trainer.max_epochs": 2, "checkpoint.every_n_steps": 10, "trainer.log_every_n_steps": 10})
-KILL_STEP = 55  # epoch 2, three steps after the step-52 checkpoint: those steps are lost and must be replayed
+KILL_STEP = 55  # epoch 2, five steps after the step-50 checkpoint (published 4 steps after it was taken)
 
 
 @pytest.fixture(scope="module")

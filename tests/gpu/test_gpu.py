@@ -37,6 +37,17 @@ def test_autocast_runs_matmuls_in_the_requested_dtype():
             assert layer(torch.randn(4, 16, device="cuda")).dtype == dtype
 
 
+def test_system_metrics_and_profiler_see_the_gpu(tmp_path):
+    pytest.importorskip("pynvml", reason="pip install nvidia-ml-py")
+    job = small_job(**{"trainer.max_epochs": 1, "model.hidden": "[512]", "logging.system_metrics.enabled": "true",
+                       "logging.system_metrics.interval_s": 0.05, "trainer.profile.enabled": "true"})
+    spawn_workers(job, tmp_path, world=1, device="cuda")
+    steps = [r for r in read_metrics(tmp_path) if r.get("event") == "step"]
+    assert steps and all(0 < r["sys/gpu_mem_mb/rank0"] and 0 <= r["sys/gpu_util_percent/rank0"] <= 100 for r in steps)
+    ops = __import__("json").loads((tmp_path / "profile" / "rank0.ops.json").read_text())["ops"]
+    assert any(op["self_device_us"] > 0 for op in ops), "CUDA kernels in the profile"
+
+
 def test_ddp_nccl_two_gpus(tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip(f"DDP over NCCL needs 2 GPUs, this machine has {torch.cuda.device_count()}")

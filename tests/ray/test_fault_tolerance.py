@@ -88,7 +88,7 @@ def test_ctrl_c_stops_workers_and_leaves_a_usable_checkpoint(interrupted):
 def test_resume_after_ctrl_c_survives_a_killed_worker(interrupted, tmp_path, ray_session):
     run_dir = interrupted["run_dir"]
     start = read_manifest(_intact_checkpoints(run_dir)[-1])
-    kill_step = start["step"] + 10  # three steps past the next step checkpoint (every 7 steps)
+    kill_step = start["step"] + 13  # six steps past the next checkpoint (every 7 steps, published 4 steps later)
     job = load_job(run_dir / "config.yaml", [f"trainer.max_epochs={start['epoch'] + 2}", "trainer.max_failures=1"])
     # what `dtrain train --resume RUN_DIR` does, on this session's Ray, with rank 1 SIGKILLed once at kill_step
     summary = fit_job(job, resume=True, worker_callbacks=[KillAt(1, kill_step, tmp_path / "killed")])

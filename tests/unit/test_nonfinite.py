@@ -13,8 +13,9 @@ from dtrain.data import load_data
 from dtrain.data.base import BatchPlan
 from dtrain.data.sharding import step_plan
 from dtrain.engine.checkpoint import checkpoint_problem, safe_load
-from dtrain.engine.loop import RunContext, _save_checkpoint, fit
+from dtrain.engine.loop import RunContext, fit
 from dtrain.engine.metrics import MetricSums, NonFiniteGuard
+from dtrain.engine.saving import CheckpointWriter
 from dtrain.engine.state import TrainState
 from dtrain.errors import TrainingError
 from dtrain.launch.spawn import LocalPublisher, latest_checkpoint
@@ -82,7 +83,7 @@ def test_report_refuses_nonfinite_weights_and_keeps_the_last_good_checkpoint(tmp
     with torch.no_grad():
         next(worker.model.parameters())[0, 0] = float("nan")
     with pytest.raises(TrainingError, match="non-finite"):
-        _save_checkpoint(worker.strategy, TrainState(epoch=1, step=999), ctx, {"epoch": 1, "step": 999})
+        CheckpointWriter(0, 1, ctx.publish).start(worker.strategy, TrainState(epoch=1, step=999), {"step": 999})
     assert latest_checkpoint(tmp_path) == good and checkpoint_problem(good) is None
     assert not list((tmp_path / "checkpoints").glob("*999*"))
 

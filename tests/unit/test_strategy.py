@@ -65,7 +65,7 @@ def _trained(strategy_name: str, folder, **optim):
         strategy.backward(out.loss)
         strategy.step(out.loss.detach())
     if folder is not None:
-        strategy.save(folder)
+        strategy.snapshot(folder)()
     return strategy
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,9 +82,11 @@ class Strategy(Protocol):
     def weights_finite(self) -> bool:
         """Whether every weight is finite (each rank checks what it holds; the answer is the same on all ranks)."""
 
-    def save(self, folder: Path) -> None:
-        """Write this rank's share of model, optimizer, schedule and scaler into folder (a folder this rank owns;
-        the launcher merges the ranks' folders). Sharded strategies write shards: nothing is gathered."""
+    def snapshot(self, folder: Path) -> Callable[[], None]:
+        """Capture this rank's share of model, optimizer, schedule and scaler now (a step boundary), and return
+        what writes it into folder (a folder this rank owns; the launcher merges the ranks' folders), which may run
+        in a background thread while training goes on. Sharded strategies write shards: nothing is gathered. A
+        strategy that cannot capture cheaply writes here and returns a no-op."""
 
     def load(self, folder: Path) -> None:
         """Restore what save wrote (all ranks' files merged in folder) into the set-up model and optimizer."""

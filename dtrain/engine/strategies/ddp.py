@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dtrain.compat.torch import step_unless
 from dtrain.engine import dist
-from dtrain.engine.checkpoint import atomic_save, safe_load
+from dtrain.engine.checkpoint import atomic_save, safe_load, to_cpu
 from dtrain.engine.optim import build_optimizer, build_scheduler, constant_schedule, retarget, trainable
 from dtrain.engine.strategies.base import StepResult, StrategySetup
 from dtrain.engine.strategies.grads import all_finite, clip, nonfinite, same_device_and_dtype, total_norm
@@ -101,11 +102,12 @@ class DDPStrategy:
         # DDP replicas are identical: every rank reaches the same answer without a collective.
         return bool(all_finite(list(self.raw.parameters()), self.device))
 
-    def save(self, folder: Path) -> None:
-        if dist.rank() == 0:  # DDP replicas are identical: one copy is the checkpoint
-            atomic_save({"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
-                         "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict()},
-                        folder / MODEL_FILE)
+    def snapshot(self, folder: Path) -> Callable[[], None]:
+        if dist.rank() != 0:  # DDP replicas are identical: one copy is the checkpoint
+            return lambda: None
+        state = to_cpu({"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict()})
+        return lambda: atomic_save(state, folder / MODEL_FILE)
 
     def load(self, folder: Path) -> None:
         if not (folder / MODEL_FILE).is_file():

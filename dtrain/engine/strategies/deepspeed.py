@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -139,10 +140,12 @@ class DeepSpeedStrategy:
         bad = 1.0 - all_finite(held, self.device)
         return float(dist.all_reduce_sum(bad)) == 0.0
 
-    def save(self, folder: Path) -> None:
+    def snapshot(self, folder: Path) -> Callable[[], None]:
         # Every rank writes its own shard files into its own folder; merged (by Ray or the spawn launcher) they form
-        # one DeepSpeed checkpoint directory that engine.load_checkpoint and zero_to_fp32 both read.
+        # one DeepSpeed checkpoint directory that engine.load_checkpoint and zero_to_fp32 both read. DeepSpeed
+        # writes them itself, now: its partitioned state has no cheap copy to write later.
         self.engine.save_checkpoint(str(folder / CHECKPOINT_DIR), tag=TAG)
+        return lambda: None
 
     def load(self, folder: Path) -> None:
         path = folder / CHECKPOINT_DIR

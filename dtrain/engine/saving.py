@@ -1,0 +1,92 @@
+"""Checkpoints off the training thread: the state is snapshotted at a step boundary, written, hashed and sealed in
+a background thread, and published a few steps later at a step boundary every rank agrees on.
+
+Guarantees: the snapshot is the state of the step it was taken at (weights, optimizer, schedule, scaler, position,
+every rank's RNG), so resuming from it is exact; the manifest is written last, after every file is flushed to disk;
+a folder is published (to Ray, or to the local run dir) only once complete, so a crash mid-write leaves the previous
+checkpoint as the newest intact one; at most one write is in flight: when a new checkpoint is due before the last
+one is written, the training thread waits for it (the loop is as slow as the disk, never further behind).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dtrain.engine.checkpoint import atomic_save, rng_state, write_manifest
+from dtrain.engine.state import TrainState
+from dtrain.errors import TrainingError
+
+STATE_FILE = "train_state.pt"
+PUBLISH_LAG_STEPS = 4
+"""A checkpoint is published this many optimizer steps after it was taken (or at the epoch's or run's end if
+sooner): every rank publishes at the same step, as Ray's report requires, and the write has those steps to finish."""
+
+
+class CheckpointWriter:
+    """One rank's checkpoint writes: start() snapshots and writes in the background, due() says when to publish."""
+
+    def __init__(self, rank: int, world: int, publish: Callable[[dict[str, Any], Path | None], None],
+                 background: bool = True) -> None:
+        self.rank, self.world, self.publish, self.background = rank, world, publish, background
+        self.pending: tuple[threading.Thread, Path, dict[str, Any], int, list[BaseException]] | None = None
+
+    def start(self, strategy: Any, state: TrainState, metrics: dict[str, Any]) -> None:
+        """Snapshot the state now (waiting first for the previous write, if it is still going) and write it."""
+        self.finish()
+        if not strategy.weights_finite():
+            raise TrainingError("training stopped: the weights became non-finite; the last good checkpoint is kept")
+        folder = Path(tempfile.mkdtemp(prefix="dtrain-ckpt-"))
+        write_strategy = strategy.snapshot(folder)
+        train_state, rng = dataclasses.asdict(state), rng_state()  # copies, taken at this step
+        position = {k: train_state[k] for k in ("stage", "epoch", "epoch_samples", "step")}
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                write_strategy()
+                if self.rank == 0:
+                    atomic_save(train_state, folder / STATE_FILE)
+                atomic_save(rng, folder / f"rng_rank{self.rank}.pt")
+                # Sealed last: a checkpoint missing any rank's manifest or file is detected and skipped on resume.
+                write_manifest(folder, self.rank, self.world, position)
+            except BaseException as err:  # noqa: BLE001 - raised on the training thread by finish()
+                errors.append(err)
+
+        thread = threading.Thread(target=write, name="dtrain-checkpoint", daemon=True)
+        self.pending = (thread, folder, metrics, state.step, errors)
+        if self.background:
+            thread.start()
+        else:
+            thread.run()
+
+    def due(self, step: int) -> bool:
+        """Whether the pending checkpoint is to be published at this step boundary."""
+        return self.pending is not None and step >= self.pending[3] + PUBLISH_LAG_STEPS
+
+    def finish(self) -> None:
+        """Wait for the pending write, then publish it (the publisher owns the folder from then on)."""
+        if self.pending is None:
+            return
+        thread, folder, metrics, _, errors = self.pending
+        self.pending = None
+        if thread.is_alive() or thread.ident is not None:
+            thread.join()
+        if errors:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise errors[0]
+        self.publish(metrics, folder)
+
+    def close(self) -> None:
+        """After a failure: let a write in progress end, publish nothing, remove its folder."""
+        if self.pending is not None:
+            thread, folder, *_ = self.pending
+            self.pending = None
+            if thread.ident is not None:
+                thread.join()
+            shutil.rmtree(folder, ignore_errors=True)
