@@ -62,7 +62,7 @@ def _check_buildable(job, address: str | None = None):
 
     from dtrain.config import to_objects
     from dtrain.data import load_data
-    from dtrain.models import build_model
+    from dtrain.models import build_model, check_step, runs_user_code
 
     obj = to_objects(job)
     data = load_data(obj.data)
@@ -76,6 +76,8 @@ def _check_buildable(job, address: str | None = None):
         from dtrain.launch.train import check_model_fits
 
         check_model_fits(sum(p.numel() for p in model.parameters()), job)
+    if runs_user_code(obj.model.name):  # the user's code: one real step on two samples proves it keeps the contract
+        check_step(build_model(obj.model, data.meta), tuple(t[:2] for t in data.train))
     return data
 
 
@@ -132,17 +134,33 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from dtrain.config import fields_doc
     from dtrain.data import DATASETS
-    from dtrain.models import MODELS
+    from dtrain.models import MODELS, lookup_model
+    from dtrain.models.plugins import ENTRY_POINT_GROUP, plugin_entry_points
 
     for name, (cfg_cls, _model_cls, description) in MODELS.items():
-        print(f"{name}: {description}")
-        for field, typ, default in fields_doc(cfg_cls):
-            if field != "name":
-                print(f"    {field}: {typ} = {default!r}")
-    print("data sets: " + ", ".join(sorted(DATASETS)))
+        _print_model(name, cfg_cls, description)
+    plugins = plugin_entry_points()
+    print(f"plugins (entry point group {ENTRY_POINT_GROUP}): " + ("" if plugins else "none installed"))
+    for name, ep in sorted(plugins.items()):
+        try:
+            cfg_cls, _model_cls, description = lookup_model(name)
+        except DtrainError as err:  # a broken plugin is listed with why, and the others still are
+            print(f"{name}: {ep.value} (unusable: {err})")
+            continue
+        _print_model(name, cfg_cls, f"{description} ({ep.value})")
+    print("any CatalogModel subclass by import path: model.name=my_pkg.nets:MyModel")
+    print("data sets: " + ", ".join(sorted(DATASETS)) + ", or a loader by import path: data.name=my_pkg.data:load")
     return 0
+
+
+def _print_model(name: str, cfg_cls: type, description: str) -> None:
+    from dtrain.config import fields_doc
+
+    print(f"{name}: {description}")
+    for field, typ, default in fields_doc(cfg_cls):
+        if field != "name":
+            print(f"    {field}: {typ} = {default!r}")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -240,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     terminated = _stop_on_sigterm()
     try:
+        if getattr(args, "job", None) is not None:  # the job may name the user's own code by import path
+            from dtrain.launch.project import add_user_code
+
+            add_user_code(args.job)
         return args.func(args)
     except DtrainError as err:
         print(f"dtrain: error: {err}", file=sys.stderr)

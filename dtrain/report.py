@@ -194,8 +194,9 @@ def _markdown(run_dir: Path, job: dict[str, Any], end: dict[str, Any] | None, ep
     model, data, trainer = job.get("model") or {}, job.get("data") or {}, job.get("trainer") or {}
     lines = [f"# dtrain run `{job.get('name') or run_dir.name}`", ""]
     if job:
-        lines += [f"- model: {model.get('name')}, data: {data.get('name')}, strategy: {trainer.get('strategy')}, "
-                  f"precision: {trainer.get('precision')}", ""]
+        target = f" ({model['target']})" if model.get("target") else ""  # the module adapter's network
+        lines += [f"- model: {model.get('name')}{target}, data: {data.get('name')}, "
+                  f"strategy: {trainer.get('strategy')}, precision: {trainer.get('precision')}", ""]
     if end is None:
         lines += ["**The run did not finish** (no end event in metrics.jsonl); figures show what was logged.", ""]
     else:

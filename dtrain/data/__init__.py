@@ -12,8 +12,9 @@ from torch import Tensor
 
 from dtrain.data import bundled, files, generated, series, transforms
 from dtrain.data.base import Arrays, DataBundle
-from dtrain.errors import ConfigError, DataError
+from dtrain.errors import ConfigError, DataError, DtrainError, first_line
 from dtrain.models.base import DataMeta
+from dtrain.models.plugins import check_keywords, function_by_name
 
 # name -> loader(**options) -> Arrays
 DATASETS: dict[str, Callable[..., Arrays]] = {
@@ -31,11 +32,16 @@ DATASETS: dict[str, Callable[..., Arrays]] = {
 }
 
 
+def data_loader(name: str) -> Callable[..., Arrays]:
+    """The loader called name: a registered data set, or the function at a `module:function` import path."""
+    return function_by_name(name, DATASETS, "data.name", "a function returning dtrain.data.Arrays")
+
+
 def load_arrays(cfg: Any) -> Arrays:
-    """Call the registered loader with cfg.options (and cfg.path for file-backed sets), checking the arguments."""
+    """Call the data set's loader with cfg.options (and cfg.path for file-backed sets), checking the arguments."""
+    loader = data_loader(cfg.name)
     if cfg.name not in DATASETS:
-        raise ConfigError(f"data.name: expected one of {', '.join(sorted(DATASETS))}, got {cfg.name!r}")
-    loader = DATASETS[cfg.name]
+        return _user_arrays(loader, cfg)
     params = inspect.signature(loader).parameters
     kwargs = dict(cfg.options or {})
     if "path" in params:
@@ -49,6 +55,26 @@ def load_arrays(cfg: Any) -> Arrays:
             allowed = ", ".join(p for p in params if p != "path") or "none"
             raise ConfigError(f"data.options.{key}: unknown option for {cfg.name!r} (allowed: {allowed})")
     return loader(**kwargs)
+
+
+def _user_arrays(loader: Callable[..., Any], cfg: Any) -> Arrays:
+    """The user's loader, called like a registered one; its mistakes are one line naming data.name."""
+    kwargs = dict(cfg.options or {}, **({"path": cfg.path} if cfg.path else {}))
+    check_keywords(loader, kwargs, lambda key: "data.path" if key == "path" else f"data.options.{key}", cfg.name)
+    try:
+        arrays = loader(**kwargs)
+    except DtrainError:
+        raise
+    except Exception as err:
+        raise DataError(f"data.name: {cfg.name} failed: {type(err).__name__}: {first_line(err)}") from None
+    if not isinstance(arrays, Arrays):
+        raise DataError(f"data.name: {cfg.name} returned {type(arrays).__name__}, expected dtrain.data.Arrays")
+    tasks = ("classification", "regression", "unsupervised", "unsupervised_binary")
+    if arrays.task not in tasks:
+        raise DataError(f"data.name: {cfg.name} returned task {arrays.task!r}, expected one of {', '.join(tasks)}")
+    if arrays.y is not None and len(arrays.y) != len(arrays.x):
+        raise DataError(f"data.name: {cfg.name} returned {len(arrays.x)} samples but {len(arrays.y)} targets")
+    return arrays
 
 
 def _split(arrays: Arrays, cfg: Any) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:

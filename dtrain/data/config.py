@@ -11,7 +11,8 @@ from dtrain.errors import check
 @dataclass
 class DataConfig:
     name: str = "digits"
-    """Data set name from the registry (`dtrain models` lists them), e.g. digits, adding, npz."""
+    """Data set name from the registry (`dtrain models` lists them), e.g. digits, adding, npz; or the import path
+    module:function of a loader returning dtrain.data.Arrays (its keyword arguments are data.options)."""
     path: str | None = None
     """File for file-backed data sets (npz, csv, idx)."""
     batch_size: int = 64

@@ -322,9 +322,9 @@ def check_against_job(job: dict, params: dict[str, Param]) -> list[dict]:
     from dtrain.config import build_job, to_dict, to_objects
     from dtrain.data import load_data
     from dtrain.errors import DtrainError
-    from dtrain.models import build_model
+    from dtrain.models import build_model, check_step, runs_user_code
 
-    metas: dict[str, Any] = {}
+    loaded: dict[str, Any] = {}
     built = []
     for key, param in params.items():
         for value in param.candidates():
@@ -333,9 +333,12 @@ def check_against_job(job: dict, params: dict[str, Param]) -> list[dict]:
                 cfg = build_job(OmegaConf.create(apply_params(job, params, sample)), "job")
                 obj = to_objects(cfg)
                 data_key = json.dumps(to_dict(cfg)["data"], sort_keys=True, default=str)
-                if data_key not in metas:  # data sets load once, unless a data.* key is searched
-                    metas[data_key] = load_data(obj.data).meta
-                build_model(obj.model, metas[data_key])
+                if data_key not in loaded:  # data sets load once, unless a data.* key is searched
+                    loaded[data_key] = load_data(obj.data)
+                data = loaded[data_key]
+                model = build_model(obj.model, data.meta)
+                if runs_user_code(obj.model.name):
+                    check_step(model, tuple(t[:2] for t in data.train))
             except DtrainError as err:
                 msg = str(err).removeprefix("job: ")
                 raise ConfigError(f"tune.space.{key}: {value!r} does not fit the job: {msg}") from None

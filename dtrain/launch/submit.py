@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from dtrain.compat.ray import V2_ENABLED_ENV, quiet_upload_logs, state_api_get
 from dtrain.errors import DtrainError, first_line
+from dtrain.launch.project import project_dir
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Not shipped to the cluster: environments, results, caches, VCS data.
@@ -80,10 +81,17 @@ def code_root() -> Path:
 
 
 def stage_code(spec: Path, workdir: Path) -> str:
-    """Copy the project code (minus EXCLUDES) into workdir; return the spec's path relative to it."""
-    root = code_root()
+    """Copy the code (minus EXCLUDES) into workdir; return the spec's path relative to it. The code is the job
+    file's own project (see project.project_dir) with dtrain's package beside it when that project is not dtrain's:
+    on the cluster the user's modules import from the working dir as they do here."""
+    root, project = code_root(), project_dir(spec)
     ignore = shutil.ignore_patterns(*EXCLUDES)
-    if (root / "pyproject.toml").is_file():
+    if project is not None and project != root:
+        shutil.copytree(project, workdir, ignore=ignore, dirs_exist_ok=True)
+        if not (workdir / "dtrain").exists():
+            shutil.copytree(root / "dtrain", workdir / "dtrain", ignore=ignore)
+        root = project
+    elif (root / "pyproject.toml").is_file():
         shutil.copytree(root, workdir, ignore=ignore, dirs_exist_ok=True)
     else:  # an installed package: ship just the package
         shutil.copytree(root / "dtrain", workdir / "dtrain", ignore=ignore, dirs_exist_ok=True)

@@ -22,6 +22,7 @@ from dtrain.config import to_dict
 from dtrain.data.base import DataBundle
 from dtrain.errors import ConfigError, DtrainError, find_in_chain
 from dtrain.launch.progress import ProgressFollower
+from dtrain.launch.project import shipped_paths
 from dtrain.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 
@@ -32,7 +33,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint, CheckpointUploadMode
 
+    from dtrain.launch.project import use_paths
     from dtrain.launch.worker import run_worker
+
+    use_paths(config.get("sys_path", ()))  # the user's code (models by import path), as the driver found it
 
     def publish(metrics: dict[str, Any], folder: Path | None) -> None:
         # Metrics alone go to Ray only when a controller callback consumes them (dtrain tune): dtrain train logs
@@ -338,7 +342,8 @@ def _trainer(job: DictConfig, run_dir: Path, workers: int, use_gpu: bool, *, res
         train_loop_per_worker,
         train_loop_config={"job": to_dict(job), "run_dir": str(run_dir), "init_checkpoint": init_checkpoint,
                            "resume": resume, "data": None if data is None else ray.put(to_object_store(data)),
-                           "report_metrics": bool(callbacks), "callbacks": worker_callbacks or []},
+                           "report_metrics": bool(callbacks), "callbacks": worker_callbacks or [],
+                           "sys_path": shipped_paths()},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": job.trainer.cpus_per_worker}),
         run_config=RunConfig(name=job.name, storage_path=str(run_dir.parent),

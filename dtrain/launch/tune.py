@@ -26,6 +26,7 @@ from ray.train.v2.api.callback import UserCallback
 from dtrain.compat.ray import abort_train_run
 from dtrain.config import build_job, to_dict
 from dtrain.errors import ConfigError, DtrainError
+from dtrain.launch.project import shipped_paths
 from dtrain.launch.search_space import Param, TuneConfig, apply_params, check_against_job, read_tune_section
 from dtrain.tracking.mlflow_sink import end_search_run, start_search_run
 
@@ -55,8 +56,10 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     from ray import tune
     from ray.util.queue import Queue
 
+    from dtrain.launch.project import use_paths
     from dtrain.launch.train import fit_job
 
+    use_paths(setup.get("sys_path", ()))  # before the job names the user's code
     trial_id = tune.get_context().get_trial_id()
     trial_dir = Path(setup["search_dir"]) / "trials" / trial_id
     segment = sum(1 for p in trial_dir.glob("run*") if p.is_dir()) if trial_dir.exists() else 0
@@ -215,7 +218,7 @@ def run_search(job: DictConfig, *, address: str | None = None,
         base["logging"]["mlflow"]["parent_run_id"] = parent
     print(f"[dtrain] tune: {note}; running up to {concurrency} at once", flush=True)
     setup = {"base": base, "params": params, "metric": cfg.metric, "search_dir": str(search_dir),
-             "search_name": job.name}
+             "search_name": job.name, "sys_path": shipped_paths()}
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
     if resume:
         if not tune.Tuner.can_restore(str(search_dir)):

@@ -148,6 +148,23 @@ def test_submit_follow_succeeds_with_workers_on_two_nodes(cluster, spec, monkeyp
     assert f"Job '{job_id}' succeeded" in plain, plain[-2000:]
 
 
+def test_submit_ships_the_users_project_in_the_working_dir(cluster, monkeypatch):
+    from dtrain.launch import submit
+
+    # The job file's project (examples/user_project: the mynets package, its own loss and data loader) travels as
+    # the job's working_dir with dtrain beside it; nothing else on the cluster can import mynets.
+    spec = ROOT / "examples/user_project/jobs/smallnet_spirals.yaml"
+    run = dtrain(["submit", str(spec), "trainer.max_epochs=15", "logging.progress=false", "--address",
+                  cluster.address, "--follow"], cluster.env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    acc = float(re.search(r"\[dtrain\] test/acc = ([0-9.]+)", run.stdout).group(1))
+    assert acc > 0.8, run.stdout[-2000:]  # a linear model gets about 0.6 on the spirals
+    _use_token(monkeypatch, cluster)
+    info = submit.status(submit.connect(cluster.address), run.stdout.splitlines()[0].strip())
+    # The spec runs from the project's root (its path inside the project), not from dtrain's repository.
+    assert info.entrypoint.startswith("python -m dtrain train jobs/smallnet_spirals.yaml "), info.entrypoint
+
+
 def test_stop_long_job(cluster, spec, monkeypatch, capsys):
     from dtrain.cli import main
     from dtrain.launch import submit

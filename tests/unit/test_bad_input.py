@@ -17,6 +17,9 @@ from dtrain.cli import main
 from tests.helpers import JOBS, ROOT
 
 JOB = str(JOBS / "mlp_digits.yaml")
+MODULE_JOB = str(ROOT / "examples/user_project/jobs/smallnet_digits.yaml")  # a plain nn.Module through the adapter
+RESNET_JOB = str(ROOT / "examples/user_project/jobs/resnet_digits.yaml")  # a CatalogModel by import path
+TUNE_JOB = str(ROOT / "examples/user_project/jobs/tune_smallnet.yaml")  # a search over the module's args
 
 
 def _write_files(d: Path) -> None:
@@ -24,6 +27,7 @@ def _write_files(d: Path) -> None:
     (d / "broken.yaml").write_text("model: {name: mlp\ntrainer: [\n")
     (d / "list.yaml").write_text("- model\n- data\n")
     (d / "nomodel.yaml").write_text("data: {name: digits}\n")
+    (d / "bare.yaml").write_text("model: {name: mlp}\ndata: {name: digits}\ntrainer: {num_workers: 2}\n")
     rng = np.random.default_rng(0)
     np.savez(d / "nox.npz", features=rng.normal(size=(20, 3)), y=np.arange(20) % 2)
     np.savez(d / "mismatch.npz", x=rng.normal(size=(20, 3)), y=np.arange(15) % 2)
@@ -97,6 +101,47 @@ CASES = [
     ("runs-dir-under-a-file", "train JOB runs_dir={d}/afile/sub", "runs_dir: {d}/afile/sub is a file or lies under"),
     ("model-too-big", "train JOB model.hidden=[100000000]", "model: mlp has 7,500,000,010 parameters"),
     ("zero-start-timeout", "config JOB trainer.start_timeout_s=0", "trainer.start_timeout_s"),
+    # the user's own code (examples/user_project and tests/unit/byo_models.py), named by import path
+    ("model-path-does-not-import", "config JOB model.name=nopkg.nets:Net",
+     "model.name: cannot import 'nopkg.nets': no module named 'nopkg'"),
+    ("model-path-without-attr", "config {res} model.name=mynets.resnet:TinyResNett",
+     "model.name: module 'mynets.resnet' has no attribute 'TinyResNett'"),
+    ("model-path-not-a-class", "config {res} model.name=mynets.losses:smoothed_cross_entropy",
+     "model.name: mynets.losses:smoothed_cross_entropy is a function, expected a CatalogModel subclass"),
+    ("plain-module-as-model-name", "config {res} model.name=mynets.nets:SmallNet",
+     "not a dtrain.models.CatalogModel subclass (a plain nn.Module trains through"),
+    ("model-config-not-a-dataclass", "config {d}/bare.yaml model.name=tests.unit.byo_models:NotADataclassConfig",
+     "model.name: tests.unit.byo_models:NotADataclassConfig: NotADataclassConfig.Config must be a dataclass"),
+    ("model-config-unknown-field", "config {res} model.depth=3", "unknown key 'model.depth'"),
+    ("model-config-own-check", "config {res} model.channels=6", "model.channels: expected a multiple of 4, got 6"),
+    ("forward-returns-bare-tensor", "train {d}/bare.yaml model.name=tests.unit.byo_models:Bare",
+     "model.name: forward(batch) returned Tensor, expected a dtrain.models.StepOutput(loss, metrics)"),
+    ("model-constructor-raises", "train {d}/bare.yaml model.name=tests.unit.byo_models:Exploding",
+     "model.name: building tests.unit.byo_models:Exploding failed: ValueError: no GPU-free version"),
+    ("module-target-missing", "config {mod} model.target=mynets.nets:Nope",
+     "model.target: module 'mynets.nets' has no attribute 'Nope'"),
+    ("module-target-not-callable", "config {mod} model.target=tests.unit.byo_models:NOT_CALLABLE",
+     "model.target: expected a class or function at tests.unit.byo_models:NOT_CALLABLE, got 'int'"),
+    ("module-arg-rejected", "config {mod} model.args.depth=3",
+     "model.args.depth: mynets.nets:SmallNet takes no argument 'depth' (it takes: input_shape, num_classes, width"),
+    ("module-constructor-raises", "train {mod} model.args.width=-4", "model.args: mynets.nets:SmallNet(...) failed"),
+    ("tune-space-arg-rejected", "tune {tune} tune.space.model.args.depth=choice([2])",
+     "tune.space.model.args.depth: 2 does not fit the job: model.args.depth: mynets.nets:SmallNet takes no argument"),
+    ("unknown-loss", "config {mod} model.loss=hinge",
+     "model.loss: expected one of bce_logits, cross_entropy, mse, or an import path module:function, got 'hinge'"),
+    ("loss-path-does-not-import", "config {mod} model.loss=mynets.lossez:fn", "model.loss: cannot import"),
+    ("loss-does-not-fit-output", "train {mod} model.loss=mse", "model.loss: on the network's output failed"),
+    ("unknown-metric", "config {mod} model.metrics=[f1]", "model.metrics: expected names among acc, mae"),
+    ("data-path-does-not-import", "train JOB data.name=mynets.dataz:spirals",
+     "data.name: cannot import 'mynets.dataz'"),
+    ("data-path-not-callable", "train JOB data.name=tests.unit.byo_models:NOT_CALLABLE",
+     "data.name: expected a function returning dtrain.data.Arrays"),
+    ("data-loader-wrong-return", "train JOB data.name=tests.unit.byo_models:dict_loader",
+     "data.name: tests.unit.byo_models:dict_loader returned dict, expected dtrain.data.Arrays"),
+    ("data-loader-fails", "train JOB data.name=tests.unit.byo_models:failing_loader",
+     "data.name: tests.unit.byo_models:failing_loader failed: FileNotFoundError"),
+    ("data-loader-unknown-option", "train {mod} data.name=mynets.data:spirals data.options.size=3",
+     "data.options.size: mynets.data:spirals takes no argument 'size' (it takes: n, noise, seed)"),
 ]
 NEEDS_NO_GPU = {"gpu-on-a-cpu-machine", "fsdp-offload-without-gpu"}
 PARAMS = [pytest.param(c, id=c[0], marks=[pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")]
@@ -105,7 +150,8 @@ PARAMS = [pytest.param(c, id=c[0], marks=[pytest.mark.skipif(torch.cuda.is_avail
 # interpreter prints nothing else (no import-time warnings or tracebacks) and that no Ray is started.
 IN_SUBPROCESS = {"missing-job-file", "unknown-nested-key", "missing-data-file", "csv-ragged-row",
                  "batch-larger-than-data-set", "more-workers-than-cpus", "gpu-on-a-cpu-machine", "model-too-big",
-                 "runs-dir-is-a-file", "fsdp-unknown-key", "compile-missing-backend"}
+                 "runs-dir-is-a-file", "fsdp-unknown-key", "compile-missing-backend", "model-path-does-not-import",
+                 "forward-returns-bare-tensor"}
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +163,10 @@ def scratch(tmp_path_factory):
 
 def _argv(case, d: Path) -> list[str]:
     name, cmd, _ = case
-    argv = [a.replace("{d}", str(d)).replace("JOB", JOB) for a in cmd.split()]
+    jobs = {"{d}": str(d), "JOB": JOB, "{mod}": MODULE_JOB, "{res}": RESNET_JOB, "{tune}": TUNE_JOB}
+    argv = cmd.split()
+    for placeholder, value in jobs.items():
+        argv = [a.replace(placeholder, value) for a in argv]
     if argv[0] == "train" and "--resume" not in argv:
         argv += [] if any(a.startswith("runs_dir=") for a in argv) else [f"runs_dir={d / 'runs'}"]
         argv += [] if any(a.startswith("name=") for a in argv) else [f"name={name}"]

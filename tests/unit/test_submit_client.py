@@ -83,3 +83,13 @@ def test_tune_specs_run_dtrain_tune():
 
     assert submit.default_command(load_job(JOBS / "tune_mlp_digits.yaml")) == "tune"
     assert submit.default_command(load_job(JOBS / "mlp_digits.yaml")) == "train"
+
+
+def test_stage_code_ships_the_job_files_own_project_with_dtrain_beside_it(tmp_path):
+    project = ROOT / "examples/user_project"
+    rel = submit.stage_code(project / "jobs/resnet_digits.yaml", tmp_path / "stage")
+    assert rel == "jobs/resnet_digits.yaml"
+    staged = tmp_path / "stage"
+    assert (staged / "mynets" / "resnet.py").is_file() and (staged / "dtrain" / "launch" / "submit.py").is_file()
+    assert 'name = "mynets"' in (staged / "pyproject.toml").read_text()  # the user's project is the working dir
+    assert not (staged / "tests").exists() and not (staged / "jobs" / "mlp_digits.yaml").exists()  # not dtrain
