@@ -87,7 +87,7 @@ def prepare_model(model: nn.Module, compile: CompileOptions | None, checkpointin
 
     checkpointing: true recomputes each top-level layer of the model (its direct children that hold weights) in
     the backward instead of keeping its activations; a list names the layers (qualified module names).
-    per_block: compile each of model.blocks() separately (FSDP shards them one by one; the root stays eager),
+    per_block: compile each of model.shard_blocks() separately (FSDP shards them one by one; the root stays eager),
     else the whole model.
     """
     if getattr(model, _PREPARED, False):
@@ -98,7 +98,7 @@ def prepare_model(model: nn.Module, compile: CompileOptions | None, checkpointin
     if compile is not None:
         kwargs = {"mode": None if compile.mode == "default" else compile.mode, "fullgraph": compile.fullgraph,
                   "backend": compile.backend, "dynamic": compile.dynamic}
-        blocks = model.blocks() if per_block else []
+        blocks = model.shard_blocks() if per_block else []
         for module in blocks or [model]:
             module.compile(**kwargs)
     setattr(model, _PREPARED, True)

@@ -145,7 +145,7 @@ class DeepAutoencoder(CatalogModel):
             init_module(self, cfg.init, cfg.activation)
         self.stage = "finetune"
 
-    def blocks(self) -> list[nn.Module]:
+    def shard_blocks(self) -> list[nn.Module]:
         return []  # the Gibbs chain reads W and its transpose outside the layer's forward: sharded whole
 
     def stages(self) -> list[Stage]:

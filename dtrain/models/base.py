@@ -60,7 +60,7 @@ class CatalogModel(nn.Module):
         """Model output for inputs x (logits, forecasts, reconstructions or features)."""
         raise NotImplementedError
 
-    def blocks(self) -> list[nn.Module]:
+    def shard_blocks(self) -> list[nn.Module]:
         """The layers FSDP shards one at a time (and compile and activation checkpointing treat as units); the
         root holds the rest. Default: every Linear, convolution, recurrent and normalisation layer. A model that
         reads a layer's weights outside that layer's forward returns [] (see dtrain.models.parallel)."""

@@ -64,7 +64,7 @@ class DBN(CatalogModel):
         self.dropout = nn.Dropout(cfg.dropout)
         self.stage = "finetune"
 
-    def blocks(self) -> list[nn.Module]:
+    def shard_blocks(self) -> list[nn.Module]:
         return []  # the Gibbs chain reads W and its transpose outside the layer's forward: sharded whole
 
     def stages(self) -> list[Stage]:

@@ -118,7 +118,7 @@ class RBM(CatalogModel):
         self.cfg = cfg
         self.rbm = RBMLayer(flat_dim(meta.input_shape), cfg.hidden, cfg.visible, "bernoulli", cfg.init)
 
-    def blocks(self) -> list[nn.Module]:
+    def shard_blocks(self) -> list[nn.Module]:
         return []  # the Gibbs chain reads W and its transpose outside the layer's forward: sharded whole
 
     def predict(self, x: Tensor) -> Tensor:

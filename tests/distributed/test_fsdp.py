@@ -209,7 +209,7 @@ def _run_job(job_file: str, tmp_path, name: str, extra: list[str]) -> tuple[dict
 
 def test_a_staged_model_trains_as_under_ddp(tmp_path):
     """The DBN's RBM stages and fine-tuning: each stage freezes all but one layer of the sharded model (the RBMs
-    read their weights outside their layers' forward, so the model is sharded whole: blocks() is empty)."""
+    read their weights outside their layers' forward, so the model is sharded whole: shard_blocks() is empty)."""
     extra = ["trainer.max_epochs=1", "model.pretrain_epochs=null", "model.finetune_epochs=null",
              "trainer.log_every_n_steps=5", "model.dropout=0"]
     ddp, ddp_steps = _run_job("dbn_digits.yaml", tmp_path, "ddp", extra)

@@ -68,12 +68,12 @@ def test_an_unknown_layer_name_is_one_line():
 
 def test_compile_compiles_the_model_or_each_block():
     whole = prepare_model(_mlp(), CompileOptions(), False)
-    assert is_compiled(whole) and not any(is_compiled(m) for m in whole.blocks())
+    assert is_compiled(whole) and not any(is_compiled(m) for m in whole.shard_blocks())
     per_block = prepare_model(_mlp(), CompileOptions(), False, per_block=True)
-    assert not is_compiled(per_block) and len(per_block.blocks()) == 3
-    assert all(is_compiled(m) for m in per_block.blocks())
+    assert not is_compiled(per_block) and len(per_block.shard_blocks()) == 3
+    assert all(is_compiled(m) for m in per_block.shard_blocks())
     again = prepare_model(per_block, CompileOptions(backend="eager"), True)  # a later stage: prepared once only
-    assert again is per_block and all(is_compiled(m) for m in per_block.blocks())
+    assert again is per_block and all(is_compiled(m) for m in per_block.shard_blocks())
 
 
 def _run(tmp_path, name: str, extra: list[str]) -> list[dict]:

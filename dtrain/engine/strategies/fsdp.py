@@ -1,6 +1,6 @@
 """PyTorch FSDP2 (torch.distributed.fsdp.fully_shard): every rank holds 1/N of the weights, gradients and optimizer
 state as DTensors; each block's weights are gathered just before its forward and backward. The model cuts itself
-into blocks (CatalogModel.blocks / parallelize, beside each model); checkpoints are torch.distributed.checkpoint
+into blocks (CatalogModel.shard_blocks / parallelize, beside each model); checkpoints are torch.distributed.checkpoint
 shards, one set of files per rank, never gathered."""
 
 from __future__ import annotations
