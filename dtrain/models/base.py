@@ -73,7 +73,7 @@ class CatalogModel(nn.Module):
         the root. Override beside a model to cut it differently."""
         from dtrain.models.parallel import parallelize
 
-        parallelize(self, self.blocks(), **fsdp)
+        parallelize(self, self.shard_blocks(), **fsdp)
 
     @staticmethod
     def all_reduce_sum(t: Tensor) -> Tensor:
