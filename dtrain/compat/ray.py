@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -91,11 +92,28 @@ def state_api_get(client: Any, path: str) -> Any:
     return client._do_request("GET", path)
 
 
-def init_local(**kwargs: Any) -> None:
-    """ray.init of a new single-node Ray whose node address is 127.0.0.1 (ray.init's _node_ip_address)."""
-    import ray
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray replaces a node address of 127.0.0.1 by the host's outward one (services.resolve_ip_for_localhost), so its
+GCS, raylet, workers and agents listen on every interface; with multi-node clusters off
+(ray_constants.ENABLE_RAY_CLUSTER, read from this variable), the node address stays loopback and they listen there."""
 
-    ray.init(_node_ip_address="127.0.0.1", **kwargs)
+
+def init_local(**kwargs: Any) -> None:
+    """ray.init of a new single-node Ray whose processes listen on 127.0.0.1 only."""
+    import ray
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV] = "0"  # for the processes this starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # for this one
+    try:
+        ray.init(**kwargs)
+    finally:  # a later ray.init(address=...) in this process must see a cluster's real addresses again
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = saved_env
 
 
 STARTUP_TIMEOUT = "The current node timed out during startup"
@@ -147,7 +165,10 @@ def check() -> None:
         **{f"logger module {name}": (lambda n=name: importlib.util.find_spec(n))
            for name in UPLOAD_LOGGERS + NOTICE_LOGGERS},
         "SubmissionClient._do_request": lambda: SubmissionClient._do_request,
-        "ray.init(_node_ip_address=...)": lambda: "_node_ip_address" in inspect.getsource(ray.init) or None,
+        "ray._private.ray_constants.ENABLE_RAY_CLUSTER": lambda: LOOPBACK_ENV in inspect.getsource(
+            importlib.import_module("ray._private.ray_constants")) or None,
+        "ray._private.services.get_node_ip_address() honouring ENABLE_RAY_CLUSTER": lambda: (
+            "ENABLE_RAY_CLUSTER" in inspect.getsource(importlib.import_module("ray._private.services")) or None),
         f"'{STARTUP_TIMEOUT}' (ray._private.node)": lambda: STARTUP_TIMEOUT in inspect.getsource(
             importlib.import_module("ray._private.node")) or None,
     })

@@ -110,3 +110,58 @@ def test_a_successful_run_prints_dtrains_lines_and_nothing_else(ray_session, tmp
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert [line for line in lines if not line.startswith("[dtrain]")] == []
     assert sum("epoch=" in line for line in lines) == 2
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def _listening(root) -> dict[str, set[tuple[str, int]]]:
+    """(address, port) of every listening socket of root and its descendants, by process name."""
+    import psutil
+
+    found: dict[str, set[tuple[str, int]]] = {}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.setdefault(proc.name(), set()).add((conn.laddr.ip, conn.laddr.port))
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
+
+
+def test_a_local_run_listens_on_loopback_only(ray_session, tmp_path):
+    """The embedded Ray (GCS, raylet, agents, dashboard, workers) during a run; torch's rendezvous store, which
+    rank 0 serves on every interface (torch has no setting for its address), is the one exception."""
+    import threading
+
+    import psutil
+
+    from dtrain.config import load_job
+    from dtrain.launch.train import fit_job
+
+    seen: dict[str, set[tuple[str, int]]] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.3):
+            for name, ips in _listening(psutil.Process()).items():
+                seen.setdefault(name, set()).update(ips)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    job = load_job(JOBS / "mlp_digits.yaml", [f"runs_dir={tmp_path}", "name=ports", "trainer.max_epochs=2",
+                                              "logging.progress=false", "logging.wandb.enabled=false"])
+    try:
+        fit_job(job)
+    finally:
+        done.set()
+        watcher.join()
+    assert {"gcs_server", "raylet"} <= set(seen), seen  # the watch saw Ray's processes, not just this one
+    assert any(name.startswith("ray::") for name in seen), seen  # and workers/agents
+    outside = {name: {a for a in addrs if a[0] not in LOOPBACK} for name, addrs in seen.items()}
+    outside = {name: addrs for name, addrs in outside.items() if addrs}
+    rendezvous = {addr for name, addrs in outside.items() if name.startswith("ray::") and (
+        "RayTrainWorker" in name or "torch_process_group" in name) for addr in addrs}
+    assert len({port for _, port in rendezvous}) <= 1, outside  # one store, rank 0's
+    assert set().union(*outside.values()) == rendezvous, f"listening beyond loopback: {outside}"
