@@ -1,6 +1,8 @@
 """Start-up: seconds from the command to the first training step, each measured in a fresh process.
 
-    dtrain train   `dtrain train jobs/mlp_digits.yaml` (embedded local Ray, 2 workers, W&B off)
+    dtrain train   `dtrain train jobs/mlp_digits.yaml` (embedded local Ray, 2 workers, W&B off): a cold start
+    dtrain warm    the same with a head kept by `dtrain up` (started once before the repeats, not timed)
+    hand ddp       a hand-written torch.multiprocessing DDP script (benchmarks/hand_ddp.py), 2 gloo processes
     deepspeed      `dtrain train jobs/mlp_digits_deepspeed.yaml` (ZeRO-2, bf16) as on a fresh machine: an empty
                    TORCH_EXTENSIONS_DIR, so any op DeepSpeed JIT-compiles is compiled within the measurement
     ray plain      a minimal Ray Train TorchTrainer script (benchmarks/ray_plain.py), 2 workers, same model and data
@@ -56,6 +58,20 @@ def deepspeed_fresh(tmp: Path) -> tuple[float, float]:
     return dtrain_train(tmp, "mlp_digits_deepspeed.yaml", fresh)
 
 
+HEAD_DIR = Path(tempfile.gettempdir()) / f"dtrain-bench-head-{os.getpid()}"
+
+
+def dtrain_warm(tmp: Path) -> tuple[float, float]:
+    return dtrain_train(tmp, env={**os.environ, "DTRAIN_LOCAL_HEAD_DIR": str(HEAD_DIR)})
+
+
+def hand_ddp(tmp: Path) -> tuple[float, float]:
+    started = time.time()
+    stamp = tmp / "first_step"
+    _run([sys.executable, "-m", "benchmarks.hand_ddp", str(stamp)], ROOT)
+    return float(stamp.read_text()) - started, time.time() - started
+
+
 def ray_plain(tmp: Path) -> tuple[float, float]:
     started = time.time()
     stamp = tmp / "first_step"
@@ -80,26 +96,38 @@ def imports(tmp: Path) -> tuple[float, float]:
     return timed("import dtrain.cli"), timed("import dtrain.cli, dtrain.launch.train, ray, ray.train.torch")
 
 
-RUNS = {"dtrain train": dtrain_train, "deepspeed": deepspeed_fresh, "ray plain": ray_plain, "engine": engine,
+RUNS = {"dtrain train": dtrain_train, "dtrain warm": dtrain_warm, "hand ddp": hand_ddp,
+        "deepspeed": deepspeed_fresh, "ray plain": ray_plain, "engine": engine,
         "import": imports}
 
 
 def run(names: list[str], repeats: int) -> dict[str, Any]:
     """Interleaved fresh-process runs; median seconds to the first step and to the end of the 1-epoch run."""
     raw: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
-    for rep in range(repeats):
-        for name in names:
-            with tempfile.TemporaryDirectory() as tmp:
-                raw[name].append(RUNS[name](Path(tmp)))
-            print(f"[startup] repeat {rep} {name}: {raw[name][-1][0]:.1f} s, {raw[name][-1][1]:.1f} s", flush=True)
+    head_env = {**os.environ, "DTRAIN_LOCAL_HEAD_DIR": str(HEAD_DIR)}
+    if "dtrain warm" in names:
+        _run([str(BIN / "dtrain"), "up"], ROOT, head_env)
+    try:
+        _repeat(names, repeats, raw)
+    finally:
+        if "dtrain warm" in names:
+            _run([str(BIN / "dtrain"), "down"], ROOT, head_env)
     return {"raw": raw, "first_step_s": {n: median([a for a, _ in v]) for n, v in raw.items()},
             "total_s": {n: median([b for _, b in v]) for n, v in raw.items()},
             "note": "import row: first_step_s = import dtrain.cli, total_s = + dtrain.launch.train, ray, ray.train"}
 
 
+def _repeat(names: list[str], repeats: int, raw: dict[str, list[tuple[float, float]]]) -> None:
+    for rep in range(repeats):
+        for name in names:
+            with tempfile.TemporaryDirectory() as tmp:
+                raw[name].append(RUNS[name](Path(tmp)))
+            print(f"[startup] repeat {rep} {name}: {raw[name][-1][0]:.1f} s, {raw[name][-1][1]:.1f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="import,engine,ray plain,dtrain train")
+    parser.add_argument("--runs", default="import,hand ddp,engine,ray plain,dtrain train,dtrain warm")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -179,6 +179,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if state == "SUCCEEDED" else 1
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from dtrain.launch import local_head
+
+    running = local_head.running_address()
+    address = running or local_head.up(args.num_cpus, args.num_gpus)
+    print(f"[dtrain] local Ray head {'already running' if running else 'started'} at {address} (127.0.0.1 only, "
+          f"token auth); `dtrain train` and `dtrain tune` without --address use it until `dtrain down`")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from dtrain.launch import local_head
+
+    stopped = local_head.down()
+    print("[dtrain] local Ray head stopped" if stopped else "[dtrain] no local Ray head was running")
+    return 0
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     from dtrain.launch import submit
 
@@ -244,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--command", choices=["train", "tune"], default=None,
                    help="what the cluster runs (default: tune if the spec has a tune section, else train)")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("up", help="keep a Ray head running on this machine, so runs start in seconds")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs the head offers (default: all)")
+    p.add_argument("--num-gpus", type=int, default=None, help="GPUs the head offers (default: all it finds)")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", help="stop the Ray head `dtrain up` started")
+    p.set_defaults(func=cmd_down)
 
     p = sub.add_parser("jobs", help="list | status ID | logs ID [--follow] | stop ID for jobs on a Ray cluster")
     p.add_argument("action", choices=["list", "status", "logs", "stop"])

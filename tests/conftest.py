@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+# Tests start their own Ray: a head a developer keeps with `dtrain up` must not be used (tests/ray/test_local_head.py
+# points this at its own folder).
+os.environ["DTRAIN_LOCAL_HEAD_DIR"] = "/nonexistent/dtrain-tests"
+
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):

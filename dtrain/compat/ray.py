@@ -5,10 +5,12 @@ Imported by dtrain.launch only (the engine never imports ray).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # Ray Train V2's environment variables (ray.train.v2._internal.constants); check() verifies the names.
@@ -101,19 +103,89 @@ GCS, raylet, workers and agents listen on every interface; with multi-node clust
 def init_local(**kwargs: Any) -> None:
     """ray.init of a new single-node Ray whose processes listen on 127.0.0.1 only."""
     import ray
+
+    with _loopback_nodes():
+        ray.init(**kwargs)
+
+
+def connect(address: str, *, token_auth: bool = False, **kwargs: Any) -> None:
+    """ray.init(address=...), also for a cluster that listens on 127.0.0.1 only (init_local's, `ray start` under
+    LOOPBACK_ENV=0): Ray would first turn a loopback address into the host's outward one, where nothing answers.
+    token_auth: the cluster requires the token, whatever RAY_AUTH_MODE this process started with."""
+    import ray
+
+    if token_auth:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()  # RAY_AUTH_MODE=token, and Ray's cached config refreshed to see it
+    if _loopback_only(address):
+        with _loopback_nodes():
+            ray.init(address=address, **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+
+
+def _loopback_only(address: str) -> bool:
+    """Whether address is host:port on loopback whose server answers there but not on the host's outward address."""
+    from ray._private.services import resolve_ip_for_localhost
+
+    host, _, port = address.rpartition(":")
+    if host not in ("127.0.0.1", "localhost") or not port.isdigit():
+        return False
+    outward = resolve_ip_for_localhost(host)
+    return _answers("127.0.0.1", int(port)) and (outward == "127.0.0.1" or not _answers(outward, int(port)))
+
+
+def _answers(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _loopback_nodes() -> Iterator[None]:
+    """Ray node addresses stay 127.0.0.1 (in this process, and in the processes ray.init starts) while inside."""
     from ray._private import ray_constants
 
     saved_env, saved_flag = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[LOOPBACK_ENV] = "0"  # for the processes this starts
-    ray_constants.ENABLE_RAY_CLUSTER = False  # for this one
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(**kwargs)
-    finally:  # a later ray.init(address=...) in this process must see a cluster's real addresses again
+        yield
+    finally:  # a later ray.init(address=...) to a real cluster must see its real addresses again
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         if saved_env is None:
             os.environ.pop(LOOPBACK_ENV, None)
         else:
             os.environ[LOOPBACK_ENV] = saved_env
+
+
+TUNE_LOGGER = "ray.tune.tune"
+TUNE_STOP_MESSAGES = ("Stop signal received", "has been interrupted")
+"""What Tune's SIGINT handler logs (ray.tune.tune) when a search is stopped: its advice names Tuner.restore."""
+
+
+@contextlib.contextmanager
+def tune_interruption() -> Iterator[threading.Event]:
+    """An event set when a signal stops the Tune search run inside; Tune's own lines about it are not shown."""
+    stopped = threading.Event()
+
+    def keep(record: logging.LogRecord) -> bool:
+        if any(text in record.getMessage() for text in TUNE_STOP_MESSAGES):
+            stopped.set()
+            return False
+        return True
+
+    logger = logging.getLogger(TUNE_LOGGER)
+    logger.addFilter(keep)
+    try:
+        yield stopped
+    finally:
+        logger.removeFilter(keep)
 
 
 STARTUP_TIMEOUT = "The current node timed out during startup"
@@ -138,7 +210,6 @@ def check() -> None:
     """CompatError naming each private Ray API above that no longer exists."""
     import inspect
 
-    import ray
     from ray.dashboard.modules.dashboard_sdk import SubmissionClient
     from ray.train.v2._internal import constants
     from ray.train.v2._internal.execution.controller.controller import TrainController
@@ -167,6 +238,12 @@ def check() -> None:
         "SubmissionClient._do_request": lambda: SubmissionClient._do_request,
         "ray._private.ray_constants.ENABLE_RAY_CLUSTER": lambda: LOOPBACK_ENV in inspect.getsource(
             importlib.import_module("ray._private.ray_constants")) or None,
+        **{f"'{text}' ({TUNE_LOGGER})": (lambda t=text: t in inspect.getsource(importlib.import_module(TUNE_LOGGER))
+                                          or None) for text in TUNE_STOP_MESSAGES},
+        "ray._private.authentication.authentication_token_setup._enable_token_auth": lambda: importlib.import_module(
+            "ray._private.authentication.authentication_token_setup")._enable_token_auth,
+        "ray._private.services.resolve_ip_for_localhost": lambda: importlib.import_module(
+            "ray._private.services").resolve_ip_for_localhost,
         "ray._private.services.get_node_ip_address() honouring ENABLE_RAY_CLUSTER": lambda: (
             "ENABLE_RAY_CLUSTER" in inspect.getsource(importlib.import_module("ray._private.services")) or None),
         f"'{STARTUP_TIMEOUT}' (ray._private.node)": lambda: STARTUP_TIMEOUT in inspect.getsource(

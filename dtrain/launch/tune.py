@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from ray.train.v2.api.callback import UserCallback
 
-from dtrain.compat.ray import abort_train_run
+from dtrain.compat.ray import abort_train_run, tune_interruption
 from dtrain.config import build_job, to_dict
 from dtrain.errors import ConfigError, DtrainError
 from dtrain.launch.project import shipped_paths
@@ -236,14 +236,16 @@ def run_search(job: DictConfig, *, address: str | None = None,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=_keep(cfg))),
         )
     try:
-        grid = tuner.fit()
+        with tune_interruption() as stopped:
+            grid = tuner.fit()
     finally:
         end_search_run(base, parent, failed=sys.exc_info()[0] is not None)
     rows = result_rows(grid, cfg, params, search_dir)
     if rows and all(r["status"] == "error" for r in rows):
         raise _first_error(grid)
     write_outputs(rows, to_dict(job), cfg, params, search_dir)
-    if grid.num_terminated + grid.num_errors < len(grid):  # Ctrl-C: Tune saved its state and returned early
+    if stopped.is_set() or grid.num_terminated + grid.num_errors < len(grid):  # Ctrl-C/SIGTERM: Tune saved its
+        # state, stopped the running trials and returned
         print(f"[dtrain] tune: search interrupted ({grid.num_terminated} of {len(grid)} trials finished); "
               f"continue it with: dtrain tune {search_dir} --resume", flush=True)
         raise KeyboardInterrupt

@@ -97,3 +97,36 @@ def test_cli_tune_reports_bad_space_key(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         "dtrain: error: tune.space.model.depth: 1 does not fit the job: unknown key 'model.depth'")
+
+
+def test_sigterm_stops_a_search_with_one_line_and_frees_its_trials_workers(ray_session, tmp_path):
+    """What a scheduler sends: exit 143 with dtrain's line (not Ray's stack dump), and no trial's placement group
+    is left holding CPUs afterwards (a later search would wait on them)."""
+    import signal
+    import time
+
+    from ray.util import placement_group_table
+
+    before = {pg for pg, info in placement_group_table().items() if info["state"] != "REMOVED"}
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dtrain", "tune", str(ROOT / "jobs" / "tune_mlp_digits.yaml"), f"runs_dir={tmp_path}",
+         "name=term", "tune.num_samples=4", "tune.scheduler=fifo", "trainer.max_epochs=200",
+         "trainer.early_stopping.monitor=null", "logging.wandb.enabled=false", "--address", address],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not list(tmp_path.glob("term/trials/*/run0/checkpoint_*")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "dtrain: terminated (SIGTERM)" in err and "SIGTERM received" not in err + out
+
+    def left() -> set:
+        return {pg for pg, info in placement_group_table().items() if info["state"] != "REMOVED"} - before
+
+    deadline = time.monotonic() + 30
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left(), placement_group_table()
