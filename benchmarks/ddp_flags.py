@@ -59,11 +59,11 @@ def _rank(rank: int, world: int, port: int, steps: int, block: int, out_file: st
 
 
 def measure(steps: int = 2000, block: int = 50, world: int = 2) -> dict[str, Any]:
-    from dtrain.launch.spawn import _free_port
+    from dtrain.launch.net import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")
-        mp.start_processes(_rank, args=(world, _free_port(), steps, block, out), nprocs=world, start_method="spawn")
+        mp.start_processes(_rank, args=(world, free_port(), steps, block, out), nprocs=world, start_method="spawn")
         times = {k: v[WARMUP_PAIRS:] for k, v in json.loads(Path(out).read_text()).items()}
     base = times["default"]
     return {"world": world, "block": block, "turns": len(base), "times_s": times,

@@ -83,11 +83,11 @@ def _hand_worker(rank: int, port: int, job: dict[str, Any], warmup: int, out_fil
 
 
 def run_hand(job: dict[str, Any], warmup: int) -> float:
-    from dtrain.launch.spawn import _free_port
+    from dtrain.launch.net import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rate.json")
-        mp.start_processes(_hand_worker, args=(_free_port(), job, warmup, out), nprocs=job["trainer"]["num_workers"],
+        mp.start_processes(_hand_worker, args=(free_port(), job, warmup, out), nprocs=job["trainer"]["num_workers"],
                            start_method="spawn")
         return json.loads(Path(out).read_text())
 

@@ -216,7 +216,7 @@ def measure(work: str = "small", world: int = 1, steps: int = 3000, block: int =
             device: str = "cpu", ray: bool = False) -> dict[str, Any]:
     """Run the paired blocks (ray: inside `dtrain train`'s Ray workers); engine/hand as the ratio of total times and
     as the spread of per-pair ratios."""
-    from dtrain.launch.spawn import _free_port
+    from dtrain.launch.net import free_port
 
     if block % log_every:
         raise ValueError(f"block: expected a multiple of log_every ({log_every}), got {block}")
@@ -228,7 +228,7 @@ def measure(work: str = "small", world: int = 1, steps: int = 3000, block: int =
             raw = _through_ray(job, block, tmp)
         else:
             out = os.path.join(tmp, "times.json")
-            args = (world, _free_port(), job, work, steps, block, device, out)
+            args = (world, free_port(), job, work, steps, block, device, out)
             if world == 1:
                 _rank(0, *args)
             else:

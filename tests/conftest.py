@@ -55,6 +55,6 @@ def one_rank():
     """A process group of one (gloo on 127.0.0.1), which DeepSpeed needs even alone; torn down after the test."""
     import torch.distributed as dist
 
-    from dtrain.launch.spawn import _free_port
+    from dtrain.launch.net import free_port
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,18 +12,14 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dtrain.launch.net import free_port
 
 
 @contextlib.contextmanager
 def running_mlflow_server(root: Path, timeout_s: float = 90) -> Iterator[str]:
     """Start `mlflow server` with its database and artifacts in root; yields its URI; stops it (and its children:
     uvicorn, the job runner) on exit."""
-    port = _free_port()
+    port = free_port()
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", str(root / "artifacts")]

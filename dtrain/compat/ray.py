@@ -108,42 +108,25 @@ def init_local(**kwargs: Any) -> None:
         ray.init(**kwargs)
 
 
-def connect(address: str, *, token_auth: bool = False, **kwargs: Any) -> None:
-    """ray.init(address=...), also for a cluster that listens on 127.0.0.1 only (init_local's, `ray start` under
-    LOOPBACK_ENV=0): Ray would first turn a loopback address into the host's outward one, where nothing answers.
-    token_auth: the cluster requires the token, whatever RAY_AUTH_MODE this process started with."""
+def connect(address: str, *, loopback_only: bool = False, token_auth: bool = False, **kwargs: Any) -> None:
+    """ray.init(address=...). loopback_only: the cluster listens on 127.0.0.1 only (init_local's, `ray start` under
+    LOOPBACK_ENV=0), where Ray would first turn a loopback address into the host's outward one; token_auth: the
+    cluster requires the token, whatever RAY_AUTH_MODE this process started with."""
     import ray
 
     if token_auth:
         from ray._private.authentication.authentication_token_setup import _enable_token_auth
 
         _enable_token_auth()  # RAY_AUTH_MODE=token, and Ray's cached config refreshed to see it
-    if _loopback_only(address):
-        with _loopback_nodes():
-            ray.init(address=address, **kwargs)
-    else:
+    with _loopback_nodes() if loopback_only else contextlib.nullcontext():
         ray.init(address=address, **kwargs)
 
 
-def _loopback_only(address: str) -> bool:
-    """Whether address is host:port on loopback whose server answers there but not on the host's outward address."""
+def outward_address(host: str) -> str:
+    """The address Ray connects to for host: the host's outward address in place of a loopback one."""
     from ray._private.services import resolve_ip_for_localhost
 
-    host, _, port = address.rpartition(":")
-    if host not in ("127.0.0.1", "localhost") or not port.isdigit():
-        return False
-    outward = resolve_ip_for_localhost(host)
-    return _answers("127.0.0.1", int(port)) and (outward == "127.0.0.1" or not _answers(outward, int(port)))
-
-
-def _answers(host: str, port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection((host, port), timeout=2).close()
-        return True
-    except OSError:
-        return False
+    return resolve_ip_for_localhost(host)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from dtrain.compat import ray as ray_compat
 from dtrain.errors import DtrainError
+from dtrain.launch import net
 
 STATE_ENV = "DTRAIN_LOCAL_HEAD_DIR"
 """Where the head's pid, address, log and Ray temp dir live (default /tmp/dtrain-<uid>; keep it short: Ray puts
@@ -42,11 +42,7 @@ def running_address() -> str | None:
     if not _alive(pid):
         return None
     host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=2).close()
-    except (OSError, ValueError):
-        return None
-    return address
+    return address if port.isdigit() and net.answers(host, int(port)) else None
 
 
 def up(num_cpus: int | None = None, num_gpus: int | None = None) -> str:
@@ -61,7 +57,7 @@ def up(num_cpus: int | None = None, num_gpus: int | None = None) -> str:
     env = {**os.environ, "RAY_AUTH_MODE": "token", ray_compat.LOOPBACK_ENV: "0"}
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port = net.free_port(), net.free_port()
     log = folder / "head.log"
     cmd = [ray, "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus or os.cpu_count() or 1}",
            f"--temp-dir={folder / 'ray'}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -125,8 +121,3 @@ def _alive(pid: int) -> bool:
     except ChildProcessError:
         return True
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 from multiprocessing import reduction
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dtrain.errors import DtrainError
+from dtrain.launch.net import free_port
 
 
 class LocalPublisher:
@@ -47,12 +47,6 @@ def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
 
     found = sorted((Path(run_dir) / "checkpoints").glob("step_*"), key=checkpoint_order, reverse=True)
     return pick_checkpoint(found, warn=warn)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "dtrain.launch.worker"]
@@ -141,7 +135,7 @@ def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resu
     out = _context().SimpleQueue()
     sys.stdout.flush(), sys.stderr.flush()
     stdio = tuple((_CallerFd(fd), fd) for fd in (1, 2) if _is_open(fd))
-    args = (world, _free_port(), job, str(run_dir), resume, out, device, dict(os.environ), stdio, tuple(callbacks))
+    args = (world, free_port(), job, str(run_dir), resume, out, device, dict(os.environ), stdio, tuple(callbacks))
     try:
         mp.start_processes(_entry, args=args, nprocs=world, start_method="forkserver", join=True)
     except mp.ProcessRaisedException:

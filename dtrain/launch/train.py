@@ -21,7 +21,7 @@ from dtrain.compat import ray as ray_compat
 from dtrain.config import to_dict
 from dtrain.data.base import DataBundle
 from dtrain.errors import ConfigError, DtrainError, find_in_chain
-from dtrain.launch import local_head
+from dtrain.launch import local_head, net
 from dtrain.launch.progress import ProgressFollower
 from dtrain.launch.project import shipped_paths
 from dtrain.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
@@ -159,8 +159,8 @@ def _start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str,
     if head:
         print(f"[dtrain] using the local Ray head at {head} (`dtrain up`; `dtrain down` stops it)", flush=True)
     if address or head:
-        ray_compat.connect(address or head, token_auth=bool(head), logging_level=logging.WARNING,
-                           runtime_env=runtime_env)
+        ray_compat.connect(address or head, loopback_only=net.loopback_only(address or head), token_auth=bool(head),
+                           logging_level=logging.WARNING, runtime_env=runtime_env)
         return
     for attempt in range(1, START_ATTEMPTS + 1):
         try:

@@ -7,7 +7,7 @@ import pytest
 
 from dtrain.cli import check_trackers, main
 from dtrain.config import load_job
-from dtrain.launch.spawn import _free_port
+from dtrain.launch.net import free_port
 from dtrain.tracking import Tracker, read_metrics
 from tests.helpers import JOBS, small_job
 
@@ -18,7 +18,7 @@ def _train(tmp_path, capsys, *over: str) -> tuple[int, list[str]]:
 
 
 def test_unanswered_tracking_uri_is_one_line_before_ray(tmp_path, capsys):
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     code, err = _train(tmp_path, capsys, "logging.mlflow.enabled=true", f"logging.mlflow.tracking_uri={uri}")
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"dtrain: error: logging.mlflow.tracking_uri: no MLflow tracking server answers at {uri}")
@@ -40,7 +40,7 @@ def test_password_in_tracking_uri_is_refused_and_not_echoed(tmp_path, capsys):
 
 
 def test_auto_with_unanswered_server_warns_once_and_goes_on(tmp_path, capsys):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     job = load_job(None, base=small_job(**{"logging.mlflow.tracking_uri": uri, "logging.mlflow.enabled": "auto"}))
     check_trackers(job)
     out = capsys.readouterr().out.strip().splitlines()
@@ -64,7 +64,7 @@ def test_true_without_a_uri_is_a_config_error(monkeypatch):
 
 
 def test_tracking_uri_from_the_environment_travels_with_the_job(monkeypatch, capsys):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     job = load_job(None, base=small_job())
     check_trackers(job)  # auto: on, because of the variable; nothing answers, so off for this run
