@@ -122,3 +122,7 @@ class DDPStrategy:
 
     def full_state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().cpu() for k, v in self.raw.state_dict().items()}
+
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> bool:
+        self.raw.load_state_dict(state)
+        return True
