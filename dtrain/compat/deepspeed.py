@@ -16,11 +16,11 @@ SHARED_MEMORY_COMM_OP = "ShareMemCommBuilder"
 def skip_shared_memory_comm_op() -> None:
     """Keep DeepSpeed's communication backend from JIT-compiling its shared-memory all-reduce on CPU.
 
-    On the CPU accelerator DeepSpeed's backend compiles that C++ op when it starts, 40-60 s the first time on a
-    machine. Only `inference_all_reduce` (tensor-parallel inference) uses it; training's collectives go through
-    torch.distributed (gloo) either way. DeepSpeed builds the op only when its probe marks it compatible, and keeps
-    the probe's result in one dict (``deepspeed.ops.__compatible_ops__``), so marking it not compatible skips the
-    build. Accelerators without the op have no builder for it: nothing to do.
+    On the CPU accelerator DeepSpeed's backend compiles that C++ op when it starts, the first time on a machine
+    (BENCHMARKS.md, Start-up). Only `inference_all_reduce` (tensor-parallel inference) uses it; training's
+    collectives go through torch.distributed (gloo) either way. DeepSpeed builds the op only when its probe marks it
+    compatible, and keeps the probe's result in one dict (``deepspeed.ops.__compatible_ops__``), so marking it not
+    compatible skips the build. Accelerators without the op have no builder for it: nothing to do.
     """
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator

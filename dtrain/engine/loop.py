@@ -77,6 +77,9 @@ class RunContext:
     """resume_dir is another run's checkpoint (dtrain tune's PBT exploit): keep its weights and optimizer state,
     apply this run's optimizer settings."""
     callbacks: list[Callback] = field(default_factory=list)
+    export: Callable[[dict[str, torch.Tensor]], None] | None = None
+    """Called by every rank at the end with the full float32 weights the test metrics were computed with (rank 0's
+    launcher writes them to the run folder); None: nothing is gathered."""
 
 
 def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConfig,
@@ -98,6 +101,7 @@ def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopCon
     stages, train = model.stages(), loaders.train
     guard = NonFiniteGuard(state, cfg.max_nonfinite_steps, min(cfg.log_every_n_steps, 1024))
     steps_per_epoch = train.steps_per_epoch()
+    best_weights: dict[str, torch.Tensor] | None = None  # the monitored best epoch's, in the final stage
     while state.stage < len(stages) and not state.stopped:
         stage = stages[state.stage]
         model.set_stage(stage)
@@ -116,7 +120,9 @@ def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopCon
             val_metrics = evaluate(wrapped, loaders.val, strategy, "val")
             state.epoch, state.epoch_samples, state.epochs_done = state.epoch + 1, 0, state.epochs_done + 1
             metrics = {"stage": stage.name, "epoch": state.epoch, "step": state.step, **train_metrics, **val_metrics}
-            _early_stopping(cfg.early_stopping, state, metrics)
+            improved = _early_stopping(cfg.early_stopping, state, metrics)
+            if improved and cfg.early_stopping.monitor is not None and state.stage == len(stages) - 1:
+                best_weights = {k: v.clone() for k, v in strategy.full_state_dict().items()}
             ctx.log({"event": "epoch", **metrics})
             every = cfg.checkpoint_every_n_epochs
             if every > 0 and state.epoch % every == 0 or state.stopped:
@@ -131,10 +137,14 @@ def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopCon
         if not state.stopped:
             state.stage, state.epoch = state.stage + 1, 0
     writer.finish()
+    evaluated = _use_best_weights(cfg.early_stopping, state, strategy, best_weights, len(stages) - 1)
     test_metrics = evaluate(wrapped, loaders.test, strategy, "test")
+    if ctx.export is not None:
+        ctx.export(best_weights if evaluated["weights"] == "best" else strategy.full_state_dict())
     wall = time.perf_counter() - started
     summary = {"final": {**state.history.get("last", {}), **test_metrics}, "best": state.history.get("best", {}),
-               "test": test_metrics, "epochs": state.epochs_done, "steps": state.step, "stages": len(stages),
+               "test": test_metrics, "evaluated": evaluated, "epochs": state.epochs_done, "steps": state.step,
+               "stages": len(stages),
                "skipped_steps": state.skipped_steps, "stop_reason": state.stop_reason or "completed",
                "wall_time_s": wall, "train_samples_per_s": state.samples / max(wall, 1e-9), "world_size": ctx.world}
     ctx.log({"event": "end", **summary})
@@ -212,20 +222,41 @@ def evaluate(wrapped: nn.Module, loader: EvalLoader, strategy: Strategy, prefix:
     return sums.reduce(prefix)
 
 
-def _early_stopping(es: EarlyStoppingConfig, state: TrainState, metrics: dict[str, Any]) -> None:
+def _early_stopping(es: EarlyStoppingConfig, state: TrainState, metrics: dict[str, Any]) -> bool:
+    """Track the best epoch (and stop after patience epochs without improvement); True if this epoch is the best."""
     state.history["last"] = metrics
     key = es.monitor or next((k for k in ("val/loss", "train/loss") if k in metrics), None)
     if key is None or key not in metrics:
-        return
+        return False
     value, sign = metrics[key], (1 if es.mode == "max" else -1)
     if state.best is None or sign * (value - state.best) > es.min_delta:
         state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
         state.history["best"] = {**metrics, "monitor": key}
-    elif es.monitor is not None:
+        return True
+    if es.monitor is not None:
         state.bad_epochs += 1
         if state.bad_epochs >= es.patience:
             state.stopped = True
             state.stop_reason = f"early stopping: {key} did not improve for {es.patience} epochs"
+    return False
+
+
+def _use_best_weights(es: EarlyStoppingConfig, state: TrainState, strategy: Strategy,
+                      best_weights: dict[str, torch.Tensor] | None, final_stage: int) -> dict[str, Any]:
+    """With a monitored metric, put the best epoch's weights back for the test split (after the last checkpoint was
+    written, so resuming is unaffected); say which weights the test metrics are of."""
+    last, best = state.history.get("last", {}), state.history.get("best", {})
+    where = {"epoch": last.get("epoch"), "step": last.get("step")}
+    if es.monitor is None:
+        return {"weights": "last", **where}
+    if best.get("step") == last.get("step"):
+        return {"weights": "best", "monitor": es.monitor, es.monitor: best.get(es.monitor), **where}
+    if best_weights is None:  # the best epoch was trained before a resume, or in an earlier stage
+        return {"weights": "last", **where, "why": "the best epoch's weights were not kept (trained before a resume)"}
+    if not strategy.load_full_state_dict(best_weights):
+        return {"weights": "last", **where, "why": "this strategy cannot put weights back (ZeRO-3)"}
+    return {"weights": "best", "monitor": es.monitor, es.monitor: best.get(es.monitor), "epoch": best.get("epoch"),
+            "step": best.get("step")}
 
 
 def _resume(strategy: Strategy, state: TrainState, ctx: RunContext, lr: float) -> None:

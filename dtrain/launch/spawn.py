@@ -51,8 +51,8 @@ def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
 
 PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "dtrain.launch.worker"]
 """Imported once by the fork server that every worker is forked from (each `spawn_workers` call in a process reuses
-it), instead of by every worker: torch alone takes 1.4 s, and DistributedDataParallel's constructor imports
-torch._dynamo (1.5 s more). Forking after importing torch is what DataLoader's workers do on Linux; these imports
+it), instead of by every worker: torch is slow to import, and DistributedDataParallel's constructor also imports
+torch._dynamo. Forking after importing torch is what DataLoader's workers do on Linux; these imports
 initialise neither CUDA nor a process group."""
 
 

@@ -28,6 +28,7 @@ from dtrain.config import build_job, to_dict
 from dtrain.errors import ConfigError, DtrainError
 from dtrain.launch.project import shipped_paths
 from dtrain.launch.search_space import Param, TuneConfig, apply_params, check_against_job, read_tune_section
+from dtrain.tracking import SUMMARY_FILE
 from dtrain.tracking.mlflow_sink import end_search_run, start_search_run
 
 JOB_FILE = "job.yaml"
@@ -322,11 +323,26 @@ def result_rows(grid: Any, cfg: TuneConfig, params: dict[str, Param], search_dir
         rows.append({"trial": trial, "status": status, "epochs": len(history),
                      cfg.metric: pick(history) if history else math.nan,
                      f"last {cfg.metric}": history[-1] if history else math.nan,
+                     **_test_metrics(runs[-1] if runs else None),
                      **{key: p.decode((result.config or {}).get(key)) for key, p in params.items()},
                      "run_dir": str(runs[-1]) if runs else ""})
+    tested = sorted({k for row in rows for k in row if k.startswith("test")})
+    rows = [{**{k: v for k, v in row.items() if k != "run_dir"}, **{k: row.get(k, math.nan) for k in tested},
+             "run_dir": row["run_dir"]} for row in rows]
     sign = -1 if cfg.mode == "max" else 1
     return sorted(rows, key=lambda r: (math.isnan(r[cfg.metric]), sign * r[cfg.metric]
                                        if not math.isnan(r[cfg.metric]) else 0))
+
+
+def _test_metrics(run_dir: Path | None) -> dict[str, Any]:
+    """A finished trial's test metrics (of the weights its run reports, see summary.json's evaluated) and the epoch
+    those weights are from; nothing for a trial the scheduler stopped (its run never reached the test split)."""
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if run_dir else {}
+    except (OSError, ValueError):
+        return {}
+    evaluated = summary.get("evaluated", {})
+    return {**summary.get("test", {}), **({"test epoch": evaluated["epoch"]} if "epoch" in evaluated else {})}
 
 
 def write_outputs(rows: list[dict[str, Any]], job: dict, cfg: TuneConfig, params: dict[str, Param],

@@ -4,6 +4,7 @@ runs the engine's loop (Ray Train workers and spawn_workers both call run_worker
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from dtrain.data.base import BatchPlan, DataBundle, Loaders
 from dtrain.data.sharding import EvalShards, InMemoryLoader, batch_plan
 from dtrain.engine import dist
 from dtrain.engine.callbacks import Callback
+from dtrain.engine.checkpoint import atomic_save
 from dtrain.engine.loop import LoopConfig, Publish, RunContext, fit
 from dtrain.engine.precision import Precision
 from dtrain.engine.prepare import checkpoint_layers, compile_options
@@ -24,6 +26,9 @@ from dtrain.engine.strategies import Strategy, StrategySetup, build_strategy
 from dtrain.launch.sysmetrics import SystemMonitor
 from dtrain.models import CatalogModel, build_model
 from dtrain.tracking import Tracker
+
+MODEL_FILE = "model.pt"
+"""In the run folder: the float32 weights (state dict) the run's test metrics were computed with."""
 
 
 @dataclass
@@ -73,7 +78,7 @@ def run_worker(job_dict: dict[str, Any], run_dir: str | Path, publish: Publish, 
     installed = [*callbacks, *([Profiler(job.trainer.profile, run_dir)] if job.trainer.profile.enabled else []),
                  *([monitor] if monitor else [])]
     ctx = RunContext(rank, dist.world_size(), publish, tracker.log if tracker else _ignore, resume_dir, retarget,
-                     installed)
+                     installed, export=functools.partial(_export, Path(run_dir), rank))
     # the tracker marks its runs failed if fit raises; the monitor's thread stops either way
     with tracker or contextlib.nullcontext(), monitor or contextlib.nullcontext():
         return fit(worker.model, worker.loaders, worker.strategy, worker.loop, ctx)
@@ -85,6 +90,12 @@ def in_memory_loaders(data: DataBundle, plan: BatchPlan, rank: int, device: torc
     return Loaders(InMemoryLoader(on[0], plan, rank, shuffle=True, seed=seed),
                    EvalShards(on[1], plan.micro_batch, rank, plan.world),
                    EvalShards(on[2], plan.micro_batch, rank, plan.world))
+
+
+def _export(run_dir: Path, rank: int, weights: dict[str, torch.Tensor]) -> None:
+    """Rank 0 writes the weights the run's test metrics are of: MODEL_FILE, a plain state dict of the model."""
+    if rank == 0:
+        atomic_save(weights, run_dir / MODEL_FILE)
 
 
 def _ignore(record: dict[str, Any]) -> None:

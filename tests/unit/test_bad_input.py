@@ -216,5 +216,9 @@ def test_bad_input_through_a_real_dtrain_process(case, subprocess_outcomes, scra
     _assert_one_clear_line(case, rc, err, scratch)
 
 
-def test_table_is_large_enough():
-    assert len(CASES) >= 20
+def test_every_case_is_run_under_its_own_name():
+    """A duplicated id would hide a case behind another; a name in the subsets that matches no case would silently
+    drop it from the subprocess run or the GPU skip."""
+    names = [c[0] for c in CASES]
+    assert len(names) == len(set(names)), [n for n in names if names.count(n) > 1]
+    assert (IN_SUBPROCESS | NEEDS_NO_GPU) - set(names) == set()

@@ -98,3 +98,7 @@ class Strategy(Protocol):
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The model's full float32 weights and buffers on the CPU (a collective where weights are sharded)."""
+
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> bool:
+        """Put weights that full_state_dict returned back into the model (every rank, after training: the loop
+        evaluates the best epoch's weights this way). False where the strategy cannot (weights left as they are)."""

@@ -57,7 +57,7 @@ class DDPStrategy:
         # as a device tensor (found_inf): no host sync.
         self.optimizer = build_optimizer(self.params, self.cfg.optim, lr, fused=True)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, total_steps, steps_per_epoch)
-        # A constant rate needs no schedule stepping (LambdaLR's step is host work of ~1 % of a small model's step).
+        # A constant rate needs no schedule stepping (LambdaLR's step is host work every step).
         self.constant_lr = constant_schedule(self.cfg.optim)
         self.same_group = same_device_and_dtype(self.params)
         return self.model
@@ -122,3 +122,7 @@ class DDPStrategy:
 
     def full_state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().cpu() for k, v in self.raw.state_dict().items()}
+
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> bool:
+        self.raw.load_state_dict(state)
+        return True

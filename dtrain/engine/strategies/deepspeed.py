@@ -176,6 +176,14 @@ class DeepSpeedStrategy:
             out[name] = buf.detach().clone().cpu()
         return out
 
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> bool:
+        """Into the module's weights (cast to their bf16/fp16 where DeepSpeed keeps them so). Not under ZeRO-3, whose
+        weights live in partitions that only its own checkpoint loading fills."""
+        if self.options.zero_stage == 3:
+            return False
+        self.engine.module.load_state_dict(state)
+        return True
+
     def _release(self, model: nn.Module) -> nn.Module:
         """Hand a model back from the old engine as plain float32 parameters (keeping each one's requires_grad)."""
         full = self.full_state_dict()

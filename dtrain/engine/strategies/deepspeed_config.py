@@ -63,7 +63,7 @@ def deepspeed_config(options: DeepSpeedOptions, *, precision: str, grad_clip: fl
 def _check_with_deepspeed(config: dict[str, Any], raw: dict[str, Any]) -> None:
     """DeepSpeed's own parser on a config with raw keys, at load time: a misspelt or mistyped key (its sections are
     pydantic models that forbid unknown keys) or a combination it refuses is one ConfigError line before anything
-    starts, not a traceback from every worker. Imports DeepSpeed's config module (~1 s), only for raw keys."""
+    starts, not a traceback from every worker. Imports DeepSpeed's config module, only for raw keys."""
     import logging
 
     from dtrain.compat.deepspeed import config_parser

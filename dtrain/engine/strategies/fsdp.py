@@ -170,6 +170,14 @@ class FSDPStrategy:
         return {k: _full(v).detach().float().cpu() if v.is_floating_point() else _full(v).detach().cpu()
                 for k, v in self.model.state_dict().items()}
 
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> bool:
+        """Each rank takes its shards of the full weights."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # a copy: it replaces the dict's tensors with this rank's shards
+        set_model_state_dict(self.model, dict(state), options=StateDictOptions(full_state_dict=True))
+        return True
+
     def _state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
