@@ -22,6 +22,9 @@ def _isolated_env(monkeypatch, tmp_path):
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        from dtrain.compat.deepspeed import forget_process_groups
+
+        forget_process_groups()  # the next test's in-process DeepSpeed engine must not use this test's group
     os.environ.clear()
     os.environ.update(saved)
 

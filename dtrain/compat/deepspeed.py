@@ -67,8 +67,25 @@ def config_parser() -> type:
     return DeepSpeedConfig
 
 
+# DeepSpeed's module-level caches of process groups (deepspeed.utils.groups), filled on its first initialize.
+_GROUP_CACHES = ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP",
+                 "_TENSOR_MODEL_PARALLEL_GROUP")
+
+
+def forget_process_groups() -> None:
+    """Drop the process groups DeepSpeed cached, so that an engine built after the default group was destroyed and
+    created again in the same process uses the new one (else: "Group ... is not registered")."""
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        for name in _GROUP_CACHES:
+            setattr(groups, name, None)
+
+
 def check() -> None:
     """CompatError naming each private DeepSpeed API above that no longer exists."""
+    import importlib
     import inspect
 
     import deepspeed.ops
@@ -93,4 +110,6 @@ def check() -> None:
         "ZeRO-3 parameter attributes ds_tensor/ds_numel/ds_id": lambda: all(
             f"param.{a}" in inspect.getsource(Init) for a in ("ds_tensor", "ds_numel", "ds_id")) or None,
         "deepspeed.runtime.config.DeepSpeedConfig": config_parser,
+        "deepspeed.utils.groups process-group caches": lambda: all(
+            hasattr(importlib.import_module("deepspeed.utils.groups"), n) for n in _GROUP_CACHES) or None,
     })
