@@ -123,7 +123,7 @@ def test_sigterm_stops_a_search_with_one_line_and_frees_its_trials_workers(ray_s
     address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.Popen(
         [sys.executable, "-m", "dtrain", "tune", str(ROOT / "jobs" / "tune_mlp_digits.yaml"), f"runs_dir={tmp_path}",
-         "name=term", "tune.num_samples=4", "tune.scheduler=fifo", "trainer.max_epochs=200",
+         "name=term", "tune.num_samples=1", "tune.scheduler=fifo", "trainer.max_epochs=200",
          "trainer.early_stopping.monitor=null", "logging.wandb.enabled=false", "--address", address],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
