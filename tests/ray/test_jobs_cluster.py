@@ -7,12 +7,14 @@ the script behind `make cluster-up` is exercised too; down.sh stops exactly its 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import secrets
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,7 @@ class Cluster:
     address: str
     token: str
     env: dict[str, str]  # environment for client subprocesses: token set, PATH with this venv first
+    gcs: str = ""  # the head's GCS address, for `dtrain ... --address HOST:PORT` drivers
 
 
 def _ports_free(ports: list[int]) -> bool:
@@ -82,7 +85,7 @@ def cluster():
     try:
         assert up.returncode == 0, f"cluster/local/up.sh failed:\n{up.stdout}\n{up.stderr}"
         assert sorted(p.name for p in state.glob("*.pid")) == ["head.pid", "worker1.pid"]
-        yield Cluster(f"http://127.0.0.1:{base + 8}", token, _client_env(token))
+        yield Cluster(f"http://127.0.0.1:{base + 8}", token, _client_env(token), f"127.0.0.1:{base + 7}")
     finally:
         down = subprocess.run(["bash", str(DOWN)], env=env, capture_output=True, text=True, timeout=180)
         shutil.rmtree(state, ignore_errors=True)
@@ -226,3 +229,71 @@ def test_token_from_file_wrong_token_and_missing_token(cluster, spec, tmp_path, 
     assert run.stderr.strip() == (f"dtrain: error: --address {cluster.address}: the cluster requires a token and "
                                   "none was found; set RAY_AUTH_TOKEN or put it in ~/.ray/auth_token "
                                   "(`ray get-auth-token` on the head)")
+
+
+PREFLIGHT_SPEC = """\
+model: {name: mlp, hidden: [64]}
+data: {name: digits, batch_size: 16}
+trainer: {num_workers: 2, max_epochs: 4, log_every_n_steps: 1000}
+checkpoint: {keep: 1}
+logging: {wandb: {enabled: "false"}, progress: false}
+cost: {per_cpu_hour: 0.5}
+"""
+
+
+def _rows(stdout: str) -> list[list[str]]:
+    """The per-rank rows of preflight's table: rank, node, device, ..."""
+    return [line.split() for line in stdout.splitlines() if re.match(r"\s+\d+\s+\S+/\S+\s+cpu\s", line)]
+
+
+def test_submit_preflight_passes_then_runs_the_job_at_the_projected_pace(cluster, tmp_path):
+    """`dtrain submit --preflight`: the preflight runs on the cluster as a job of its own (workers on both nodes, a
+    few steps, all-reduce, checkpoint round trip in runs_dir), then the job itself is submitted and runs; its
+    summary.json carries the measured cost. Nothing of the preflight is left in runs_dir."""
+    spec, runs = tmp_path / "pf.yaml", tmp_path / "runs"
+    spec.write_text(PREFLIGHT_SPEC)
+    run = dtrain(["submit", str(spec), f"runs_dir={runs}", "name=checked", "--preflight", "--address", cluster.address,
+                  "--follow"], cluster.env)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-4000:]
+    rows = _rows(run.stdout)
+    assert [r[0] for r in rows] == ["0", "1"] and rows[0][1] != rows[1][1], out[-4000:]  # one worker per node
+    assert "[dtrain] preflight passed: 2 workers" in run.stdout
+    assert sorted(p.name for p in runs.iterdir()) == ["checked"]  # the probe folder is gone
+    epoch_s = float(re.search(r"projected: \d+ steps/epoch, ([0-9.]+) s/epoch", run.stdout).group(1))
+    summary = json.loads((runs / "checked" / "summary.json").read_text())
+    cost = summary["cost"]
+    assert cost["cpu_hours"] > 0 and cost["gpu_hours"] == 0 and cost["segments"] == 1
+    assert cost["cost"] == pytest.approx(0.5 * cost["cpu_hours"])
+    # the worker group lived at least as long as training took, 2 workers x 1 CPU
+    assert cost["cpu_hours"] * 3600 >= 2 * summary["wall_time_s"]
+    epochs = [e for e in map(json.loads, (runs / "checked" / "metrics.jsonl").read_text().splitlines())
+              if e.get("event") == "epoch"]
+    actual = statistics.median(b["time"] - a["time"] for a, b in zip(epochs, epochs[1:], strict=False))
+    print(f"preflight projected {epoch_s:.3f} s/epoch; the run took {actual:.3f} (ratio {epoch_s / actual:.2f})")
+    assert 0.5 < epoch_s / actual < 2, (epoch_s, actual)  # a loose bound here: the 30 % claim is a benchmark
+
+
+def test_preflight_names_each_problem(cluster, tmp_path):
+    """One `dtrain: error:` line per problem, exit 2: checked by the workers on both nodes (runs_dir not
+    writable, a step over the memory limit), and before any worker (more workers than fit, a broken data path)."""
+    spec = tmp_path / "pf.yaml"
+    spec.write_text(PREFLIGHT_SPEC)
+    (tmp_path / "afile").write_text("a file, not a folder\n")
+    env = {**cluster.env, "RAY_AUTH_MODE": "token"}
+    run = dtrain(["preflight", str(spec), f"runs_dir={tmp_path / 'afile' / 'runs'}", "model.hidden=[8192,4096]",
+                  "--memory-limit", "800MiB", "--address", cluster.gcs], env)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("dtrain: error: ")]
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    assert len(_rows(run.stdout)) == 2, run.stdout  # the workers ran and measured
+    assert sorted(e.split(":")[2].strip() for e in errors) == ["model", "model", "runs_dir", "runs_dir"], errors
+    assert all("over the memory limit of 0.78 GiB" in e for e in errors if ": model:" in e)
+    assert all("Not a directory" in e for e in errors if ": runs_dir:" in e)
+
+    run = dtrain(["preflight", str(spec), "trainer.num_workers=3", "data.name=npz", f"data.path={tmp_path}/no.npz",
+                  "--address", cluster.gcs], env)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("dtrain: error: ")]
+    assert run.returncode == 2 and len(errors) == 2, run.stderr[-3000:]
+    assert "no.npz: .npz file not found" in errors[0]
+    assert errors[1].startswith("dtrain: error: trainer.num_workers: 3 workers x 1 CPUs need 3 CPUs, the cluster "
+                                "has 2"), errors

@@ -1,0 +1,47 @@
+"""Cost accounting (dtrain.launch.cost) and tune.budget's ledger (dtrain.launch.budget), without Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dtrain.launch.budget import TRIAL_KEYS, Ledger
+from dtrain.launch.cost import COST_FILE, Segment, WorkerGroup, add_to_summary, price, run_cost
+
+
+def test_segments_add_up_to_worker_gpu_and_cpu_hours_and_money(tmp_path):
+    for seconds, group in ((1800, WorkerGroup(4, 2, 1)), (900, WorkerGroup(2, 8, 0))):  # a run, then its resume
+        with Segment(tmp_path, group) as seg:
+            pass
+        lines = (tmp_path / COST_FILE).read_text().splitlines()
+        record = json.loads(lines[-1]) | {"seconds": seconds}  # as if the worker group had lived that long
+        (tmp_path / COST_FILE).write_text("\n".join([*lines[:-1], json.dumps(record)]) + "\n")
+        assert seg.started <= record["ended"]
+    cost = run_cost(tmp_path, {"per_gpu_hour": 2.5, "per_cpu_hour": 0.1})
+    assert cost["worker_hours"] == pytest.approx(4 * 0.5 + 2 * 0.25)
+    assert cost["gpu_hours"] == pytest.approx(2.0) and cost["cpu_hours"] == pytest.approx(4 + 4)
+    assert cost["cost"] == pytest.approx(2.0 * 2.5 + 8 * 0.1) and cost["segments"] == 2
+    assert "cost" not in run_cost(tmp_path, {})  # no rates: hours only
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 3}))
+    assert add_to_summary(tmp_path / "summary.json", cost)["cost"] == cost
+    assert json.loads((tmp_path / "summary.json").read_text())["cost"]["segments"] == 2
+    assert run_cost(tmp_path / "nothing") is None
+
+
+def test_budget_ledger_stops_launching_when_the_next_trial_would_exceed():
+    ledger = Ledger({"cpu_hours": 1.0})
+
+    def result(cpu: float) -> dict:
+        return {TRIAL_KEYS["cpu_hours"]: cpu, **price({"worker_hours": cpu, "cpu_hours": cpu, "gpu_hours": 0}, {})}
+
+    assert ledger.next_would_exceed() is None  # nothing ended yet: nothing to estimate from
+    ledger.record("a", result(0.3), ended=True)
+    assert ledger.next_would_exceed() is None  # 0.3 spent + 0.3 for the next one
+    ledger.record("b", result(0.1))  # running: counts as at least the costliest ended trial (0.3)
+    assert ledger.next_would_exceed() is None  # 0.3 + 0.3 + next 0.3 = 0.9
+    ledger.record("c", result(0.05))
+    assert ledger.next_would_exceed() == "cpu_hours"  # 0.3 + 0.3 + 0.3 + next 0.3 > 1
+    assert ledger.reached() is None
+    ledger.record("b", result(0.7))
+    assert ledger.reached() == "cpu_hours" and ledger.total("cpu_hours") == pytest.approx(1.05)
