@@ -192,7 +192,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     # Only the spec is checked here: data paths may exist on the cluster alone, and `dtrain train` checks there.
     job = _load(args.job, args.overrides)
     if args.preflight:  # run on the cluster itself, as a job of its own; the job is handed over only if it passes
-        probe = submit.submit(job, args.job, args.overrides, address=args.address, command="preflight")
+        from dtrain.launch.preflight import parse_bytes
+
+        limit = ["--memory-limit", args.memory_limit] if args.memory_limit and parse_bytes(args.memory_limit) else []
+        probe = submit.submit(job, args.job, args.overrides, address=args.address, command="preflight", options=limit)
         print(f"[dtrain] preflight {probe} on {submit.cluster_address(args.address)}", file=sys.stderr)
         state = submit.follow(submit.connect(args.address), probe)
         if state != "SUCCEEDED":
@@ -285,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the cluster runs (default: tune if the spec has a tune section, else train)")
     p.add_argument("--preflight", action="store_true",
                    help="run `dtrain preflight` on the cluster first; submit only if it passes")
+    p.add_argument("--memory-limit", default=None, help="with --preflight: its --memory-limit")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("jobs", help="list | status ID | logs ID [--follow] | stop ID for jobs on a Ray cluster")

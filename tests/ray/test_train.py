@@ -110,3 +110,17 @@ def test_a_successful_run_prints_dtrains_lines_and_nothing_else(ray_session, tmp
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert [line for line in lines if not line.startswith("[dtrain]")] == []
     assert sum("epoch=" in line for line in lines) == 2
+
+
+def test_preflight_names_problems_found_before_any_worker(ray_session, tmp_path, capsys):
+    """More workers than the cluster has and a broken data path: one `dtrain: error:` line each, exit 2, and no
+    worker started (nothing to measure)."""
+    from dtrain.cli import main
+
+    rc = main(["preflight", str(JOBS / "mlp_digits.yaml"), "trainer.num_workers=5", "data.name=npz",
+               f"data.path={tmp_path}/no.npz", f"runs_dir={tmp_path}/runs"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.splitlines() == [
+        f"dtrain: error: {tmp_path}/no.npz: .npz file not found",
+        "dtrain: error: trainer.num_workers: 5 workers x 1.0 CPUs need 5 CPUs, the cluster has 4"], err
+    assert "rank" not in out and not (tmp_path / "runs").exists()
