@@ -59,7 +59,7 @@ class BudgetStopper(Stopper):
     """Ends every running trial, and the search, once the trials' total spend reaches the budget."""
 
     def __init__(self, budget: BudgetConfig) -> None:
-        self.ledger = Ledger(budget.limits())
+        self.ledger, self.told = Ledger(budget.limits()), False
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         self.ledger.record(trial_id, result)
@@ -67,7 +67,8 @@ class BudgetStopper(Stopper):
 
     def stop_all(self) -> bool:
         measure = self.ledger.reached()
-        if measure is not None:
+        if measure is not None and not self.told:
+            self.told = True
             print(f"[dtrain] tune: budget reached ({measure} {self.ledger.total(measure):.4g} of "
                   f"{self.ledger.limits[measure]:g}); ending the running trials", flush=True)
         return measure is not None
