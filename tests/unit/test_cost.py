@@ -45,3 +45,17 @@ def test_budget_ledger_stops_launching_when_the_next_trial_would_exceed():
     assert ledger.reached() is None
     ledger.record("b", result(0.7))
     assert ledger.reached() == "cpu_hours" and ledger.total("cpu_hours") == pytest.approx(1.05)
+
+
+def test_dtrain_report_shows_the_runs_cost(tmp_path, capsys):
+    from dtrain.cli import main
+
+    (tmp_path / "config.yaml").write_text("name: r\nmodel: {name: mlp}\ncost: {per_gpu_hour: 3.0, per_cpu_hour: null}\n")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "epoch", "epoch": 1, "step": 5, "time": 1.0,
+                                                        "val/loss": 0.5}) + "\n")
+    (tmp_path / COST_FILE).write_text(json.dumps({"started": 0, "ended": 7200, "seconds": 7200, "workers": 2,
+                                                  "cpus_per_worker": 4, "gpus_per_worker": 1}) + "\n")
+    assert main(["report", str(tmp_path)]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Cost" in text and "| GPU-hours | 4.0000 |" in text and "| CPU-hours | 16.0000 |" in text
+    assert "| cost | 12.0000 |" in text
