@@ -19,7 +19,7 @@ def test_cli_trains_the_make_train_job_to_097_on_a_running_cluster(ray_session, 
     address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.run(
         [sys.executable, "-m", "dtrain", "train", str(JOBS / "mlp_digits.yaml"), f"runs_dir={tmp_path}", "name=cli",
-         "logging.wandb.enabled=false", "--address", address],
+         "logging.wandb.enabled=false", "cost.per_cpu_hour=0.5", "--address", address],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "test/acc" in proc.stdout
@@ -27,6 +27,9 @@ def test_cli_trains_the_make_train_job_to_097_on_a_running_cluster(ray_session, 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["test"]["test/acc"] >= 0.97
+    cost = summary["cost"]  # the worker group's measured lifetime x 2 workers x 1 CPU, priced
+    assert cost["segments"] == 1 and cost["gpu_hours"] == 0 and cost["cpu_hours"] * 3600 >= 2 * summary["wall_time_s"]
+    assert cost["cost"] == pytest.approx(0.5 * cost["cpu_hours"])
     assert (run / "config.yaml").is_file()
     assert list(run.glob("checkpoint_*/model.pt")), "Ray Train kept no checkpoint"
     events = read_metrics(run)

@@ -50,7 +50,8 @@ def test_budget_ledger_stops_launching_when_the_next_trial_would_exceed():
 def test_dtrain_report_shows_the_runs_cost(tmp_path, capsys):
     from dtrain.cli import main
 
-    (tmp_path / "config.yaml").write_text("name: r\nmodel: {name: mlp}\ncost: {per_gpu_hour: 3.0, per_cpu_hour: null}\n")
+    (tmp_path / "config.yaml").write_text("name: r\nmodel: {name: mlp}\n"
+                                          "cost: {per_gpu_hour: 3.0, per_cpu_hour: null}\n")
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "epoch", "epoch": 1, "step": 5, "time": 1.0,
                                                         "val/loss": 0.5}) + "\n")
     (tmp_path / COST_FILE).write_text(json.dumps({"started": 0, "ended": 7200, "seconds": 7200, "workers": 2,
