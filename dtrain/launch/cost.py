@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dtrain.tracking import METRICS_FILE
+
 COST_FILE = "cost.jsonl"
 
 
@@ -43,21 +45,25 @@ def price(hours: dict[str, float], rates: dict[str, Any] | None) -> dict[str, fl
 
 
 class Segment:
-    """Context manager around one fit: appends the segment's measured lifetime to run_dir/cost.jsonl on exit
-    (also when the run fails or is interrupted: the resources were held all the same)."""
+    """Context manager around one fit: appends the segment's start (its worker group) to run_dir/cost.jsonl, and
+    its measured lifetime on exit (also when the run fails or is interrupted: the resources were held all the
+    same). A process killed before its exit (a search trial Tune ends) leaves the start alone: run_cost then ends
+    the segment at the run's last sign of life, rank 0's last write to metrics.jsonl."""
 
     def __init__(self, run_dir: Path, group: WorkerGroup) -> None:
         self.run_dir, self.group = run_dir, group
 
     def __enter__(self) -> Segment:
         self.started = time.time()
+        self._append({"started": self.started, "workers": self.group.workers,
+                      "cpus_per_worker": self.group.cpus_per_worker, "gpus_per_worker": self.group.gpus_per_worker})
         return self
 
     def __exit__(self, *exc: object) -> None:
         ended = time.time()
-        record = {"started": self.started, "ended": ended, "seconds": ended - self.started,
-                  "workers": self.group.workers, "cpus_per_worker": self.group.cpus_per_worker,
-                  "gpus_per_worker": self.group.gpus_per_worker}
+        self._append({"started": self.started, "ended": ended, "seconds": ended - self.started})
+
+    def _append(self, record: dict[str, Any]) -> None:
         if self.run_dir.is_dir():
             with open(self.run_dir / COST_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -69,17 +75,25 @@ def run_cost(run_dir: str | Path, rates: dict[str, Any] | None = None) -> dict[s
     path = Path(run_dir) / COST_FILE
     if not path.is_file():
         return None
-    totals = {"worker_hours": 0.0, "cpu_hours": 0.0, "gpu_hours": 0.0}
-    seconds, segments = 0.0, 0
+    starts: dict[float, dict[str, Any]] = {}
+    ends: dict[float, float] = {}
     for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        seg = json.loads(line)
+        record = json.loads(line) if line.strip() else {}
+        if "seconds" in record:
+            ends[record["started"]] = record["seconds"]
+        elif "workers" in record:
+            starts[record["started"]] = record
+    metrics = Path(run_dir) / METRICS_FILE
+    last_seen = metrics.stat().st_mtime if metrics.is_file() else 0.0
+    totals = {"worker_hours": 0.0, "cpu_hours": 0.0, "gpu_hours": 0.0}
+    seconds = 0.0
+    for started, seg in starts.items():
+        held = ends.get(started, max(0.0, last_seen - started))
         group = WorkerGroup(seg["workers"], seg["cpus_per_worker"], seg["gpus_per_worker"])
-        for key, value in group.hours(seg["seconds"]).items():
+        for key, value in group.hours(held).items():
             totals[key] += value
-        seconds, segments = seconds + seg["seconds"], segments + 1
-    return {**price(totals, rates), "seconds": seconds, "segments": segments}
+        seconds += held
+    return {**price(totals, rates), "seconds": seconds, "segments": len(starts)}
 
 
 def add_to_summary(summary_file: Path, cost: dict[str, float] | None) -> dict[str, Any]:
