@@ -98,6 +98,29 @@ def check_trackers(job) -> None:
         job.logging[section].enabled = "false"
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from dtrain.launch.preflight import format_report, parse_bytes, run_preflight
+
+    job = _load(args.job, args.overrides)
+    limit = parse_bytes(args.memory_limit) if args.memory_limit else None
+    problems, data = [], None
+    for check in (lambda: _check_buildable(job, args.address), lambda: check_trackers(job)):
+        try:
+            data = check() or data
+        except DtrainError as err:  # every problem is reported, not only the first
+            problems.append(str(err))
+    report = run_preflight(job, data, address=args.address, memory_limit=limit)
+    for line in format_report(report, job):
+        print(line)
+    problems += report.problems
+    for problem in problems:
+        print(f"dtrain: error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    print(f"[dtrain] preflight passed: {len(report.rows)} workers placed, stepped, all-reduced and checkpointed")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from dtrain.launch.tune import BEST_FILE, JOB_FILE, RESULTS_FILE, print_table, run_search
 
@@ -168,6 +191,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     # Only the spec is checked here: data paths may exist on the cluster alone, and `dtrain train` checks there.
     job = _load(args.job, args.overrides)
+    if args.preflight:  # run on the cluster itself, as a job of its own; the job is handed over only if it passes
+        from dtrain.launch.preflight import parse_bytes
+
+        limit = ["--memory-limit", args.memory_limit] if args.memory_limit and parse_bytes(args.memory_limit) else []
+        probe = submit.submit(job, args.job, args.overrides, address=args.address, command="preflight", options=limit)
+        print(f"[dtrain] preflight {probe} on {submit.cluster_address(args.address)}", file=sys.stderr)
+        state = submit.follow(submit.connect(args.address), probe)
+        if state != "SUCCEEDED":
+            raise DtrainError(f"preflight: the job was not submitted: the preflight on the cluster ended {state} "
+                              "(its problems are listed above)")
     job_id = submit.submit(job, args.job, args.overrides, address=args.address, command=args.command)
     print(job_id)
     print(f"[dtrain] submitted {job.name} to {submit.cluster_address(args.address)}; "
@@ -240,6 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the interrupted search in runs/<search>")
     p.set_defaults(func=cmd_tune)
 
+    p = sub.add_parser("preflight", help="place the job's workers, run a few real steps, all-reduce, checkpoint "
+                       "and tracker checks; print per-rank memory and step time, projected time and cost")
+    p.add_argument("job", help="job YAML")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    p.add_argument("--memory-limit", default=None,
+                   help="fail if a worker's step peaks above this (e.g. 4GiB): resident memory on CPU, device memory "
+                   "allocated on GPU")
+    p.set_defaults(func=cmd_preflight)
+
     p = sub.add_parser("config", help="print the resolved job config")
     p.add_argument("job")
     p.add_argument("overrides", nargs="*")
@@ -261,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     p.add_argument("--command", choices=["train", "tune"], default=None,
                    help="what the cluster runs (default: tune if the spec has a tune section, else train)")
+    p.add_argument("--preflight", action="store_true",
+                   help="run `dtrain preflight` on the cluster first; submit only if it passes")
+    p.add_argument("--memory-limit", default=None, help="with --preflight: its --memory-limit")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("up", help="keep a Ray head running on this machine, so runs start in seconds")

@@ -233,6 +233,19 @@ class LoggingConfig:
 
 
 @dataclass
+class CostConfig:
+    per_gpu_hour: float | None = None
+    """Price of one GPU for one hour (any currency); with per_cpu_hour, summary.json and reports show money."""
+    per_cpu_hour: float | None = None
+    """Price of one CPU (a Ray CPU) for one hour."""
+
+    def __post_init__(self) -> None:
+        for key in ("per_gpu_hour", "per_cpu_hour"):
+            value = getattr(self, key)
+            check(value is None or value >= 0, f"cost.{key}", "a number >= 0 or null", value)
+
+
+@dataclass
 class JobConfig:
     name: str | None = None
     """Run name; the run directory is <runs_dir>/<name>. Default: job file stem plus a timestamp."""
@@ -245,6 +258,7 @@ class JobConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
     tune: Any = None
     """Search section for `dtrain tune` (see dtrain.launch.tune)."""
 

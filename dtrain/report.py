@@ -39,8 +39,24 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
                                    ("system", _plot_system(steps, epochs, out / "system.png"))) if ok]
     end = next((e for e in reversed(events) if e.get("event") == "end"), None)
     path = out / REPORT_FILE
-    path.write_text(_markdown(run_dir, _job(run_dir), end, epochs, plots) + _profile_section(run_dir))
+    job = _job(run_dir)
+    path.write_text(_markdown(run_dir, job, end, epochs, plots) + _profile_section(run_dir)
+                    + _cost_section(run_dir, job))
     return path
+
+
+def _cost_section(run_dir: Path, job: dict[str, Any]) -> str:
+    """Worker-hours (CPU, GPU) and money of every segment of the run, from its cost.jsonl."""
+    from dtrain.launch.cost import run_cost
+
+    found = run_cost(run_dir, job.get("cost"))
+    if found is None:
+        return ""
+    priced = f"| cost | {found['cost']:.4f} |\n" if "cost" in found else ""
+    return ("\n## Cost\n\n| measure | value |\n|---|---|\n"
+            f"| GPU-hours | {found['gpu_hours']:.4f} |\n| CPU-hours | {found['cpu_hours']:.4f} |\n"
+            f"| worker-hours | {found['worker_hours']:.4f} |\n{priced}"
+            f"| worker-group time | {found['seconds']:.1f} s in {found['segments']} segment(s) |\n")
 
 
 def _profile_section(run_dir: Path, top: int = 15) -> str:

@@ -210,6 +210,29 @@ PBT_MUTABLE = ("optim.lr", "optim.weight_decay", "optim.momentum", "model.dropou
 
 
 @dataclass
+class BudgetConfig:
+    """tune.budget: limits of a whole search; null = no limit on that measure."""
+
+    gpu_hours: float | None = None
+    """GPU-hours all trials together may use."""
+    cpu_hours: float | None = None
+    """CPU-hours all trials together may use."""
+    cost: float | None = None
+    """Money all trials together may cost (needs the job's cost section: per_gpu_hour, per_cpu_hour)."""
+
+    def __post_init__(self) -> None:
+        for key in ("gpu_hours", "cpu_hours", "cost"):
+            value = getattr(self, key)
+            _check(value is None or (value > 0 and value != float("inf")), f"tune.budget.{key}",
+                  "a finite number > 0 or null", value)
+
+    def limits(self) -> dict[str, float]:
+        """{measure: limit} of the measures that have one."""
+        return {k: v for k, v in (("gpu_hours", self.gpu_hours), ("cpu_hours", self.cpu_hours),
+                                  ("cost", self.cost)) if v is not None}
+
+
+@dataclass
 class TuneConfig:
     """The `tune:` section of a job spec, read by `dtrain tune`."""
 
@@ -241,6 +264,9 @@ class TuneConfig:
     """CPUs reserved for each trial's driver function; the Ray Train controller and workers come on top."""
     time_budget_s: float | None = None
     """Stop starting and running trials after this many seconds (a fixed compute budget); null = no limit."""
+    budget: BudgetConfig | None = None
+    """{gpu_hours, cpu_hours, cost}: no trial is launched that would exceed it, running ones end when it is reached
+    (see dtrain.launch.budget); null = no budget."""
     keep_checkpoints: int | None = None
     """Checkpoints Tune keeps per trial (for --resume and pbt exploits); null = 2, or all of them under pbt, where
     an exploit may copy a checkpoint of a trial that has kept training since."""

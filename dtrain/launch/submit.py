@@ -103,9 +103,10 @@ def stage_code(spec: Path, workdir: Path) -> str:
     return f"{SPEC_DIR}/{spec.name}"
 
 
-def entrypoint_for(command: str, spec: str, overrides: list[str], name: str) -> str:
-    """The shell command the cluster runs: `python -m dtrain <command> SPEC OVERRIDES name=NAME --address auto`."""
-    args = [spec, *overrides, f"name={name}", "--address", "auto"]
+def entrypoint_for(command: str, spec: str, overrides: list[str], name: str, options: list[str] = ()) -> str:
+    """The shell command the cluster runs: `python -m dtrain <command> SPEC OVERRIDES name=NAME --address auto`
+    (then options, e.g. preflight's --memory-limit)."""
+    args = [spec, *overrides, f"name={name}", "--address", "auto", *options]
     return f"python -m dtrain {command} " + " ".join(shlex.quote(a) for a in args)
 
 
@@ -115,8 +116,9 @@ def default_command(job: DictConfig) -> str:
 
 
 def submit(job: DictConfig, spec: str | Path, overrides: list[str], *, address: str | None = None,
-           command: str | None = None) -> str:
-    """Submit job (loaded from spec with overrides) to the cluster; returns the submission id."""
+           command: str | None = None, options: list[str] = ()) -> str:
+    """Submit job (loaded from spec with overrides) to the cluster; returns the submission id. options: more
+    arguments of the command (after --address auto)."""
 
     from ray.exceptions import AuthenticationError
 
@@ -131,7 +133,7 @@ def submit(job: DictConfig, spec: str | Path, overrides: list[str], *, address: 
         try:
             # Ray zips and uploads working_dir during this call, so the staging copy can go afterwards.
             return client.submit_job(
-                entrypoint=entrypoint_for(command, rel_spec, overrides, job.name),
+                entrypoint=entrypoint_for(command, rel_spec, overrides, job.name, options),
                 runtime_env={"working_dir": str(workdir), "excludes": EXCLUDES, "env_vars": env},
                 metadata={"dtrain_name": str(job.name), "dtrain_command": command},
             )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -21,7 +20,7 @@ from dtrain.compat import ray as ray_compat
 from dtrain.config import to_dict
 from dtrain.data.base import DataBundle
 from dtrain.errors import ConfigError, DtrainError, find_in_chain
-from dtrain.launch import local_head, net
+from dtrain.launch import cost, local_head, net
 from dtrain.launch.progress import ProgressFollower
 from dtrain.launch.project import shipped_paths
 from dtrain.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
@@ -290,13 +289,18 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
         workers, use_gpu = resolve_resources(job)
         trainer = _trainer(job, run_dir, workers, use_gpu, resume=resume, callbacks=callbacks,
                            init_checkpoint=init_checkpoint, data=data, worker_callbacks=worker_callbacks)
-        _fit(trainer, job, run_dir, workers, local=address is None)
+        with cost.Segment(run_dir, worker_group(job, workers, use_gpu)):
+            _fit(trainer, job, run_dir, workers, local=address is None)
     except BaseException:
         if not resume:
             release_unused(run_dir)  # a run that never trained leaves no folder behind to block its name
         raise
-    summary_file = run_dir / SUMMARY_FILE
-    return json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    return cost.add_to_summary(run_dir / SUMMARY_FILE, cost.run_cost(run_dir, to_dict(job.cost)))
+
+
+def worker_group(job: DictConfig, workers: int, use_gpu: bool) -> cost.WorkerGroup:
+    """The resources the job's worker group holds (what its ScalingConfig asks Ray for)."""
+    return cost.WorkerGroup(workers, job.trainer.cpus_per_worker, 1.0 if use_gpu else 0.0)
 
 
 def claim_run_dir(job: DictConfig, resume: bool) -> Path:
@@ -340,7 +344,7 @@ def release_unused(run_dir: Path, trained: str = METRICS_FILE) -> None:
 def _trainer(job: DictConfig, run_dir: Path, workers: int, use_gpu: bool, *, resume: bool, callbacks: list | None,
              init_checkpoint: str | None, data: Any, worker_callbacks: list | None) -> Any:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
@@ -349,8 +353,7 @@ def _trainer(job: DictConfig, run_dir: Path, workers: int, use_gpu: bool, *, res
                            "resume": resume, "data": None if data is None else ray.put(to_object_store(data)),
                            "report_metrics": bool(callbacks), "callbacks": worker_callbacks or [],
                            "sys_path": shipped_paths()},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": job.trainer.cpus_per_worker}),
+        scaling_config=scaling_config(job, workers, use_gpu),
         run_config=RunConfig(name=job.name, storage_path=str(run_dir.parent),
                              # controller failures are the workers' placement timing out: fail at the first one
                              failure_config=FailureConfig(max_failures=job.trainer.max_failures,
@@ -358,6 +361,14 @@ def _trainer(job: DictConfig, run_dir: Path, workers: int, use_gpu: bool, *, res
                              checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
                              callbacks=callbacks, logging_config=LoggingConfig(log_level="WARNING")),
     )
+
+
+def scaling_config(job: DictConfig, workers: int, use_gpu: bool) -> Any:
+    """The workers Ray Train places for the job (dtrain preflight places the same)."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                         resources_per_worker={"CPU": job.trainer.cpus_per_worker})
 
 
 def _fit(trainer: Any, job: DictConfig, run_dir: Path, workers: int, local: bool) -> None:

@@ -34,6 +34,7 @@ from dtrain.tracking.mlflow_sink import end_search_run, start_search_run
 JOB_FILE = "job.yaml"
 RESULTS_FILE = "results.csv"
 BEST_FILE = "best.yaml"
+COST_FILE = "cost.json"
 
 
 class ForwardReports(UserCallback):
@@ -68,6 +69,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
                                                trial_id)))
     job.runs_dir, job.name = str(trial_dir), f"run{segment}"
     init = _initial_checkpoint(trial_dir / f"init{segment}")
+    meter = _trial_meter(job, [trial_dir / f"run{k}" for k in range(segment)])
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     outcome: dict[str, Any] = {}
 
@@ -81,14 +83,35 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     thread = threading.Thread(target=train, name="dtrain-trial", daemon=True)
     thread.start()
-    _forward(queue, setup["metric"])
+    _forward(queue, setup["metric"], meter)
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
 
 
-def _forward(queue: Any, metric: str) -> None:
-    """Report queued epoch results to Tune until the run ends; if Tune stops the trial, abort the Train run."""
+def _trial_meter(job: DictConfig, earlier: list[Path]) -> Any:
+    """A function giving the trial's cumulative cost so far (its earlier segments' recorded cost, plus this one's
+    worker group held since now), under budget.TRIAL_KEYS, as each result carries it for tune.budget."""
+    import time
+
+    from dtrain.launch.budget import TRIAL_KEYS
+    from dtrain.launch.cost import price, run_cost, sum_costs
+    from dtrain.launch.train import resolve_resources, worker_group
+
+    rates = to_dict(job.cost)
+    before = sum_costs([run_cost(p, rates) for p in earlier])
+    group, started = worker_group(job, *resolve_resources(job)), time.time()
+
+    def meter() -> dict[str, float]:
+        now = price(group.hours(time.time() - started), rates)
+        return {key: before.get(k, 0.0) + now[k] for k, key in TRIAL_KEYS.items() if k in now}
+
+    return meter
+
+
+def _forward(queue: Any, metric: str, meter: Any = dict) -> None:
+    """Report queued epoch results to Tune until the run ends; if Tune stops the trial, abort the Train run.
+    meter: the trial's cost so far, added to every result."""
     from ray import tune
     from ray.tune import Checkpoint
 
@@ -99,7 +122,7 @@ def _forward(queue: Any, metric: str) -> None:
             if metric not in item["metrics"]:  # mid-epoch checkpoints carry no validation metrics
                 continue
             path = item["checkpoint"]
-            tune.report(item["metrics"], checkpoint=Checkpoint.from_directory(path) if path else None)
+            tune.report(item["metrics"] | meter(), checkpoint=Checkpoint.from_directory(path) if path else None)
     except BaseException:  # Tune stops a trial by raising SystemExit out of tune.report
         if controller is not None:
             abort_train_run(controller)
@@ -230,10 +253,12 @@ def run_search(job: DictConfig, *, address: str | None = None,
             trainable, param_space={key: p.domain(grid=cfg.search_alg == "grid") for key, p in params.items()},
             tune_config=tune.TuneConfig(
                 metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
-                max_concurrent_trials=None if cfg.search_alg in ("random", "grid") else concurrency,
-                scheduler=_scheduler(cfg, params, job), search_alg=_search_alg(cfg, concurrency),
+                max_concurrent_trials=None if cfg.search_alg in ("random", "grid") or cfg.budget else concurrency,
+                scheduler=_scheduler(cfg, params, job), search_alg=_budgeted(_search_alg(cfg, concurrency), cfg,
+                                                                             concurrency),
                 time_budget_s=cfg.time_budget_s, trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name=search_dir.name, storage_path=str(search_dir.parent), verbose=1,
+                                      stop=_budget_stopper(cfg),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=_keep(cfg))),
         )
     try:
@@ -244,6 +269,7 @@ def run_search(job: DictConfig, *, address: str | None = None,
     rows = result_rows(grid, cfg, params, search_dir)
     if rows and all(r["status"] == "error" for r in rows):
         raise _first_error(grid)
+    rows = with_costs(rows, search_dir, base.get("cost"))
     write_outputs(rows, to_dict(job), cfg, params, search_dir)
     if stopped.is_set() or grid.num_terminated + grid.num_errors < len(grid):  # Ctrl-C/SIGTERM: Tune saved its
         # state, stopped the running trials and returned
@@ -251,6 +277,25 @@ def run_search(job: DictConfig, *, address: str | None = None,
               f"continue it with: dtrain tune {search_dir} --resume", flush=True)
         raise KeyboardInterrupt
     return rows, cfg
+
+
+def _budgeted(search_alg: Any, cfg: TuneConfig, concurrency: int) -> Any:
+    """search_alg behind tune.budget's gate (a Searcher first capped at the concurrency, as Tune would do)."""
+    if cfg.budget is None:
+        return search_alg
+    from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
+
+    from dtrain.launch.budget import BudgetGate
+
+    if isinstance(search_alg, Searcher):
+        search_alg = SearchGenerator(ConcurrencyLimiter(search_alg, max_concurrent=concurrency))
+    return BudgetGate(search_alg, cfg.budget)
+
+
+def _budget_stopper(cfg: TuneConfig) -> Any:
+    from dtrain.launch.budget import BudgetStopper
+
+    return BudgetStopper(cfg.budget) if cfg.budget is not None else None
 
 
 def _keep(cfg: TuneConfig) -> int | None:
@@ -343,6 +388,24 @@ def _test_metrics(run_dir: Path | None) -> dict[str, Any]:
         return {}
     evaluated = summary.get("evaluated", {})
     return {**summary.get("test", {}), **({"test epoch": evaluated["epoch"]} if "epoch" in evaluated else {})}
+
+
+def with_costs(rows: list[dict[str, Any]], search_dir: Path, rates: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each row with its trial's GPU-hours, CPU-hours (and cost, when priced) over all its segments, before
+    run_dir; the search's total goes to COST_FILE and the console."""
+    from dtrain.launch.cost import describe, run_cost, sum_costs
+
+    out, costs = [], []
+    for row in rows:
+        trial_cost = sum_costs([run_cost(p, rates) for p in (search_dir / "trials" / row["trial"]).glob("run*")])
+        costs.append(trial_cost)
+        extra = {k: trial_cost.get(k, 0.0) for k in ("gpu_hours", "cpu_hours", "cost") if k != "cost" or
+                 "cost" in trial_cost}
+        out.append({k: v for k, v in row.items() if k != "run_dir"} | extra | {"run_dir": row["run_dir"]})
+    total = sum_costs(costs)
+    (search_dir / COST_FILE).write_text(json.dumps(total, indent=2) + "\n")
+    print(f"[dtrain] tune: total over {len(rows)} trials: {describe(total)}", flush=True)
+    return out
 
 
 def write_outputs(rows: list[dict[str, Any]], job: dict, cfg: TuneConfig, params: dict[str, Param],

@@ -41,6 +41,7 @@ class Cluster:
     address: str
     token: str
     env: dict[str, str]  # environment for client subprocesses: token set, PATH with this venv first
+    gcs: str = ""  # the head's GCS address, for `dtrain ... --address HOST:PORT` drivers
 
 
 def _ports_free(ports: list[int]) -> bool:
@@ -82,7 +83,7 @@ def cluster():
     try:
         assert up.returncode == 0, f"cluster/local/up.sh failed:\n{up.stdout}\n{up.stderr}"
         assert sorted(p.name for p in state.glob("*.pid")) == ["head.pid", "worker1.pid"]
-        yield Cluster(f"http://127.0.0.1:{base + 8}", token, _client_env(token))
+        yield Cluster(f"http://127.0.0.1:{base + 8}", token, _client_env(token), f"127.0.0.1:{base + 7}")
     finally:
         down = subprocess.run(["bash", str(DOWN)], env=env, capture_output=True, text=True, timeout=180)
         shutil.rmtree(state, ignore_errors=True)
@@ -226,3 +227,63 @@ def test_token_from_file_wrong_token_and_missing_token(cluster, spec, tmp_path, 
     assert run.stderr.strip() == (f"dtrain: error: --address {cluster.address}: the cluster requires a token and "
                                   "none was found; set RAY_AUTH_TOKEN or put it in ~/.ray/auth_token "
                                   "(`ray get-auth-token` on the head)")
+
+
+PREFLIGHT_SPEC = """\
+model: {name: mlp, hidden: [64]}
+data: {name: digits, batch_size: 16}
+trainer: {num_workers: 2, max_epochs: 4, log_every_n_steps: 1000}
+checkpoint: {keep: 1}
+logging: {wandb: {enabled: "false"}, progress: false}
+cost: {per_cpu_hour: 0.5}
+"""
+
+
+def _rows(stdout: str) -> list[list[str]]:
+    """The per-rank rows of preflight's table: rank, node, device, ..."""
+    return [line.split() for line in stdout.splitlines() if re.match(r"\s+\d+\s+\S+/\S+\s+cpu\s", line)]
+
+
+def test_preflight_passes_with_a_worker_on_each_node_and_leaves_nothing(cluster, tmp_path):
+    """`dtrain preflight --address`: the job's 2 workers placed on the 2 nodes, a few real steps, all-reduce,
+    checkpoint round trip in runs_dir; a table row per rank, the projection and its cost; nothing left in runs_dir."""
+    spec, runs = tmp_path / "pf.yaml", tmp_path / "runs"
+    spec.write_text(PREFLIGHT_SPEC)
+    run = dtrain(["preflight", str(spec), f"runs_dir={runs}", "--memory-limit", "2GiB", "--address", cluster.gcs],
+                 {**cluster.env, "RAY_AUTH_MODE": "token"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = _rows(run.stdout)
+    assert [r[0] for r in rows] == ["0", "1"] and rows[0][1] != rows[1][1], run.stdout  # one worker per node
+    assert "[dtrain] preflight passed: 2 workers" in run.stdout and "dtrain: error" not in run.stderr
+    per_epoch, epoch_s, steps = re.search(r"projected: (\d+) steps/epoch, ([0-9.]+) s/epoch, 4 epochs \((\d+) steps\)",
+                                          run.stdout).groups()
+    assert int(steps) == 4 * int(per_epoch) and float(epoch_s) > 0, run.stdout
+    cpu_hours, money = re.search(r"projected cost: 0 GPU-hours, (\S+) CPU-hours .*, cost (\S+)", run.stdout).groups()
+    assert float(money) == pytest.approx(0.5 * float(cpu_hours), rel=1e-3)
+    assert not runs.exists()  # the probe folder is gone, and so is runs_dir, which the preflight created
+
+
+def test_submit_preflight_names_each_problem_and_submits_nothing(cluster, tmp_path, monkeypatch):
+    """`dtrain submit --preflight` runs the preflight on the cluster: the workers on both nodes find runs_dir not
+    writable and a step over the memory limit, one `dtrain: error:` line per problem and rank; the job is not
+    submitted."""
+    from dtrain.launch import submit
+
+    spec = tmp_path / "pf.yaml"
+    spec.write_text(PREFLIGHT_SPEC)
+    (tmp_path / "afile").write_text("a file, not a folder\n")
+    run = dtrain(["submit", str(spec), f"runs_dir={tmp_path / 'afile' / 'runs'}", "model.hidden=[8192,4096]",
+                  "name=doomed", "--preflight", "--memory-limit", "800MiB", "--address", cluster.address], cluster.env)
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    errors = [line for line in run.stdout.splitlines() if line.startswith("dtrain: error: ")]
+    assert len(_rows(run.stdout)) == 2, run.stdout  # the workers ran and measured
+    assert sorted(e.split(":")[2].strip() for e in errors) == ["model", "model", "runs_dir", "runs_dir"], errors
+    assert all("over the memory limit of 0.78 GiB" in e for e in errors if ": model:" in e)
+    assert all("Not a directory" in e for e in errors if ": runs_dir:" in e)
+    assert run.stderr.strip().splitlines()[-1] == ("dtrain: error: preflight: the job was not submitted: the "
+                                                   "preflight on the cluster ended FAILED (its problems are listed "
+                                                   "above)")
+    _use_token(monkeypatch, cluster)
+    doomed = [j for j in submit.list_jobs(submit.connect(cluster.address)) if (j.metadata or {}).get("dtrain_name")
+              == "doomed"]
+    assert [j.metadata["dtrain_command"] for j in doomed] == ["preflight"]

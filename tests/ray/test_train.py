@@ -19,7 +19,7 @@ def test_cli_trains_the_make_train_job_to_097_on_a_running_cluster(ray_session, 
     address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.run(
         [sys.executable, "-m", "dtrain", "train", str(JOBS / "mlp_digits.yaml"), f"runs_dir={tmp_path}", "name=cli",
-         "logging.wandb.enabled=false", "--address", address],
+         "logging.wandb.enabled=false", "cost.per_cpu_hour=0.5", "--address", address],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "test/acc" in proc.stdout
@@ -27,6 +27,9 @@ def test_cli_trains_the_make_train_job_to_097_on_a_running_cluster(ray_session, 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["test"]["test/acc"] >= 0.97
+    cost = summary["cost"]  # the worker group's measured lifetime x 2 workers x 1 CPU, priced
+    assert cost["segments"] == 1 and cost["gpu_hours"] == 0 and cost["cpu_hours"] * 3600 >= 2 * summary["wall_time_s"]
+    assert cost["cost"] == pytest.approx(0.5 * cost["cpu_hours"])
     assert (run / "config.yaml").is_file()
     assert list(run.glob("checkpoint_*/model.pt")), "Ray Train kept no checkpoint"
     events = read_metrics(run)
@@ -169,3 +172,17 @@ def test_a_local_run_listens_on_loopback_only(ray_session, tmp_path):
         "RayTrainWorker" in name or "torch_process_group" in name) for addr in addrs}
     assert len({port for _, port in rendezvous}) <= 1, outside  # one store, rank 0's
     assert set().union(*outside.values()) == rendezvous, f"listening beyond loopback: {outside}"
+
+
+def test_preflight_names_problems_found_before_any_worker(ray_session, tmp_path, capsys):
+    """More workers than the cluster has and a broken data path: one `dtrain: error:` line each, exit 2, and no
+    worker started (nothing to measure)."""
+    from dtrain.cli import main
+
+    rc = main(["preflight", str(JOBS / "mlp_digits.yaml"), "trainer.num_workers=5", "data.name=npz",
+               f"data.path={tmp_path}/no.npz", f"runs_dir={tmp_path}/runs"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.splitlines() == [
+        f"dtrain: error: {tmp_path}/no.npz: .npz file not found",
+        "dtrain: error: trainer.num_workers: 5 workers x 1.0 CPUs need 5 CPUs, the cluster has 4"], err
+    assert "rank" not in out and not (tmp_path / "runs").exists()

@@ -142,3 +142,36 @@ def test_sigterm_stops_a_search_with_one_line_and_frees_its_trials_workers(ray_s
     while left() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left(), placement_group_table()
+
+
+def test_budget_ends_the_search_at_its_limit_and_results_carry_costs(ray_session, tmp_path, capsys):
+    """`dtrain tune` with tune.budget.cpu_hours: the running trial is ended when the search's spend reaches the
+    budget and no further trial starts; results.csv carries each trial's CPU-hours and cost, cost.json the total."""
+    import csv
+    import json
+
+    from dtrain.cli import main
+    from dtrain.launch.tune import COST_FILE
+
+    budget = 12 / 3600  # 12 s of one CPU: less than one trial of 40 epochs
+    job = tmp_path / "budget.yaml"
+    job.write_text(f"""\
+model: {{name: mlp, hidden: [16]}}
+data: {{name: digits, batch_size: 64}}
+trainer: {{num_workers: 1, max_epochs: 40, log_every_n_steps: 1000}}
+logging: {{wandb: {{enabled: "false"}}, progress: false}}
+cost: {{per_cpu_hour: 2.0}}
+tune: {{metric: val/acc, mode: max, search_alg: grid, max_concurrent_trials: 1,
+       space: {{optim.lr: "choice([0.02, 0.01, 0.005])"}}, budget: {{cpu_hours: {budget}}}}}
+""")
+    assert main(["tune", str(job), f"runs_dir={tmp_path}", "name=budget"]) == 0
+    out = capsys.readouterr().out
+    assert "[dtrain] tune: budget reached (cpu_hours" in out, out[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "budget" / "results.csv")))
+    ran = [r for r in rows if int(r["epochs"]) > 0]
+    assert len(ran) == 1 and int(ran[0]["epochs"]) < 40, rows  # ended at the limit; the others never trained
+    assert float(ran[0]["cpu_hours"]) > 0 and float(ran[0]["cost"]) == pytest.approx(2 * float(ran[0]["cpu_hours"]))
+    total = json.loads((tmp_path / "budget" / COST_FILE).read_text())
+    assert total["cpu_hours"] == pytest.approx(sum(float(r["cpu_hours"]) for r in rows))
+    # the search reached the budget (the recorded worker-group lifetime includes ending the trial's workers)
+    assert total["cpu_hours"] >= budget

@@ -142,6 +142,13 @@ CASES = [
      "data.name: tests.unit.byo_models:failing_loader failed: FileNotFoundError"),
     ("data-loader-unknown-option", "train {mod} data.name=mynets.data:spirals data.options.size=3",
      "data.options.size: mynets.data:spirals takes no argument 'size' (it takes: n, noise, seed)"),
+    ("cost-negative", "config JOB cost.per_gpu_hour=-1", "cost.per_gpu_hour: expected a number >= 0 or null"),
+    ("cost-infinite", "config JOB cost.per_cpu_hour=1e400", "cost.per_cpu_hour: expected a finite number"),
+    ("budget-not-positive", "tune {tune} tune.budget.gpu_hours=0",
+     "tune.budget.gpu_hours: expected a finite number > 0 or null"),
+    ("budget-unknown-key", "tune {tune} tune.budget.hours=3", "tune: unknown key 'budget.hours'"),
+    ("preflight-bad-memory-limit", "preflight JOB --memory-limit lots",
+     "--memory-limit: expected a size such as 2GiB or 800MB, got 'lots'"),
 ]
 NEEDS_NO_GPU = {"gpu-on-a-cpu-machine", "fsdp-offload-without-gpu"}
 PARAMS = [pytest.param(c, id=c[0], marks=[pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")]
