@@ -1,7 +1,7 @@
 """`make bench`: run the benchmarks (each in its own process) and print one table of what they measured.
 
     python -m benchmarks.run [--sections overhead,ddpflags,startup,zero,compile,precision,hotpath,trackers,
-                              checkpoints,datamemory,gpu] [--quick] [--table-only]
+                              checkpoints,datamemory,objstore,gpu] [--quick] [--table-only]
 
 Results go to benchmarks/results/<name>.json (with the machine's details); --table-only prints the table from the
 JSON files already there (e.g. ones fetched from a GPU machine into --results DIR).
@@ -25,12 +25,14 @@ QUICK = {"overhead": ["--repeats", "1", "--epochs", "3", "--warmup", "5", "--run
          "precision": ["--quick", "--repeats", "1"], "hotpath": ["--steps", "300"], "ddpflags": ["--steps", "300"],
          "trackers": ["--rounds", "3", "--block", "20", "--warmup", "1"], "gpu": ["--quick", "--repeats", "1"],
          "checkpoints": ["--repeats", "1", "--epochs", "3"], "datamemory": ["--rows", "100000"],
-         "compile": ["--steps", "60", "--warmup", "10", "--hidden", "64"]}
+         "compile": ["--steps", "60", "--warmup", "10", "--hidden", "64"],
+         "objstore": ["--repeats", "1", "--train-repeats", "1"]}
 FULL = {"overhead": ["--boundary"]}
 MODULES = {"overhead": "benchmarks.overhead", "ddpflags": "benchmarks.ddp_flags", "startup": "benchmarks.startup",
            "zero": "benchmarks.zero_memory", "compile": "benchmarks.compile_speed",
            "precision": "benchmarks.precision", "hotpath": "benchmarks.hot_path", "trackers": "benchmarks.trackers",
-           "checkpoints": "benchmarks.checkpoint_cost", "datamemory": "benchmarks.data_memory", "gpu": "benchmarks.gpu"}
+           "checkpoints": "benchmarks.checkpoint_cost", "datamemory": "benchmarks.data_memory", "gpu": "benchmarks.gpu",
+           "objstore": "benchmarks.objstore"}
 
 
 def _load(folder: Path, name: str) -> dict[str, Any] | None:
@@ -54,6 +56,17 @@ def table(folder: Path) -> list[tuple[str, str, str, str]]:
         if b := r.get("ray_epoch_boundary"):
             rows.append(("overhead", "ray epoch end", f"{b['step_across_epoch_end_ms']:.1f} ms across an epoch end",
                          f"{b['step_inside_epoch_ms']:.1f} ms inside an epoch"))
+    if r := _load(folder, "objstore"):
+        for name, times in r["persist_s"].items():
+            local, s3 = (sorted(times[w]) for w in ("local", "s3"))
+            rows.append(("objstore", f"persist a {r['checkpoint_mb'][name]:.1f} MB checkpoint ({name})",
+                         f"local {local[len(local) // 2]:.3f} s, s3 {s3[len(s3) // 2]:.3f} s",
+                         f"s3 range {s3[0]:.3f}-{s3[-1]:.3f} s"))
+        if ratio := r.get("train_s3_vs_local"):
+            rows.append(("objstore", "dtrain train mlp, checkpoint every 5 steps",
+                         f"s3 {sorted(r['train_steps_s']['s3'])[len(ratio) // 2]:.1f} vs local "
+                         f"{sorted(r['train_steps_s']['local'])[len(ratio) // 2]:.1f} steps/s",
+                         f"{sorted(ratio)[len(ratio) // 2]:.3f} x local (range {min(ratio):.3f}-{max(ratio):.3f})"))
     if r := _load(folder, "ddp_flags"):
         for name, speed in r["speed_vs_default"].items():
             lo, hi = r["speed_vs_default_ci95"][name]
@@ -117,7 +130,7 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="overhead,ddpflags,startup,zero,compile,precision,hotpath,trackers,"
-                                              "checkpoints,datamemory,gpu")
+                                              "checkpoints,datamemory,objstore,gpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks that all runs")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -11,6 +12,7 @@ from urllib.parse import urlparse
 from omegaconf import OmegaConf
 
 from dtrain.errors import DtrainError
+from dtrain.storage import RunStore, is_uri, join, split
 
 
 def _load(job_path: str, overrides: list[str]):
@@ -26,11 +28,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dtrain.launch.train import fit_job, run_dir_for
 
     if args.resume:
-        run_dir = Path(args.job)
-        if not (run_dir / "config.yaml").is_file():
-            raise DtrainError(f"{run_dir}: not a run directory (no config.yaml); --resume takes runs/<name>")
-        job = _load(str(run_dir / "config.yaml"), args.overrides)
-        _located_at(job, run_dir)
+        job = _load_run(args.job, "config.yaml", args.overrides)
     else:
         job = _load(args.job, args.overrides)
     data = _check_buildable(job, args.address)
@@ -40,11 +38,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"[dtrain] run finished: {run_dir}")
     for key, value in sorted(summary.get("test", {}).items()):
         print(f"[dtrain] {key} = {value:.4f}")
-    print(f"[dtrain] metrics: {run_dir / 'metrics.jsonl'}  summary: {run_dir / 'summary.json'}")
+    print(f"[dtrain] metrics: {join(run_dir, 'metrics.jsonl')}  summary: {join(run_dir, 'summary.json')}")
     from dtrain.report import write_report
 
     print(f"[dtrain] report (plots + summary): {write_report(run_dir)}")
     return 0
+
+
+def _load_run(folder: str, job_file: str, overrides: list[str]):
+    """The job of the run (or search) folder given to --resume: a local path or a URI in object storage."""
+    what, hint = ("run", "runs/<name>") if job_file == "config.yaml" else ("search", "runs/<search>")
+    if is_uri(folder):
+        text = RunStore(folder, key=f"{what} directory").read_bytes(job_file)
+        if text is None:
+            raise DtrainError(f"{folder}: not a {what} directory (no {job_file}); --resume takes {hint}")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / job_file).write_bytes(text)
+            job = _load(str(Path(tmp) / job_file), overrides)
+        job.runs_dir, job.name = split(folder)
+        return job
+    if not (Path(folder) / job_file).is_file():
+        raise DtrainError(f"{folder}: not a {what} directory (no {job_file}); --resume takes {hint}")
+    job = _load(str(Path(folder) / job_file), overrides)
+    _located_at(job, Path(folder))
+    return job
 
 
 def _located_at(job, folder: Path) -> None:
@@ -125,11 +142,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from dtrain.launch.tune import BEST_FILE, JOB_FILE, RESULTS_FILE, print_table, run_search
 
     if args.resume:
-        search_dir = Path(args.job)
-        if not (search_dir / JOB_FILE).is_file():
-            raise DtrainError(f"{search_dir}: not a search directory (no {JOB_FILE}); --resume takes runs/<search>")
-        job = _load(str(search_dir / JOB_FILE), args.overrides)
-        _located_at(job, search_dir)
+        job = _load_run(args.job, JOB_FILE, args.overrides)
     else:
         job = _load(args.job, args.overrides)
     _check_buildable(job, args.address)

@@ -7,9 +7,11 @@ For people without W&B: everything comes from the run directory. Figures are dra
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from dtrain import storage
 from dtrain.errors import DataError
 from dtrain.tracking import CONFIG_FILE, read_metrics
 
@@ -17,8 +19,11 @@ REPORT_DIR = "report"
 REPORT_FILE = "report.md"
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write the plots and report.md for run_dir (into run_dir/report by default); returns report.md's path."""
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path | str:
+    """Write the plots and report.md for run_dir (into run_dir/report by default); returns report.md's path.
+    A run in object storage (a URI) is read from there, and its report/ is written there unless out_dir is given."""
+    if storage.is_uri(run_dir):
+        return _remote_report(str(run_dir), out_dir)
     run_dir = Path(run_dir)
     try:
         events = read_metrics(run_dir)
@@ -57,6 +62,20 @@ def _cost_section(run_dir: Path, job: dict[str, Any]) -> str:
             f"| GPU-hours | {found['gpu_hours']:.4f} |\n| CPU-hours | {found['cpu_hours']:.4f} |\n"
             f"| worker-hours | {found['worker_hours']:.4f} |\n{priced}"
             f"| worker-group time | {found['seconds']:.1f} s in {found['segments']} segment(s) |\n")
+
+
+def _remote_report(uri: str, out_dir: str | Path | None) -> Path | str:
+    """The report of a run in object storage: its files read into a temporary folder, the report written there
+    and copied back to <uri>/report (or written to out_dir)."""
+    store = storage.RunStore(uri, key="run_dir")
+    with tempfile.TemporaryDirectory(prefix="dtrain-report-") as tmp:
+        local = store.download("", Path(tmp) / storage.split(uri)[1], top_only=True)
+        store.download("profile", local / "profile")
+        if out_dir is not None:
+            return write_report(local, out_dir)
+        path = write_report(local)
+        store.upload(path.parent, REPORT_DIR)
+    return f"{uri.rstrip('/')}/{REPORT_DIR}/{REPORT_FILE}"
 
 
 def _profile_section(run_dir: Path, top: int = 15) -> str:

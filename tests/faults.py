@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from dtrain.engine.callbacks import Callback
@@ -12,12 +13,14 @@ from dtrain.engine.state import TrainState
 
 class KillAt(Callback):
     """SIGKILL the process of `rank` right after optimizer step `step`, once: the marker file is created first, so
-    the restarted or resumed run trains on."""
+    the restarted or resumed run trains on. delay_s: seconds the process lives on first (its background uploads
+    go on meanwhile)."""
 
-    def __init__(self, rank: int, step: int, marker: str | Path) -> None:
-        self.rank, self.step, self.marker = rank, step, Path(marker)
+    def __init__(self, rank: int, step: int, marker: str | Path, delay_s: float = 0.0) -> None:
+        self.rank, self.step, self.marker, self.delay_s = rank, step, Path(marker), delay_s
 
     def on_step_end(self, state: TrainState, rank: int) -> None:
         if rank == self.rank and state.step == self.step and not self.marker.exists():
             self.marker.touch()
+            time.sleep(self.delay_s)
             os.kill(os.getpid(), signal.SIGKILL)

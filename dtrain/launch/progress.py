@@ -7,16 +7,20 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from dtrain.storage import RunStore
 from dtrain.tracking import METRICS_FILE
 
 
 class ProgressFollower(threading.Thread):
-    """Tails <run_dir>/metrics.jsonl from its current end and draws one rich progress bar per stage."""
+    """Tails <run_dir>/metrics.jsonl from its current end and draws one rich progress bar per stage.
+    run_dir in object storage (a RunStore): the object rank 0 copies there every few seconds is polled."""
 
-    def __init__(self, run_dir: Path, poll_s: float = 0.5, console: Any = None) -> None:
+    def __init__(self, run_dir: Path | RunStore, poll_s: float = 0.5, console: Any = None) -> None:
         super().__init__(daemon=True, name="dtrain-progress")
-        self.path, self.poll_s, self.console = Path(run_dir) / METRICS_FILE, poll_s, console
-        self.offset = self.path.stat().st_size if self.path.exists() else 0
+        self.store = run_dir if isinstance(run_dir, RunStore) else None
+        self.path = None if self.store else Path(run_dir) / METRICS_FILE
+        self.poll_s, self.console = (max(poll_s, 2.0) if self.store else poll_s), console
+        self.offset = len(self._read(0))
         self._halt = threading.Event()
 
     def stop(self) -> None:
@@ -56,12 +60,18 @@ class ProgressFollower(threading.Thread):
                     return
                 self._halt.wait(self.poll_s)
 
-    def _new_records(self) -> list[dict]:
+    def _read(self, offset: int) -> bytes:
+        """metrics.jsonl's bytes from offset on (none while there is no file)."""
+        if self.store is not None:
+            return (self.store.read_bytes(METRICS_FILE) or b"")[offset:]
         if not self.path.exists():
-            return []
-        with open(self.path) as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        complete = chunk[: chunk.rfind("\n") + 1]  # leave a half-written last line for the next poll
-        self.offset += len(complete.encode())
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+            return b""
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read()
+
+    def _new_records(self) -> list[dict]:
+        chunk = self._read(self.offset)
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # leave a half-written last line for the next poll
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
+import posixpath
 import shutil
 import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
@@ -23,6 +26,7 @@ from dtrain.errors import ConfigError, DtrainError, find_in_chain
 from dtrain.launch import cost, local_head, net
 from dtrain.launch.progress import ProgressFollower
 from dtrain.launch.project import shipped_paths
+from dtrain.storage import RunStore, is_uri, join, probe, staging_dir
 from dtrain.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 
@@ -49,21 +53,52 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                              checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
 
     ray_compat.quiet_train_worker_logs(drop=_is_user_error_traceback)
+    # loaded once, by the driver; read in place from Ray's shared object store
+    data = from_object_store(ray.get(config["data"])) if config.get("data") is not None else None
     # A run's own latest checkpoint wins; init_checkpoint only seeds a fresh run (dtrain tune's PBT exploit).
     own = ray.train.get_checkpoint()
+    if config.get("store") is not None:
+        _train_with_store(config, publish, data)
+        return
     checkpoint = own or _initial_checkpoint(config)
     # Local storage is read in place (the loop only reads it); remote storage is downloaded first.
     remote = checkpoint is not None and checkpoint.filesystem.type_name != "local"
     downloaded = Path(checkpoint.to_directory()) if remote else None
     try:
         resume_dir = _resume_dir(checkpoint, downloaded, Path(config["run_dir"]), config.get("resume", False))
-        # loaded once, by the driver; read in place from Ray's shared object store
-        data = from_object_store(ray.get(config["data"])) if config.get("data") is not None else None
         run_worker(config["job"], config["run_dir"], publish, ray.train.torch.get_device(), resume_dir, data,
                    retarget=own is None and checkpoint is not None, callbacks=config.get("callbacks") or [])
     finally:
         if downloaded is not None:
             shutil.rmtree(downloaded, ignore_errors=True)
+
+
+def _train_with_store(config: dict[str, Any], publish: Any, data: DataBundle | None) -> None:
+    """A worker of a run whose folder is in object storage: it starts from the newest intact checkpoint in the store
+    (each candidate downloaded and verified, newest first), if there is one: a fresh run's store has none, a
+    restarted or resumed one has its own (Ray's latest registered checkpoint can lag behind the uploads, or be
+    missing). rank 0's files are staged in a local folder and copied to the store (storage.Mirror)."""
+    import ray.train
+    import ray.train.torch
+
+    from dtrain.engine.checkpoint import CheckpointError, pick_checkpoint
+    from dtrain.launch.worker import run_worker
+
+    store, rank = config["store"], ray.train.get_context().get_world_rank()
+    with tempfile.TemporaryDirectory(prefix="dtrain-ckpt-") as tmp:
+        names = reversed(store.folders("checkpoint_"))  # Ray names them by time: newest last
+        try:
+            resume_dir = pick_checkpoint((store.download(n, Path(tmp) / n) for n in names), warn=rank == 0)
+        except CheckpointError:
+            if config.get("resume"):
+                raise
+            resume_dir = None  # restarted before any checkpoint was complete: from the start again
+        run_dir = staging_dir(store) if rank == 0 else Path(tmp) / "run"
+        try:
+            run_worker(config["job"], run_dir, publish, ray.train.torch.get_device(), resume_dir, data,
+                       callbacks=config.get("callbacks") or [], store=store if rank == 0 else None)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def to_object_store(data: DataBundle) -> dict[str, Any]:
@@ -266,7 +301,10 @@ def _gpu_bytes() -> int | None:
     return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
 
 
-def run_dir_for(job: DictConfig) -> Path:
+def run_dir_for(job: DictConfig) -> Path | str:
+    """The run's folder: a local path, or a URI in object storage (dtrain.storage)."""
+    if is_uri(job.runs_dir):
+        return join(job.runs_dir, job.name)
     return Path(job.runs_dir).expanduser().resolve() / job.name
 
 
@@ -289,12 +327,18 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
         workers, use_gpu = resolve_resources(job)
         trainer = _trainer(job, run_dir, workers, use_gpu, resume=resume, callbacks=callbacks,
                            init_checkpoint=init_checkpoint, data=data, worker_callbacks=worker_callbacks)
-        with cost.Segment(run_dir, worker_group(job, workers, use_gpu)):
+        # worker-hours are recorded beside a local run (cost.jsonl); not yet for a run in object storage
+        segment = (cost.Segment(run_dir, worker_group(job, workers, use_gpu)) if isinstance(run_dir, Path)
+                   else contextlib.nullcontext())
+        with segment:
             _fit(trainer, job, run_dir, workers, local=address is None)
     except BaseException:
         if not resume:
             release_unused(run_dir)  # a run that never trained leaves no folder behind to block its name
         raise
+    if isinstance(run_dir, RunStore):
+        summary = run_dir.read_bytes(SUMMARY_FILE)
+        return json.loads(summary) if summary else {}
     return cost.add_to_summary(run_dir / SUMMARY_FILE, cost.run_cost(run_dir, to_dict(job.cost)))
 
 
@@ -303,9 +347,20 @@ def worker_group(job: DictConfig, workers: int, use_gpu: bool) -> cost.WorkerGro
     return cost.WorkerGroup(workers, job.trainer.cpus_per_worker, 1.0 if use_gpu else 0.0)
 
 
-def claim_run_dir(job: DictConfig, resume: bool) -> Path:
+def claim_run_dir(job: DictConfig, resume: bool) -> Path | RunStore:
     """The run directory, taken before anything starts: created at once (of two runs started together with the
-    same name, one gets it; the other is told) with config.yaml in it, or with resume, found with its config.yaml."""
+    same name, one gets it; the other is told) with config.yaml in it, or with resume, found with its config.yaml.
+    In object storage (a URI) after a probe write: there the claim is config.yaml's existence, checked then written
+    (object stores have no atomic folder creation, so two runs started at the same instant could both pass)."""
+    if is_uri(job.runs_dir):
+        store = probe(job.runs_dir).child(job.name)
+        if resume != store.exists(CONFIG_FILE):
+            raise ConfigError(f"{store}: not a run directory (no {CONFIG_FILE}); --resume takes runs/<name>"
+                              if resume else f"name: run directory {store} already exists; pass --resume to "
+                              "continue it or choose another name=")
+        if not resume:
+            store.write_bytes(CONFIG_FILE, OmegaConf.to_yaml(job).encode())
+        return store
     runs = usable_folder(Path(job.runs_dir).expanduser(), "runs_dir")
     run_dir = runs / job.name
     if resume:
@@ -334,27 +389,36 @@ def usable_folder(path: Path, key: str) -> Path:
     return path.resolve()
 
 
-def release_unused(run_dir: Path, trained: str = METRICS_FILE) -> None:
+def release_unused(run_dir: Path | RunStore, trained: str = METRICS_FILE) -> None:
     """Remove a claimed run (or search) directory that never trained (no `trained` file in it: rank 0's
     metrics.jsonl, a search's trials/), so that its name is free again; Ray's own bookkeeping goes with it."""
-    if run_dir.is_dir() and not (run_dir / trained).exists():
+    if isinstance(run_dir, RunStore):
+        if not run_dir.exists(trained):
+            run_dir.delete()
+    elif run_dir.is_dir() and not (run_dir / trained).exists():
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _trainer(job: DictConfig, run_dir: Path, workers: int, use_gpu: bool, *, resume: bool, callbacks: list | None,
-             init_checkpoint: str | None, data: Any, worker_callbacks: list | None) -> Any:
+def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: bool, *, resume: bool,
+             callbacks: list | None, init_checkpoint: str | None, data: Any, worker_callbacks: list | None) -> Any:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    store = run_dir if isinstance(run_dir, RunStore) else None
+    if store is not None:  # Ray Train writes the checkpoints into the store itself, through its filesystem
+        storage = {"storage_path": posixpath.dirname(store.path), "storage_filesystem": store.fs}
+    else:
+        storage = {"storage_path": str(run_dir.parent)}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": to_dict(job), "run_dir": str(run_dir), "init_checkpoint": init_checkpoint,
+        train_loop_config={"job": to_dict(job), "run_dir": str(run_dir), "store": store,
+                           "init_checkpoint": init_checkpoint,
                            "resume": resume, "data": None if data is None else ray.put(to_object_store(data)),
                            "report_metrics": bool(callbacks), "callbacks": worker_callbacks or [],
                            "sys_path": shipped_paths()},
         scaling_config=scaling_config(job, workers, use_gpu),
-        run_config=RunConfig(name=job.name, storage_path=str(run_dir.parent),
+        run_config=RunConfig(name=job.name, **storage,
                              # controller failures are the workers' placement timing out: fail at the first one
                              failure_config=FailureConfig(max_failures=job.trainer.max_failures,
                                                           controller_failure_limit=0),
@@ -371,7 +435,7 @@ def scaling_config(job: DictConfig, workers: int, use_gpu: bool) -> Any:
                          resources_per_worker={"CPU": job.trainer.cpus_per_worker})
 
 
-def _fit(trainer: Any, job: DictConfig, run_dir: Path, workers: int, local: bool) -> None:
+def _fit(trainer: Any, job: DictConfig, run_dir: Path | RunStore, workers: int, local: bool) -> None:
     """trainer.fit() with the progress bar following the run, and a user error from a worker raised as itself."""
     follower = ProgressFollower(run_dir) if job.logging.progress else None
     if follower:

@@ -28,6 +28,7 @@ from dtrain.config import build_job, to_dict
 from dtrain.errors import ConfigError, DtrainError
 from dtrain.launch.project import shipped_paths
 from dtrain.launch.search_space import Param, TuneConfig, apply_params, check_against_job, read_tune_section
+from dtrain.storage import is_uri
 from dtrain.tracking import SUMMARY_FILE
 from dtrain.tracking.mlflow_sink import end_search_run, start_search_run
 
@@ -222,6 +223,9 @@ def run_search(job: DictConfig, *, address: str | None = None,
     from dtrain.launch.train import init_ray, release_unused, usable_folder
 
     cfg, params, base, jobs = prepare(job)
+    if is_uri(job.runs_dir):
+        raise ConfigError(f"runs_dir: dtrain tune takes a local or shared folder; {job.runs_dir} is object storage, "
+                          "which only dtrain train and dtrain submit use so far (docs/storage.md)")
     search_dir = usable_folder(Path(job.runs_dir).expanduser(), "runs_dir") / job.name
     if not resume:
         try:

@@ -25,6 +25,7 @@ from dtrain.engine.profile import Profiler
 from dtrain.engine.strategies import Strategy, StrategySetup, build_strategy
 from dtrain.launch.sysmetrics import SystemMonitor
 from dtrain.models import CatalogModel, build_model
+from dtrain.storage import Mirror, RunStore
 from dtrain.tracking import Tracker
 
 MODEL_FILE = "model.pt"
@@ -65,13 +66,15 @@ def build_worker(job: Any, device: torch.device, data: DataBundle | None = None)
 
 def run_worker(job_dict: dict[str, Any], run_dir: str | Path, publish: Publish, device: torch.device,
                resume_dir: Path | None = None, data: DataBundle | None = None, *, retarget: bool = False,
-               callbacks: list[Callback] = ()) -> dict[str, Any]:
+               callbacks: list[Callback] = (), store: RunStore | None = None) -> dict[str, Any]:
     """Train the job in this process (one rank of the process group, if any); returns the summary.
-    data: the job's data if the launcher loaded it already (else it is loaded here)."""
+    data: the job's data if the launcher loaded it already (else it is loaded here).
+    store: the run's folder in object storage, if it has one: run_dir is then rank 0's local staging folder."""
     job = to_objects(job_dict)
     worker = build_worker(job, device, data)
     rank = dist.rank()
-    tracker = Tracker(run_dir, job_dict) if rank == 0 else None
+    mirror = [Mirror(store, Path(run_dir))] if store is not None else []
+    tracker = Tracker(run_dir, job_dict, after=mirror) if rank == 0 else None
     # instrumentation is installed as callbacks, only when configured: the loop has no branch for it
     system = job.logging.system_metrics
     monitor = SystemMonitor(system.interval_s) if system.enabled else None

@@ -56,7 +56,9 @@ class Tracker:
     enabled=auto that cannot start is one warning line and the run goes on; with enabled=true it is an error.
     """
 
-    def __init__(self, run_dir: str | Path, config: dict[str, Any] | None = None, echo: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, config: dict[str, Any] | None = None, echo: bool = True,
+                 after: list[Sink] = ()) -> None:
+        """after: sinks handed every event after the others, and finished last (the copy to a run's store)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config, self.echo = config or {}, echo
@@ -68,6 +70,7 @@ class Tracker:
                 if sink is not None:
                     self.sinks.append(sink)
                     self.wandb = sink if name == "wandb" else self.wandb
+            self.sinks += after
         except BaseException:
             self.close(failed=True)
             raise

@@ -22,7 +22,7 @@ LAYERS = [
     ("engine", [r"dtrain\.engine(\..*)?", r"dtrain\.compat\.(torch|deepspeed)"]),
     ("data", [r"dtrain\.data(\..*)?"]),
     ("models", [r"dtrain\.models(\..*)?"]),
-    ("base", [r"dtrain", r"dtrain\.errors", r"dtrain\.compat"]),
+    ("base", [r"dtrain", r"dtrain\.errors", r"dtrain\.storage", r"dtrain\.compat"]),
 ]
 FORBIDDEN = {  # third-party libraries a layer must never import
     "engine": ("ray", "wandb", "mlflow", "tensorboard"),
