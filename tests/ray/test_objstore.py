@@ -160,9 +160,9 @@ def locked_s3():
 
     import boto3
 
-    from tests.conftest import _free_port
+    from dtrain.launch.net import free_port
 
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
                              url.rsplit(":", 1)[1]], env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "5"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
