@@ -68,6 +68,11 @@ class RunStore:
 
         return self.fs.get_file_info(self._at(rel)).type != FileType.NotFound
 
+    def mtime(self, rel: str) -> float | None:
+        """When the object was last written (seconds since the epoch), or None if there is none."""
+        info = self.fs.get_file_info(self._at(rel))
+        return info.mtime.timestamp() if info.mtime is not None else None
+
     def read_bytes(self, rel: str) -> bytes | None:
         """The object's content, or None if there is none."""
         try:
@@ -79,6 +84,13 @@ class RunStore:
     def write_bytes(self, rel: str, data: bytes) -> None:
         with self.fs.open_output_stream(self._at(rel)) as f:
             f.write(data)
+
+    def remove(self, rel: str) -> None:
+        """Delete the object rel, if there is one."""
+        try:
+            self.fs.delete_file(self._at(rel))
+        except FileNotFoundError:
+            pass
 
     def folders(self, prefix: str) -> list[str]:
         """Names of the folders directly in this one whose name starts with prefix."""
@@ -150,7 +162,7 @@ def probe(uri: str, key: str = "runs_dir") -> RunStore:
     name = f".dtrain-probe-{uuid.uuid4().hex[:8]}"
     try:
         store.write_bytes(name, b"dtrain write probe\n")
-        store.fs.delete_file(store._at(name))
+        store.remove(name)
     except Exception as err:  # noqa: BLE001 - pyarrow raises OSError with the cloud SDK's message
         raise ConfigError(f"{key}: cannot write to {uri}: {_reason(err)}") from None
     return store

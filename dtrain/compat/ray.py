@@ -189,6 +189,13 @@ def is_worker_start_timeout(err: BaseException) -> bool:
     return find_in_chain(err, lambda e: isinstance(e, WorkerGroupStartupTimeoutError)) is not None
 
 
+def train_snapshot_file() -> str:
+    """The file in a Train run's folder where Ray Train keeps its list of the run's checkpoints."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    return CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+
 def check() -> None:
     """CompatError naming each private Ray API above that no longer exists."""
     import inspect
@@ -231,4 +238,5 @@ def check() -> None:
             "ENABLE_RAY_CLUSTER" in inspect.getsource(importlib.import_module("ray._private.services")) or None),
         f"'{STARTUP_TIMEOUT}' (ray._private.node)": lambda: STARTUP_TIMEOUT in inspect.getsource(
             importlib.import_module("ray._private.node")) or None,
+        "ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME": train_snapshot_file,
     })

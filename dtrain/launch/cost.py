@@ -2,7 +2,8 @@
 
 The driver measures each segment of a run (one `fit_job`: the worker group from the start of its placement to its
 release, Ray Train's restarts after failures included) and appends it to the run dir's cost.jsonl, so that
-`--resume` and dtrain tune's trial segments add up. summary.json carries the totals under "cost".
+`--resume` and dtrain tune's trial segments add up. summary.json carries the totals under "cost". A run folder is a
+local path or a RunStore (object storage), where the small files are read and written whole.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtrain.tracking import METRICS_FILE
+from dtrain.storage import RunStore
+from dtrain.tracking import METRICS_FILE, SUMMARY_FILE
 
 COST_FILE = "cost.jsonl"
 
@@ -50,7 +52,7 @@ class Segment:
     same). A process killed before its exit (a search trial Tune ends) leaves the start alone: run_cost then ends
     the segment at the run's last sign of life, rank 0's last write to metrics.jsonl."""
 
-    def __init__(self, run_dir: Path, group: WorkerGroup) -> None:
+    def __init__(self, run_dir: Path | RunStore, group: WorkerGroup) -> None:
         self.run_dir, self.group = run_dir, group
 
     def __enter__(self) -> Segment:
@@ -64,27 +66,41 @@ class Segment:
         self._append({"started": self.started, "ended": ended, "seconds": ended - self.started})
 
     def _append(self, record: dict[str, Any]) -> None:
-        if self.run_dir.is_dir():
+        line = json.dumps(record) + "\n"
+        if isinstance(self.run_dir, RunStore):  # objects are written whole
+            self.run_dir.write_bytes(COST_FILE, (self.run_dir.read_bytes(COST_FILE) or b"") + line.encode())
+        elif self.run_dir.is_dir():
             with open(self.run_dir / COST_FILE, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(line)
 
 
-def run_cost(run_dir: str | Path, rates: dict[str, Any] | None = None) -> dict[str, float] | None:
+def _read(run_dir: str | Path | RunStore, name: str) -> str | None:
+    if isinstance(run_dir, RunStore):
+        data = run_dir.read_bytes(name)
+        return None if data is None else data.decode()
+    path = Path(run_dir) / name
+    return path.read_text() if path.is_file() else None
+
+
+def run_cost(run_dir: str | Path | RunStore, rates: dict[str, Any] | None = None) -> dict[str, float] | None:
     """The run's totals over every recorded segment (None when none was recorded): worker/CPU/GPU-hours, the
     seconds the worker groups lived, segments, and cost when rates are set."""
-    path = Path(run_dir) / COST_FILE
-    if not path.is_file():
+    text = _read(run_dir, COST_FILE)
+    if text is None:
         return None
     starts: dict[float, dict[str, Any]] = {}
     ends: dict[float, float] = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         record = json.loads(line) if line.strip() else {}
         if "seconds" in record:
             ends[record["started"]] = record["seconds"]
         elif "workers" in record:
             starts[record["started"]] = record
-    metrics = Path(run_dir) / METRICS_FILE
-    last_seen = metrics.stat().st_mtime if metrics.is_file() else 0.0
+    if isinstance(run_dir, RunStore):
+        last_seen = run_dir.mtime(METRICS_FILE) or 0.0
+    else:
+        metrics = Path(run_dir) / METRICS_FILE
+        last_seen = metrics.stat().st_mtime if metrics.is_file() else 0.0
     totals = {"worker_hours": 0.0, "cpu_hours": 0.0, "gpu_hours": 0.0}
     seconds = 0.0
     for started, seg in starts.items():
@@ -96,14 +112,19 @@ def run_cost(run_dir: str | Path, rates: dict[str, Any] | None = None) -> dict[s
     return {**price(totals, rates), "seconds": seconds, "segments": len(starts)}
 
 
-def add_to_summary(summary_file: Path, cost: dict[str, float] | None) -> dict[str, Any]:
-    """Write cost into summary.json (under "cost") when both exist; returns the summary."""
-    if not summary_file.is_file():
+def add_to_summary(run_dir: Path | RunStore, cost: dict[str, float] | None) -> dict[str, Any]:
+    """Write cost into the run's summary.json (under "cost") when both exist; returns the summary."""
+    text = _read(run_dir, SUMMARY_FILE)
+    if text is None:
         return {}
-    summary = json.loads(summary_file.read_text())
+    summary = json.loads(text)
     if cost is not None:
         summary["cost"] = cost
-        summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+        data = json.dumps(summary, indent=2) + "\n"
+        if isinstance(run_dir, RunStore):
+            run_dir.write_bytes(SUMMARY_FILE, data.encode())
+        else:
+            (Path(run_dir) / SUMMARY_FILE).write_text(data)
     return summary
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from dtrain.launch import cost, local_head, net
 from dtrain.launch.progress import ProgressFollower
 from dtrain.launch.project import shipped_paths
 from dtrain.storage import RunStore, is_uri, join, probe, staging_dir
-from dtrain.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from dtrain.tracking import CONFIG_FILE, METRICS_FILE
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -322,24 +321,23 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
     if address is None:
         check_local_resources(job)  # before an embedded Ray starts (slow) and before the run dir is claimed
     run_dir = claim_run_dir(job, resume)
+    if resume and isinstance(run_dir, RunStore):
+        # Its workers pick the newest intact checkpoint in the store themselves (_train_with_store). Ray Train's own
+        # list of the earlier segment's checkpoints can name one that is gone from the bucket, and then its
+        # controller refuses to start: the list is dropped and Ray's keep-count starts again from this segment.
+        run_dir.remove(ray_compat.train_snapshot_file())
     try:
         init_ray(address)
         workers, use_gpu = resolve_resources(job)
         trainer = _trainer(job, run_dir, workers, use_gpu, resume=resume, callbacks=callbacks,
                            init_checkpoint=init_checkpoint, data=data, worker_callbacks=worker_callbacks)
-        # worker-hours are recorded beside a local run (cost.jsonl); not yet for a run in object storage
-        segment = (cost.Segment(run_dir, worker_group(job, workers, use_gpu)) if isinstance(run_dir, Path)
-                   else contextlib.nullcontext())
-        with segment:
+        with cost.Segment(run_dir, worker_group(job, workers, use_gpu)):
             _fit(trainer, job, run_dir, workers, local=address is None)
     except BaseException:
         if not resume:
             release_unused(run_dir)  # a run that never trained leaves no folder behind to block its name
         raise
-    if isinstance(run_dir, RunStore):
-        summary = run_dir.read_bytes(SUMMARY_FILE)
-        return json.loads(summary) if summary else {}
-    return cost.add_to_summary(run_dir / SUMMARY_FILE, cost.run_cost(run_dir, to_dict(job.cost)))
+    return cost.add_to_summary(run_dir, cost.run_cost(run_dir, to_dict(job.cost)))
 
 
 def worker_group(job: DictConfig, workers: int, use_gpu: bool) -> cost.WorkerGroup:

@@ -52,6 +52,8 @@ def record(s3, ray_session, tmp_path_factory):
         newest = before[-1]
         with s3.open_output_stream(f"{prefix}/a/{newest.name}/model.pt") as f:  # cut the object short
             f.write((newest / "model.pt").read_bytes()[:1000])
+        for lost in before[:-2]:  # older checkpoints gone from the bucket (Ray Train's own list still names them)
+            s3.delete_dir(f"{prefix}/a/{lost.name}")
         rc_a = main(["train", uri, "trainer.max_epochs=2", "--resume"])
         rc_b = main(["train", JOB, f"runs_dir={tmp / 'local'}", "name=b", "trainer.max_epochs=2",
                      "logging.wandb.enabled=false", *OVERRIDES])
@@ -118,7 +120,10 @@ def test_the_whole_record_is_in_the_bucket_and_no_credential_in_it(record, tmp_p
     files = download(record["s3"], record["prefix"], tmp_path)
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "report/report.md", "report/loss.png"):
         assert name in files, sorted(files)
-    assert json.loads(files["summary.json"])["epochs"] == 2
+    summary = json.loads(files["summary.json"])
+    assert summary["epochs"] == 2
+    # the worker-hours of both segments (the killed-and-restarted fit, then the resume), recorded in the bucket
+    assert "cost.jsonl" in files and summary["cost"]["segments"] == 2 and summary["cost"]["cpu_hours"] > 0
     assert any(n.startswith("wandb/") and n.endswith(".wandb") for n in files), sorted(files)
     # (the killed run may have left folders whose upload was cut off: they never count as checkpoints)
     newest = max(n.split("/")[0] for n in files if n.startswith("checkpoint_") and "/" in n)

@@ -30,7 +30,7 @@ def test_segments_add_up_to_worker_gpu_and_cpu_hours_and_money(tmp_path):
     assert cost["cost"] == pytest.approx(2.0 * 2.5 + (8 + 1 / 6) * 0.1) and cost["segments"] == 3
     assert "cost" not in run_cost(tmp_path, {})  # no rates: hours only
     (tmp_path / "summary.json").write_text(json.dumps({"steps": 3}))
-    assert add_to_summary(tmp_path / "summary.json", cost)["cost"] == cost
+    assert add_to_summary(tmp_path, cost)["cost"] == cost
     assert json.loads((tmp_path / "summary.json").read_text())["cost"]["segments"] == 3
     assert run_cost(tmp_path / "nothing") is None
 
