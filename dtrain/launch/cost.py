@@ -68,18 +68,34 @@ class Segment:
     def _append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"
         if isinstance(self.run_dir, RunStore):  # objects are written whole
-            self.run_dir.write_bytes(COST_FILE, (self.run_dir.read_bytes(COST_FILE) or b"") + line.encode())
+            _write(self.run_dir, COST_FILE, (_read(self.run_dir, COST_FILE) or "") + line)
         elif self.run_dir.is_dir():
             with open(self.run_dir / COST_FILE, "a") as f:
                 f.write(line)
 
 
 def _read(run_dir: str | Path | RunStore, name: str) -> str | None:
+    """The run folder's file name as text, or None if there is none."""
     if isinstance(run_dir, RunStore):
         data = run_dir.read_bytes(name)
         return None if data is None else data.decode()
     path = Path(run_dir) / name
     return path.read_text() if path.is_file() else None
+
+
+def _write(run_dir: Path | RunStore, name: str, text: str) -> None:
+    if isinstance(run_dir, RunStore):
+        run_dir.write_bytes(name, text.encode())
+    else:
+        (Path(run_dir) / name).write_text(text)
+
+
+def _mtime(run_dir: str | Path | RunStore, name: str) -> float:
+    """When the run folder's file name was last written (seconds since the epoch); 0 if there is none."""
+    if isinstance(run_dir, RunStore):
+        return run_dir.mtime(name) or 0.0
+    path = Path(run_dir) / name
+    return path.stat().st_mtime if path.is_file() else 0.0
 
 
 def run_cost(run_dir: str | Path | RunStore, rates: dict[str, Any] | None = None) -> dict[str, float] | None:
@@ -96,11 +112,7 @@ def run_cost(run_dir: str | Path | RunStore, rates: dict[str, Any] | None = None
             ends[record["started"]] = record["seconds"]
         elif "workers" in record:
             starts[record["started"]] = record
-    if isinstance(run_dir, RunStore):
-        last_seen = run_dir.mtime(METRICS_FILE) or 0.0
-    else:
-        metrics = Path(run_dir) / METRICS_FILE
-        last_seen = metrics.stat().st_mtime if metrics.is_file() else 0.0
+    last_seen = _mtime(run_dir, METRICS_FILE)
     totals = {"worker_hours": 0.0, "cpu_hours": 0.0, "gpu_hours": 0.0}
     seconds = 0.0
     for started, seg in starts.items():
@@ -120,11 +132,7 @@ def add_to_summary(run_dir: Path | RunStore, cost: dict[str, float] | None) -> d
     summary = json.loads(text)
     if cost is not None:
         summary["cost"] = cost
-        data = json.dumps(summary, indent=2) + "\n"
-        if isinstance(run_dir, RunStore):
-            run_dir.write_bytes(SUMMARY_FILE, data.encode())
-        else:
-            (Path(run_dir) / SUMMARY_FILE).write_text(data)
+        _write(run_dir, SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
