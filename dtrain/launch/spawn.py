@@ -125,19 +125,29 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
 
 
 def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resume: bool = False,
-                  device: str = "cpu", callbacks: tuple[Any, ...] = ()) -> dict[str, Any]:
+                  device: str = "cpu", callbacks: tuple[Any, ...] = (), start_method: str = "forkserver"
+                  ) -> dict[str, Any]:
     """Train job in `world` local processes on device "cpu" (gloo) or "cuda" (one GPU per rank, NCCL);
-    returns rank 0's summary. callbacks: engine callbacks installed in every rank (picklable)."""
+    returns rank 0's summary. callbacks: engine callbacks installed in every rank (picklable).
+
+    start_method "fork" forks the ranks from this process as it is, imports included: only for a process with no
+    threads, such as one that the fork server has just forked itself (what the random-kill test starts and kills).
+    """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected cpu or cuda, got {device!r}")
     if device == "cuda" and world > torch.cuda.device_count():
         raise ValueError(f"device=cuda: {world} ranks need {world} GPUs, found {torch.cuda.device_count()}")
-    out = _context().SimpleQueue()
+    if start_method not in ("forkserver", "fork"):
+        raise ValueError(f"start_method: expected forkserver or fork, got {start_method!r}")
+    out = (_context() if start_method == "forkserver" else mp.get_context("fork")).SimpleQueue()
     sys.stdout.flush(), sys.stderr.flush()
-    stdio = tuple((_CallerFd(fd), fd) for fd in (1, 2) if _is_open(fd))
-    args = (world, free_port(), job, str(run_dir), resume, out, device, dict(os.environ), stdio, tuple(callbacks))
+    # A forked rank has this process's environment and file descriptors already.
+    env, stdio = None, ()
+    if start_method == "forkserver":
+        env, stdio = dict(os.environ), tuple((_CallerFd(fd), fd) for fd in (1, 2) if _is_open(fd))
+    args = (world, free_port(), job, str(run_dir), resume, out, device, env, stdio, tuple(callbacks))
     try:
-        mp.start_processes(_entry, args=args, nprocs=world, start_method="forkserver", join=True)
+        mp.start_processes(_entry, args=args, nprocs=world, start_method=start_method, join=True)
     except mp.ProcessRaisedException:
         while not out.empty():  # a DtrainError from a rank is raised here as itself (one line at the CLI)
             item = out.get()
