@@ -1,27 +1,33 @@
 """The vertical slice through Ray Train: job spec -> `dtrain train` -> TorchTrainer -> 2 DDP workers -> run dir."""
 
+import contextlib
 import json
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
+from dtrain.engine.checkpoint import pick_checkpoint, read_manifest
 from dtrain.tracking import read_metrics
 from tests.helpers import JOBS, ROOT
 
 
-def test_cli_trains_the_make_train_job_to_097_on_a_running_cluster(ray_session, tmp_path):
-    # The `make train` job through the real command line; `--address` joins this session's cluster (the
-    # embedded-Ray CLI path is the Ctrl-C test's).
+def test_cli_trains_the_make_train_job_to_097_listening_on_loopback_only(ray_session, tmp_path):
+    # The `make train` job through the real command line; `--address` joins this session's cluster, a Ray this
+    # process started as an embedded run does (the embedded-Ray CLI path itself is the Ctrl-C test's).
     address = ray_session.get_runtime_context().gcs_address
-    proc = subprocess.run(
-        [sys.executable, "-m", "dtrain", "train", str(JOBS / "mlp_digits.yaml"), f"runs_dir={tmp_path}", "name=cli",
-         "logging.wandb.enabled=false", "cost.per_cpu_hour=0.5", "--address", address],
-        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    with _sockets_listened_on() as seen:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dtrain", "train", str(JOBS / "mlp_digits.yaml"), f"runs_dir={tmp_path}",
+             "name=cli", "logging.wandb.enabled=false", "cost.per_cpu_hour=0.5", "--address", address],
+            capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    _assert_loopback_only(seen)
     assert "test/acc" in proc.stdout
     run = tmp_path / "cli"
     summary = json.loads((run / "summary.json").read_text())
@@ -42,23 +48,6 @@ def test_cli_trains_the_make_train_job_to_097_on_a_running_cluster(ray_session, 
 def _dtrain(args, address, **kwargs):
     return subprocess.run([sys.executable, "-m", "dtrain", *map(str, args), "--address", address],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, **kwargs)
-
-
-def test_resume_continues_the_run_directory_given_even_when_moved(ray_session, tmp_path):
-    address = ray_session.get_runtime_context().gcs_address
-    common = ["logging.wandb.enabled=false", "logging.progress=false", "trainer.early_stopping.monitor=null",
-              "model.hidden=[32]"]
-    first = _dtrain(["train", JOBS / "mlp_digits.yaml", f"runs_dir={tmp_path / 'a'}", "name=orig",
-                     "trainer.max_epochs=1", *common], address)
-    assert first.returncode == 0, first.stderr[-2000:]
-    shutil.copytree(tmp_path / "a" / "orig", tmp_path / "b" / "copy")
-    before = (tmp_path / "a" / "orig" / "metrics.jsonl").read_text()
-    again = _dtrain(["train", tmp_path / "b" / "copy", "trainer.max_epochs=2", "--resume"], address)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert (tmp_path / "a" / "orig" / "metrics.jsonl").read_text() == before  # the original is untouched
-    events = read_metrics(tmp_path / "b" / "copy")
-    assert [e["step"] for e in events if e["event"] == "resume"] == [21]  # from the copy's own checkpoint
-    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2]
 
 
 def test_workers_that_cannot_be_placed_fail_within_the_start_timeout(ray_session, tmp_path):
@@ -88,19 +77,34 @@ class _Hog:
         return True
 
 
-def test_sigterm_stops_a_run_like_ctrl_c_with_one_line(ray_session, tmp_path):
+def test_sigterm_stops_a_run_with_one_line_and_resume_continues_the_moved_run_directory(ray_session, tmp_path):
+    """SIGTERM (what a scheduler sends first) ends a run as Ctrl-C does; its run directory, copied elsewhere,
+    resumes from its own newest checkpoint and leaves the original untouched."""
     address = ray_session.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "dtrain", "train", str(JOBS / "mlp_digits.yaml"), f"runs_dir={tmp_path}",
-           "name=term", "trainer.max_epochs=500", "trainer.early_stopping.monitor=null", "logging.progress=false",
-           "logging.wandb.enabled=false", "--address", address]
+    common = ["logging.wandb.enabled=false", "logging.progress=false", "trainer.early_stopping.monitor=null",
+              "model.hidden=[32]"]
+    orig, copy = tmp_path / "a" / "orig", tmp_path / "b" / "copy"
+    cmd = [sys.executable, "-m", "dtrain", "train", str(JOBS / "mlp_digits.yaml"), f"runs_dir={tmp_path / 'a'}",
+           "name=orig", "trainer.max_epochs=500", *common, "--address", address]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list((tmp_path / "term").glob("checkpoint_*")) and time.monotonic() < deadline:
+    while not list(orig.glob("checkpoint_*")) and time.monotonic() < deadline:
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     assert "dtrain: terminated (SIGTERM)" in err and "SIGTERM received" not in err + out
+
+    shutil.copytree(orig, copy)
+    before = (orig / "metrics.jsonl").read_text()
+    newest = read_manifest(pick_checkpoint(sorted(copy.glob("checkpoint_*"), reverse=True)))
+    again = _dtrain(["train", copy, f"trainer.max_epochs={newest['epoch'] + 1}", "--resume"], address)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (orig / "metrics.jsonl").read_text() == before  # the original is untouched
+    events = read_metrics(copy)
+    resumes = [i for i, e in enumerate(events) if e["event"] == "resume"]
+    assert [events[i]["step"] for i in resumes] == [newest["step"]]  # from the copy's own newest checkpoint
+    assert [e["epoch"] for e in events[resumes[0]:] if e["event"] == "epoch"] == [newest["epoch"] + 1]
 
 
 def test_a_successful_run_prints_dtrains_lines_and_nothing_else(ray_session, tmp_path):
@@ -133,37 +137,35 @@ def _listening(root) -> dict[str, set[tuple[str, int]]]:
     return found
 
 
-def test_a_local_run_listens_on_loopback_only(ray_session, tmp_path):
-    """The embedded Ray (GCS, raylet, agents, dashboard, workers) during a run; torch's rendezvous store, which
-    rank 0 serves on every interface (torch has no setting for its address), is the one exception."""
-    import threading
-
+@contextlib.contextmanager
+def _sockets_listened_on() -> Iterator[dict[str, set[tuple[str, int]]]]:
+    """Every listening socket of this process's descendants while the block runs (polled), by process name; this
+    process's own sockets from earlier tests (an in-process process group's store) are left out."""
     import psutil
-
-    from dtrain.config import load_job
-    from dtrain.launch.train import fit_job
 
     seen: dict[str, set[tuple[str, int]]] = {}
     done = threading.Event()
     me = psutil.Process()
-    # this test process's own sockets from earlier tests (an in-process process group's store) are not the run's
     earlier = {conn.laddr for conn in me.net_connections(kind="inet") if conn.status == psutil.CONN_LISTEN}
 
     def watch() -> None:
-        while not done.wait(0.3):
+        while not done.wait(1.0):  # Ray's sockets and the rendezvous store live as long as the run
             for name, addrs in _listening(me).items():
                 seen.setdefault(name, set()).update(addrs)
             seen.get(me.name(), set()).difference_update(earlier)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    job = load_job(JOBS / "mlp_digits.yaml", [f"runs_dir={tmp_path}", "name=ports", "trainer.max_epochs=2",
-                                              "logging.progress=false", "logging.wandb.enabled=false"])
     try:
-        fit_job(job)
+        yield seen
     finally:
         done.set()
         watcher.join()
+
+
+def _assert_loopback_only(seen: dict[str, set[tuple[str, int]]]) -> None:
+    """Ray (GCS, raylet, agents, dashboard, workers) listens on loopback only; torch's rendezvous store, which
+    rank 0 serves on every interface (torch has no setting for its address), is the one exception."""
     assert {"gcs_server", "raylet"} <= set(seen), seen  # the watch saw Ray's processes, not just this one
     assert any(name.startswith("ray::") for name in seen), seen  # and workers/agents
     outside = {name: {a for a in addrs if a[0] not in LOOPBACK} for name, addrs in seen.items()}
