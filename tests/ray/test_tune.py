@@ -62,17 +62,8 @@ def test_asha_stops_bad_trials_early_and_best_yaml_trains(ray_session, tmp_path)
     assert [(r["trial"], r["epochs"]) for r in again] == [(r["trial"], r["epochs"]) for r in rows]
 
 
-@pytest.mark.parametrize("search_alg", ["optuna"])  # hyperopt passes too (42 s): left out for the suite's time
-def test_a_search_algorithm_runs_two_trials_with_list_valued_choices(search_alg, ray_session, tmp_path):
-    job = _job(tmp_path, search_alg, {"search_alg": search_alg, "num_samples": 2, "space": {
-        "optim.lr": "loguniform(1e-3, 3e-2)", "model.hidden": "choice([[8], [16, 8]])"}}, **{"trainer.max_epochs": 1})
-    rows, _ = run_search(job)
-    assert len(rows) == 2 and all(r["status"] == "ok" and r["epochs"] == 1 for r in rows), rows
-    assert all(r["model.hidden"] in ([8], [16, 8]) and 1e-3 <= r["optim.lr"] <= 3e-2 for r in rows)
-    assert rows[0]["optim.lr"] != rows[1]["optim.lr"]  # two samples drawn by the algorithm, not one repeated
-    assert all(r["test/acc"] > 0.1 for r in rows)  # each trial ran to its test split
-    best = load_job(tmp_path / search_alg / BEST_FILE)
-    assert list(best.model.hidden) == rows[0]["model.hidden"] and best.optim.lr == pytest.approx(rows[0]["optim.lr"])
+# A search algorithm (optuna, list-valued choices) drawing two trials: tests/tracking/test_trackers_ray.py, whose
+# search is also the MLflow nesting check.
 
 
 def test_trials_that_cannot_fit_the_cluster_fail_before_starting(ray_session, tmp_path):

@@ -1,12 +1,13 @@
 """The trackers through Ray Tune and Train: `dtrain tune` makes one MLflow run per trial, nested under one parent
-run per search, and one TensorBoard folder per trial."""
+run per search, and one TensorBoard folder per trial. The search is also the suite's search-algorithm check (optuna
+drawing list-valued choices), so that its trials are not run twice."""
 
 from __future__ import annotations
 
 import pytest
 
 from dtrain.config import load_job
-from dtrain.launch.tune import run_search
+from dtrain.launch.tune import BEST_FILE, run_search
 from tests.helpers import small_job
 from tests.tracking.readback import assert_same, expected_values, mlflow_values
 
@@ -20,9 +21,17 @@ def test_tune_nests_one_mlflow_run_per_trial_under_the_search(ray_session, mlflo
                         "trainer.max_epochs": 1, "logging.progress": "false", "logging.mlflow.enabled": "true",
                         "logging.mlflow.tracking_uri": uri, "logging.mlflow.experiment": "tune",
                         "logging.tensorboard.enabled": "true", "logging.tensorboard.dir": str(tmp_path / "tb")})
-    base["tune"] = {"metric": "val/acc", "mode": "max", "search_alg": "grid", "max_concurrent_trials": 1,
-                    "space": {"optim.lr": "choice([0.02, 0.01])"}}
+    base["tune"] = {"metric": "val/acc", "mode": "max", "search_alg": "optuna", "num_samples": 2,
+                    "max_concurrent_trials": 1,
+                    "space": {"optim.lr": "loguniform(1e-3, 3e-2)", "model.hidden": "choice([[8], [16, 8]])"}}
     rows, _ = run_search(load_job(None, base=base))
+    # the search algorithm's two draws, each a full trial, the best one written as a train spec
+    assert len(rows) == 2 and all(r["status"] == "ok" and r["epochs"] == 1 for r in rows), rows
+    assert all(r["model.hidden"] in ([8], [16, 8]) and 1e-3 <= r["optim.lr"] <= 3e-2 for r in rows)
+    assert rows[0]["optim.lr"] != rows[1]["optim.lr"]  # two samples drawn by the algorithm, not one repeated
+    assert all(r["test/acc"] > 0.1 for r in rows)  # each trial ran to its test split
+    best = load_job(tmp_path / "search" / BEST_FILE)
+    assert list(best.model.hidden) == rows[0]["model.hidden"] and best.optim.lr == pytest.approx(rows[0]["optim.lr"])
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("tune").experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
