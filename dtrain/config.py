@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from dtrain.data.config import DataConfig
+from dtrain.data.sharding import check_global_batch
 from dtrain.engine.loop import EarlyStoppingConfig
 from dtrain.engine.optim import OptimConfig
 from dtrain.engine.precision import DTYPES
@@ -265,6 +266,12 @@ class JobConfig:
     def __post_init__(self) -> None:
         check(self.name is None or bool(RUN_NAME.fullmatch(self.name)) and self.name not in (".", ".."), "name",
               "a plain run name (letters, digits, '.', '_', '-'; no '/'), the folder under runs_dir", self.name)
+        if self.data.global_batch_size is not None:
+            check(self.optim.descent == "minibatch", "data.global_batch_size", "null under optim.descent="
+                  f"{self.optim.descent} (it fixes its own batch)", self.data.global_batch_size)
+            if self.trainer.num_workers is not None:  # else checked once the launcher knows the worker count
+                check_global_batch(self.data.global_batch_size, range(self.trainer.num_workers,
+                                                                      self.trainer.num_workers + 1))
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")

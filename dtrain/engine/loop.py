@@ -24,7 +24,7 @@ from dtrain.engine.metrics import MetricSums, NonFiniteGuard, PhaseClock
 from dtrain.engine.saving import STATE_FILE, CheckpointWriter
 from dtrain.engine.state import TrainState
 from dtrain.engine.strategies import Strategy
-from dtrain.errors import check
+from dtrain.errors import ConfigError, check
 from dtrain.models.base import CatalogModel
 
 Publish = Callable[[dict[str, Any], Path | None], None]
@@ -99,6 +99,7 @@ def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopCon
     started = time.perf_counter()
     state = TrainState(**safe_load(ctx.resume_dir / STATE_FILE)) if ctx.resume_dir else TrainState()
     stages, train = model.stages(), loaders.train
+    _keep_global_batch(state, train.plan.global_batch, ctx.retarget)
     guard = NonFiniteGuard(state, cfg.max_nonfinite_steps, min(cfg.log_every_n_steps, 1024))
     steps_per_epoch = train.steps_per_epoch()
     best_weights: dict[str, torch.Tensor] | None = None  # the monitored best epoch's, in the final stage
@@ -257,6 +258,15 @@ def _use_best_weights(es: EarlyStoppingConfig, state: TrainState, strategy: Stra
         return {"weights": "last", **where, "why": "this strategy cannot put weights back (ZeRO-3)"}
     return {"weights": "best", "monitor": es.monitor, es.monitor: best.get(es.monitor), "epoch": best.get("epoch"),
             "step": best.get("step")}
+
+
+def _keep_global_batch(state: TrainState, global_batch: int, retarget: bool) -> None:
+    """A resumed run trains on with the global batch it was trained with (the position is in its steps)."""
+    if state.global_batch and state.global_batch != global_batch and not retarget:
+        raise ConfigError(f"data.global_batch_size: the checkpoint was trained with {state.global_batch} samples per "
+                          f"step, this run would take {global_batch}; set data.global_batch_size={state.global_batch}"
+                          " to resume at another worker count")
+    state.global_batch = global_batch
 
 
 def _resume(strategy: Strategy, state: TrainState, ctx: RunContext, lr: float) -> None:

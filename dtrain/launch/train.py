@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from dtrain.compat import ray as ray_compat
 from dtrain.config import to_dict
 from dtrain.data.base import DataBundle
+from dtrain.data.sharding import check_global_batch
 from dtrain.errors import ConfigError, DtrainError, find_in_chain
 from dtrain.launch import cost, local_head, net
 from dtrain.launch.progress import ProgressFollower
@@ -229,6 +230,7 @@ def resolve_resources(job: DictConfig) -> tuple[int, bool]:
     if use_gpu and gpus == 0:
         raise ConfigError("trainer.use_gpu: true, but the Ray cluster has no GPUs")
     workers = t.num_workers or (gpus if use_gpu else 2)
+    check_workers_split_batch(job, workers)
     if use_gpu and workers > gpus:
         raise ConfigError(f"trainer.num_workers: {workers} workers need {workers} GPUs, the cluster has {gpus}")
     if workers * t.cpus_per_worker > cpus:
@@ -250,9 +252,16 @@ def check_local_resources(job: DictConfig) -> None:
     if use_gpu == "true" and not torch.cuda.is_available():
         raise ConfigError("trainer.use_gpu: true, but this machine has no GPU (use --address for a GPU cluster)")
     workers = local_workers(job)
+    check_workers_split_batch(job, workers)
     if workers * t.cpus_per_worker > cpus:
         raise ConfigError(f"trainer.num_workers: {workers} workers x {t.cpus_per_worker:g} CPUs need "
                           f"{workers * t.cpus_per_worker:g} CPUs, this machine has {cpus}")
+
+
+def check_workers_split_batch(job: DictConfig, workers: int) -> None:
+    """ConfigError when data.global_batch_size is set and the worker count cannot split it."""
+    if job.data.global_batch_size is not None:
+        check_global_batch(job.data.global_batch_size, range(workers, workers + 1))
 
 
 def local_workers(job: DictConfig) -> int:
