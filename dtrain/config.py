@@ -70,6 +70,11 @@ class TrainerBase:
     start_timeout_s: float = 120.0
     """Seconds to wait for the workers' CPUs/GPUs to be free (their placement) before the run fails with one line,
     instead of waiting for ever (e.g. behind other runs or a search's trials on the same cluster)."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective (gradient all-reduce, barrier) waits for its peers before the run fails with one line
+    naming the step and the ranks that did not arrive (a peer stopped, hung or its node gone); Ray then restarts
+    from the latest checkpoint as max_failures allows. The process group's timeout (Ray's TorchConfig.timeout_s).
+    Longer than the slowest step and checkpoint write."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
@@ -90,6 +95,8 @@ class TrainerBase:
         check(self.grad_clip_mode in ("norm", "value"), "trainer.grad_clip_mode", "norm or value", self.grad_clip_mode)
         check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", "an integer >= 1", self.log_every_n_steps)
         check(self.max_failures >= 0, "trainer.max_failures", "an integer >= 0", self.max_failures)
+        check(self.collective_timeout_s >= 1, "trainer.collective_timeout_s", "a number of seconds >= 1",
+              self.collective_timeout_s)
         check(self.start_timeout_s > 0, "trainer.start_timeout_s", "a number of seconds > 0", self.start_timeout_s)
         self._check_profile()
         # the strategy's own checks of its section against these settings (e.g. raw DeepSpeed keys that contradict

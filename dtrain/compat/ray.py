@@ -22,6 +22,11 @@ PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 """Seconds the Train controller waits for its workers' placement group before that attempt times out."""
 """Ray Train otherwise echoes every worker print twice (log + stdout)."""
+COLLECTIVE_TIMEOUT_ENV = "RAY_TRAIN_COLLECTIVE_TIMEOUT_S"
+"""Seconds Ray Train's own barriers (each ray.train.report) wait for every worker (Ray's default: for ever)."""
+PROCESS_GROUP_SHUTDOWN_TIMEOUT_ENV = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"
+"""Seconds Ray Train waits for the workers to destroy their process group before a restart (ray.train.constants;
+Ray's default 30 s, all of it spent when a worker is frozen)."""
 
 TRAIN_CONTEXT_MODULE = "ray.train.v2._internal.execution.context"
 """Logs a line per report/checkpoint, through a logger named after its file, not its module."""
@@ -215,6 +220,9 @@ def check() -> None:
         PREEMPTION_WATCHER_ENV: env(PREEMPTION_WATCHER_ENV),
         PRINT_PATCH_ENV: env(PRINT_PATCH_ENV),
         WORKER_GROUP_START_TIMEOUT_ENV: env(WORKER_GROUP_START_TIMEOUT_ENV),
+        COLLECTIVE_TIMEOUT_ENV: env(COLLECTIVE_TIMEOUT_ENV),
+        PROCESS_GROUP_SHUTDOWN_TIMEOUT_ENV: lambda: PROCESS_GROUP_SHUTDOWN_TIMEOUT_ENV in importlib.import_module(
+            "ray.train.constants").TRAIN_ENV_VARS or None,
         TRAIN_CONTEXT_MODULE: lambda: importlib.util.find_spec(TRAIN_CONTEXT_MODULE),
         f"{TRAIN_ERROR_LOGGER} logging 'Error in training function'": lambda: (
             "Error in training function" in inspect.getsource(importlib.import_module(TRAIN_ERROR_LOGGER)) or None),

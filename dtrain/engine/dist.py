@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
+import time
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from dtrain.compat.torch import default_store
 
 
 def is_dist() -> bool:
@@ -49,3 +54,22 @@ def mean_across_ranks(values: dict[str, Tensor | float],
     means = dict(zip(on_device + on_host, (v / world for v in numbers), strict=False))
     gathered = numbers[len(on_device) + len(on_host):]
     return means | {f"{k}/rank{r}": gathered[r * len(own) + i] for r in range(world) for i, k in enumerate(own)}
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    """Whether err is a collective that gave up waiting for its peers (gloo's and NCCL's timeouts)."""
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
+def absent_ranks(tag: str, wait_s: float = 3.0) -> list[int] | None:
+    """After a collective timed out: the ranks that do not check in at the process group's store under tag within
+    wait_s (the others that timed out too do). None when the store cannot tell (its host, rank 0, is gone too)."""
+    try:
+        store = default_store()
+        store.set_timeout(datetime.timedelta(seconds=wait_s))
+        store.set(f"dtrain/{tag}/{rank()}", "1")
+        time.sleep(wait_s)
+        return [r for r in range(world_size()) if not store.check([f"dtrain/{tag}/{r}"])]
+    except Exception:  # noqa: BLE001 - whatever the store raises, the answer is "unknown"
+        return None

@@ -24,7 +24,7 @@ from dtrain.engine.metrics import MetricSums, NonFiniteGuard, PhaseClock
 from dtrain.engine.saving import STATE_FILE, CheckpointWriter
 from dtrain.engine.state import TrainState
 from dtrain.engine.strategies import Strategy
-from dtrain.errors import ConfigError, check
+from dtrain.errors import ConfigError, TrainingError, check
 from dtrain.models.base import CatalogModel
 
 Publish = Callable[[dict[str, Any], Path | None], None]
@@ -60,6 +60,8 @@ class LoopConfig:
     checkpoint_every_n_epochs: int = 1
     checkpoint_every_n_steps: int = 0
     checkpoint_background: bool = True
+    collective_timeout_s: float = 600.0
+    """How long a collective waits for its peers (set on the process group by the launcher; named in errors)."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
@@ -87,17 +89,30 @@ def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConf
     """Train model on loaders.train as cfg says; returns the summary (final and best metrics, throughput)."""
     model.all_reduce_sum = dist.all_reduce_sum  # the models' one collective (the SOM's batch update)
     writer = CheckpointWriter(ctx.rank, ctx.world, ctx.publish, background=cfg.checkpoint_background)
+    state = TrainState(**safe_load(ctx.resume_dir / STATE_FILE)) if ctx.resume_dir else TrainState()
     try:
-        return _fit(model, loaders, strategy, cfg, ctx, writer)
-    except BaseException:
+        return _fit(model, loaders, strategy, cfg, ctx, writer, state)
+    except BaseException as err:
         writer.close()
+        if ctx.world > 1 and dist.is_collective_timeout(err):
+            raise _hang(state, ctx, cfg) from err
         raise
 
 
+def _hang(state: TrainState, ctx: RunContext, cfg: LoopConfig) -> TrainingError:
+    """The one line for a collective that timed out: the step, and the ranks that did not arrive if known."""
+    absent = dist.absent_ranks(f"hang/{state.step}")
+    who = ("a peer did not arrive" if absent is None else "every rank arrived late" if not absent
+           else f"rank {', '.join(map(str, absent))} did not arrive")
+    message = (f"trainer.collective_timeout_s: a collective after step {state.step} did not complete within "
+               f"{cfg.collective_timeout_s:g} s on rank {ctx.rank}: {who} (stopped, hung, or its node is gone)")
+    ctx.log({"event": "hang", "step": state.step, "absent_ranks": absent, "message": message})
+    return TrainingError(message)
+
+
 def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConfig, ctx: RunContext,
-         writer: CheckpointWriter) -> dict[str, Any]:
+         writer: CheckpointWriter, state: TrainState) -> dict[str, Any]:
     started = time.perf_counter()
-    state = TrainState(**safe_load(ctx.resume_dir / STATE_FILE)) if ctx.resume_dir else TrainState()
     stages, train = model.stages(), loaders.train
     _keep_global_batch(state, train.plan.global_batch, ctx.retarget)
     guard = NonFiniteGuard(state, cfg.max_nonfinite_steps, min(cfg.log_every_n_steps, 1024))

@@ -6,6 +6,7 @@ step_<step> once every rank has added its files; the newest intact one is resume
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import sys
@@ -103,7 +104,8 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=job["trainer"]["collective_timeout_s"]))
     try:
         resume_dir = latest_checkpoint(Path(run_dir), warn=rank == 0) if resume else None
         try:

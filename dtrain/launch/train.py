@@ -164,8 +164,11 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault(ray_compat.V2_ENABLED_ENV, "1")
     # Make this package importable by the workers Ray starts (they may run from another working directory), and
     # keep Ray Train from echoing every worker print twice.
+    # A restart after a frozen worker need not wait Ray's 30 s for it to destroy its process group (the controller
+    # reads this variable, and Ray Train does not pass it on from the driver).
     runtime_env = {"env_vars": {"PYTHONPATH": _package_root() + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                                ray_compat.PRINT_PATCH_ENV: "0"}}
+                                ray_compat.PRINT_PATCH_ENV: "0",
+                                ray_compat.PROCESS_GROUP_SHUTDOWN_TIMEOUT_ENV: str(SHUTDOWN_TIMEOUT_S)}}
     ray_compat.quiet_driver_notices()
     with _keep_sigterm_handler():
         _start_ray(address, num_cpus, runtime_env)
@@ -410,7 +413,7 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
              callbacks: list | None, init_checkpoint: str | None, data: Any, worker_callbacks: list | None) -> Any:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     store = run_dir if isinstance(run_dir, RunStore) else None
     if store is not None:  # Ray Train writes the checkpoints into the store itself, through its filesystem
@@ -425,6 +428,8 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
                            "report_metrics": bool(callbacks), "callbacks": worker_callbacks or [],
                            "sys_path": shipped_paths()},
         scaling_config=scaling_config(job, workers, use_gpu),
+        # the process group's timeout (gloo, NCCL): a collective a peer never joins fails instead of waiting
+        torch_config=TorchConfig(timeout_s=math.ceil(job.trainer.collective_timeout_s)),
         run_config=RunConfig(name=job.name, **storage,
                              # controller failures are the workers' placement timing out: fail at the first one
                              failure_config=FailureConfig(max_failures=job.trainer.max_failures,
@@ -449,7 +454,9 @@ def _fit(trainer: Any, job: DictConfig, run_dir: Path | RunStore, workers: int, 
         follower.start()
     try:
         controller = {POLL_ENV: os.environ.get(POLL_ENV) or poll_interval(workers),
-                      ray_compat.WORKER_GROUP_START_TIMEOUT_ENV: f"{job.trainer.start_timeout_s:g}"}
+                      ray_compat.WORKER_GROUP_START_TIMEOUT_ENV: f"{job.trainer.start_timeout_s:g}",
+                      # Ray Train's own barriers (ray.train.report) give up after the same time as torch's
+                      ray_compat.COLLECTIVE_TIMEOUT_ENV: f"{job.trainer.collective_timeout_s:g}"}
         if local:  # Ray on this machine alone: no node can be preempted, and the watcher logs an error
             controller[PREEMPTION_ENV] = os.environ.get(PREEMPTION_ENV) or "0"
         with _controller_env(controller):
@@ -473,6 +480,8 @@ def _fit(trainer: Any, job: DictConfig, run_dir: Path | RunStore, workers: int, 
 
 
 POLL_ENV = ray_compat.HEALTH_CHECK_INTERVAL_ENV
+SHUTDOWN_TIMEOUT_S = 5
+"""Seconds a restart waits for the old workers to destroy their process group (a local teardown when healthy)."""
 PREEMPTION_ENV = ray_compat.PREEMPTION_WATCHER_ENV
 
 

@@ -61,7 +61,8 @@ def build_worker(job: Any, device: torch.device, data: DataBundle | None = None)
                       log_every_n_steps=t.log_every_n_steps, max_nonfinite_steps=t.max_nonfinite_steps,
                       checkpoint_every_n_epochs=job.checkpoint.every_n_epochs,
                       checkpoint_every_n_steps=job.checkpoint.every_n_steps,
-                      checkpoint_background=job.checkpoint.background, early_stopping=t.early_stopping)
+                      checkpoint_background=job.checkpoint.background,
+                      collective_timeout_s=t.collective_timeout_s, early_stopping=t.early_stopping)
     return Worker(model, in_memory_loaders(data, plan, rank, device, t.seed), strategy, loop)
 
 
