@@ -201,6 +201,27 @@ def train_snapshot_file() -> str:
     return CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 
+def wrap_worker_sigterm(first: Callable[[], bool]) -> None:
+    """From a Ray worker process's setup hook (before Ray installs its SIGTERM handler, which exits the process):
+    on SIGTERM call first(); Ray's handler runs only when it returns False."""
+    from ray._private import utils
+
+    install = utils.set_sigterm_handler
+
+    def wrapped(handler: Callable[[int, Any], None]) -> None:
+        def on_sigterm(signum: int, frame: Any) -> None:
+            if not first():
+                handler(signum, frame)
+
+        install(on_sigterm)
+
+    utils.set_sigterm_handler = wrapped
+
+
+WORKER_SETUP_HOOK = "worker_process_setup_hook"
+"""The runtime_env key of a function every Ray worker process runs at start-up (public; documented by Ray)."""
+
+
 def check() -> None:
     """CompatError naming each private Ray API above that no longer exists."""
     import inspect
@@ -234,6 +255,9 @@ def check() -> None:
         **{f"logger module {name}": (lambda n=name: importlib.util.find_spec(n))
            for name in UPLOAD_LOGGERS + NOTICE_LOGGERS},
         "SubmissionClient._do_request": lambda: SubmissionClient._do_request,
+        "ray._private.utils.set_sigterm_handler, used by Worker.main_loop": lambda: (
+            "set_sigterm_handler(" in inspect.getsource(importlib.import_module("ray._private.worker").Worker.main_loop)
+            and importlib.import_module("ray._private.utils").set_sigterm_handler),
         "ray._private.ray_constants.ENABLE_RAY_CLUSTER": lambda: LOOPBACK_ENV in inspect.getsource(
             importlib.import_module("ray._private.ray_constants")) or None,
         **{f"'{text}' ({TUNE_LOGGER})": (lambda t=text: t in inspect.getsource(importlib.import_module(TUNE_LOGGER))

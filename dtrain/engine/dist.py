@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dtrain.compat.torch import default_store
+from dtrain.engine.stop import STOP_REQUESTED
 
 
 def is_dist() -> bool:
@@ -73,3 +74,36 @@ def absent_ranks(tag: str, wait_s: float = 3.0) -> list[int] | None:
         return [r for r in range(world_size()) if not store.check([f"dtrain/{tag}/{r}"])]
     except Exception:  # noqa: BLE001 - whatever the store raises, the answer is "unknown"
         return None
+
+
+class StopVote:
+    """Whether any rank was asked to stop, known to every rank at the same step boundary. Each step boundary starts
+    an asynchronous all-reduce (max) of this rank's flag, on a gloo group of its own, and reads the one started at
+    the previous boundary: the answer comes one step later and the loop never waits on it. One rank alone reads its
+    own flag (no collective)."""
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo") if world_size() > 1 else None
+        self.flag, self.work = torch.zeros(1), None
+
+    def agreed(self) -> bool:
+        """Called by every rank at every step boundary: True when some rank was asked to stop."""
+        if self.group is None:
+            return STOP_REQUESTED.is_set()
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+            if self.flag.item() > 0:
+                return True
+        self.flag.fill_(float(STOP_REQUESTED.is_set()))
+        self.work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return False
+
+    def close(self) -> None:
+        """Wait for the vote in flight (every rank started it) and release the group."""
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dtrain.compat import ray as ray_compat
-from dtrain.config import to_dict
+from dtrain.config import to_dict, worker_bounds
 from dtrain.data.base import DataBundle
 from dtrain.data.sharding import check_global_batch
 from dtrain.errors import ConfigError, DtrainError, find_in_chain
@@ -168,7 +168,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     # reads this variable, and Ray Train does not pass it on from the driver).
     runtime_env = {"env_vars": {"PYTHONPATH": _package_root() + os.pathsep + os.environ.get("PYTHONPATH", ""),
                                 ray_compat.PRINT_PATCH_ENV: "0",
-                                ray_compat.PROCESS_GROUP_SHUTDOWN_TIMEOUT_ENV: str(SHUTDOWN_TIMEOUT_S)}}
+                                ray_compat.PROCESS_GROUP_SHUTDOWN_TIMEOUT_ENV: str(SHUTDOWN_TIMEOUT_S)},
+                   # a SIGTERM to a training worker: checkpoint at the next step boundary, then hand over
+                   ray_compat.WORKER_SETUP_HOOK: "dtrain.launch.sigterm.graceful_sigterm"}
     ray_compat.quiet_driver_notices()
     with _keep_sigterm_handler():
         _start_ray(address, num_cpus, runtime_env)
@@ -232,7 +234,7 @@ def resolve_resources(job: DictConfig) -> tuple[int, bool]:
     use_gpu = {"auto": gpus > 0, "true": True, "false": False}[str(t.use_gpu).lower()]
     if use_gpu and gpus == 0:
         raise ConfigError("trainer.use_gpu: true, but the Ray cluster has no GPUs")
-    workers = t.num_workers or (gpus if use_gpu else 2)
+    workers = fewest_workers(job, gpus if use_gpu else 2)
     check_workers_split_batch(job, workers)
     if use_gpu and workers > gpus:
         raise ConfigError(f"trainer.num_workers: {workers} workers need {workers} GPUs, the cluster has {gpus}")
@@ -262,17 +264,24 @@ def check_local_resources(job: DictConfig) -> None:
 
 
 def check_workers_split_batch(job: DictConfig, workers: int) -> None:
-    """ConfigError when data.global_batch_size is set and the worker count cannot split it."""
+    """ConfigError when data.global_batch_size is set and the worker count (or elastic range) cannot split it."""
     if job.data.global_batch_size is not None:
-        check_global_batch(job.data.global_batch_size, range(workers, workers + 1))
+        low, high = worker_bounds(job.trainer.num_workers) or (workers, workers)
+        check_global_batch(job.data.global_batch_size, range(low, high + 1))
+
+
+def fewest_workers(job: DictConfig, default: int) -> int:
+    """The workers the run needs to start: trainer.num_workers, the min of an elastic range, else default."""
+    return (worker_bounds(job.trainer.num_workers) or (default,))[0]
 
 
 def local_workers(job: DictConfig) -> int:
-    """How many workers the job starts on this machine (trainer.num_workers, else one per GPU, else 2)."""
+    """How many workers the job starts on this machine (trainer.num_workers or an elastic range's min, else one
+    per GPU, else 2)."""
     import torch
 
     gpus = torch.cuda.device_count() if str(job.trainer.use_gpu).lower() != "false" else 0
-    return job.trainer.num_workers or (gpus or 2)
+    return fewest_workers(job, gpus or 2)
 
 
 def check_model_fits(num_params: int, job: DictConfig) -> None:
@@ -439,12 +448,14 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
     )
 
 
-def scaling_config(job: DictConfig, workers: int, use_gpu: bool) -> Any:
-    """The workers Ray Train places for the job (dtrain preflight places the same)."""
+def scaling_config(job: DictConfig, workers: int, use_gpu: bool, elastic: bool = True) -> Any:
+    """The workers Ray Train places for the job: `workers`, or with elastic and a [min, max] trainer.num_workers,
+    Ray Train's elastic range (it starts once min fit and resizes within the range, restarting the group)."""
     from ray.train import ScalingConfig
 
-    return ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                         resources_per_worker={"CPU": job.trainer.cpus_per_worker})
+    bounds = worker_bounds(job.trainer.num_workers)
+    count = tuple(bounds) if elastic and bounds is not None and bounds[0] != bounds[1] else workers
+    return ScalingConfig(num_workers=count, use_gpu=use_gpu, resources_per_worker={"CPU": job.trainer.cpus_per_worker})
 
 
 def _fit(trainer: Any, job: DictConfig, run_dir: Path | RunStore, workers: int, local: bool) -> None:

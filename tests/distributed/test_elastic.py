@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 from torch.multiprocessing import ProcessExitedException
 
-from dtrain.engine.checkpoint import safe_load
-from dtrain.launch.spawn import spawn_workers
+from dtrain.engine.checkpoint import read_manifest, safe_load
+from dtrain.errors import Preempted
+from dtrain.launch.spawn import latest_checkpoint, spawn_workers
 from dtrain.tracking import read_metrics
-from tests.faults import KillAt
+from tests.faults import KillAt, SignalAt
 from tests.helpers import small_job
 
 # 1294 training samples / 32 per step = 41 steps in the epoch (the last one 14 samples). Micro-batches of at most 8:
@@ -52,3 +53,19 @@ def test_changing_worker_counts_follow_the_unchanged_trajectory(tmp_path, strate
     assert diff <= TOLERANCE
     assert abs(summary["test"]["test/loss"] - full["test"]["test/loss"]) < 1e-5
 
+
+
+def test_sigterm_checkpoints_at_the_next_step_boundary_and_loses_no_sample(tmp_path):
+    """SIGTERM to rank 1 after step 13: every rank learns it from the vote started at step 13's boundary, reads it
+    at step 14's, checkpoints step 14 there and stops; the resumed run goes on from step 14: no step redone."""
+    run = tmp_path / "preempted"
+    with pytest.raises(Preempted, match="training stopped at step 14: a worker was asked to stop"):
+        spawn_workers(JOB, run, world=2, callbacks=[SignalAt(1, 13, tmp_path / "sigterm")], graceful_sigterm=True)
+    assert read_manifest(latest_checkpoint(run))["step"] == 14  # the scheduled ones were at 8 (and 16, not reached)
+    summary = spawn_workers(JOB, run, world=2, resume=True)
+    (preempted,) = [r for r in read_metrics(run) if r.get("event") == "preempted"]
+    (resume,) = [r for r in read_metrics(run) if r.get("event") == "resume"]
+    assert preempted["step"] == resume["step"] == 14 and preempted["samples"] == resume["samples"] == 14 * 32
+    n_train = 1294
+    trained = preempted["samples"] + (n_train - resume["samples"])  # each segment's own samples
+    assert trained == n_train and summary["steps"] == 41  # every sample once: none lost, none trained twice

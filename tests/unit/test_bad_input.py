@@ -80,6 +80,16 @@ CASES = [
      "data.global_batch_size: expected null under optim.descent=batch"),
     ("global-batch-larger-than-data-set", "train JOB data.global_batch_size=100000",
      "data.global_batch_size: 100000 is larger"),
+    ("elastic-min-above-max", "config JOB trainer.num_workers=[3,2] data.global_batch_size=60",
+     "trainer.num_workers: expected [min, max] with min <= max, got [3, 2]"),
+    ("elastic-min-below-one", "config JOB trainer.num_workers=[0,2] data.global_batch_size=60",
+     "trainer.num_workers: expected [min, max] with min >= 1, got [0, 2]"),
+    ("elastic-deepspeed", "config JOB trainer.num_workers=[1,2] data.global_batch_size=60 trainer.strategy=deepspeed",
+     "trainer.num_workers: expected a number under trainer.strategy=deepspeed"),
+    ("elastic-without-global-batch", "config JOB trainer.num_workers=[1,2]",
+     "data.global_batch_size: expected a number with an elastic trainer.num_workers [1, 2]"),
+    ("elastic-global-batch-not-split", "train JOB trainer.num_workers=[4,6] data.global_batch_size=7",
+     "data.global_batch_size: 7 cannot be split evenly among any of 4-6 workers"),
     ("more-workers-than-cpus", "train JOB trainer.num_workers=512", "trainer.num_workers: 512 workers"),
     ("gpu-on-a-cpu-machine", "train JOB trainer.use_gpu=true", "trainer.use_gpu"),
     ("fsdp-unknown-key", "train JOB trainer.strategy=fsdp trainer.fsdp.reshard=false",
@@ -162,6 +172,7 @@ PARAMS = [pytest.param(c, id=c[0], marks=[pytest.mark.skipif(torch.cuda.is_avail
 # Also run as a fresh `python -m dtrain` (about 3 CPU-seconds each, so a representative few): proves the real
 # interpreter prints nothing else (no import-time warnings or tracebacks) and that no Ray is started.
 IN_SUBPROCESS = {"missing-job-file", "unknown-nested-key", "missing-data-file", "csv-ragged-row",
+                 "elastic-global-batch-not-split",
                  "batch-larger-than-data-set", "more-workers-than-cpus", "gpu-on-a-cpu-machine", "model-too-big",
                  "runs-dir-is-a-file", "fsdp-unknown-key", "compile-missing-backend", "model-path-does-not-import",
                  "forward-returns-bare-tensor"}
