@@ -84,6 +84,9 @@ def _check_buildable(job, address: str | None = None):
     obj = to_objects(job)
     data = load_data(obj.data)
     n_train = len(data.train[0])
+    if obj.data.global_batch_size is not None and obj.data.global_batch_size > n_train:
+        raise DtrainError(f"data.global_batch_size: {obj.data.global_batch_size} is larger than the training set "
+                          f"({n_train} samples after the val/test split)")
     if obj.optim.descent == "minibatch" and obj.data.batch_size > n_train:
         raise DtrainError(f"data.batch_size: {obj.data.batch_size} is larger than the training set "
                           f"({n_train} samples after the val/test split)")

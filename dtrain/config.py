@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from dtrain.data.config import DataConfig
+from dtrain.data.sharding import check_global_batch
 from dtrain.engine.loop import EarlyStoppingConfig
 from dtrain.engine.optim import OptimConfig
 from dtrain.engine.precision import DTYPES
@@ -34,8 +35,10 @@ PRECISIONS = tuple(DTYPES)
 class TrainerBase:
     strategy: str = "ddp"
     """A registered strategy: ddp, deepspeed or fsdp (see dtrain.engine.strategies)."""
-    num_workers: int | None = None
-    """Training workers; null = one per GPU when GPUs are present, otherwise 2."""
+    num_workers: Any = None
+    """Training workers: a number; [min, max] for an elastic run (Ray Train starts it once min workers fit, grows
+    and shrinks it within the range, each time from the newest checkpoint; needs data.global_batch_size, see
+    docs/elastic.md); null = one per GPU when GPUs are present, otherwise 2."""
     use_gpu: str = "auto"
     """auto, true or false."""
     cpus_per_worker: float = 1
@@ -69,6 +72,11 @@ class TrainerBase:
     start_timeout_s: float = 120.0
     """Seconds to wait for the workers' CPUs/GPUs to be free (their placement) before the run fails with one line,
     instead of waiting for ever (e.g. behind other runs or a search's trials on the same cluster)."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective (gradient all-reduce, barrier) waits for its peers before the run fails with one line
+    naming the step and the ranks that did not arrive (a peer stopped, hung or its node gone); Ray then restarts
+    from the latest checkpoint as max_failures allows. The process group's timeout (Ray's TorchConfig.timeout_s).
+    Longer than the slowest step and checkpoint write."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
@@ -76,8 +84,10 @@ class TrainerBase:
         compile_options(self.compile)
         checkpoint_layers(self.activation_checkpointing)
         check(self.strategy in STRATEGIES, "trainer.strategy", "one of " + ", ".join(STRATEGIES), self.strategy)
-        check(self.num_workers is None or self.num_workers >= 1, "trainer.num_workers", "an integer >= 1",
-              self.num_workers)
+        bounds = worker_bounds(self.num_workers)  # checks the value
+        check(bounds is None or bounds[0] == bounds[1] or self.strategy != "deepspeed", "trainer.num_workers",
+              "a number under trainer.strategy=deepspeed (its checkpoints load at the worker count that wrote them; "
+              "an elastic range needs ddp or fsdp)", self.num_workers)
         check(str(self.use_gpu).lower() in ("auto", "true", "false"), "trainer.use_gpu", "auto, true or false",
               self.use_gpu)
         check(self.precision in PRECISIONS, "trainer.precision", "one of " + ", ".join(PRECISIONS), self.precision)
@@ -89,6 +99,8 @@ class TrainerBase:
         check(self.grad_clip_mode in ("norm", "value"), "trainer.grad_clip_mode", "norm or value", self.grad_clip_mode)
         check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", "an integer >= 1", self.log_every_n_steps)
         check(self.max_failures >= 0, "trainer.max_failures", "an integer >= 0", self.max_failures)
+        check(self.collective_timeout_s >= 1, "trainer.collective_timeout_s", "a number of seconds >= 1",
+              self.collective_timeout_s)
         check(self.start_timeout_s > 0, "trainer.start_timeout_s", "a number of seconds > 0", self.start_timeout_s)
         self._check_profile()
         # the strategy's own checks of its section against these settings (e.g. raw DeepSpeed keys that contradict
@@ -103,8 +115,9 @@ class TrainerBase:
         p = self.profile
         if not p.enabled:
             return
-        check(self.num_workers is None or max(p.ranks) < self.num_workers, "trainer.profile.ranks",
-              f"ranks below trainer.num_workers ({self.num_workers})", list(p.ranks))
+        fewest = (worker_bounds(self.num_workers) or (math.inf,))[0]
+        check(max(p.ranks) < fewest, "trainer.profile.ranks", f"ranks below trainer.num_workers ({fewest})",
+              list(p.ranks))
         check(self.max_steps is None or p.last_step <= self.max_steps, "trainer.profile",
               f"wait + warmup + active <= trainer.max_steps ({self.max_steps})", p.last_step)
 
@@ -265,6 +278,30 @@ class JobConfig:
     def __post_init__(self) -> None:
         check(self.name is None or bool(RUN_NAME.fullmatch(self.name)) and self.name not in (".", ".."), "name",
               "a plain run name (letters, digits, '.', '_', '-'; no '/'), the folder under runs_dir", self.name)
+        bounds = worker_bounds(self.trainer.num_workers)
+        check(self.data.global_batch_size is not None or bounds is None or bounds[0] == bounds[1],
+              "data.global_batch_size", f"a number with an elastic trainer.num_workers {list(bounds or ())} (the "
+              "global batch must not change with the worker count)", None)
+        if self.data.global_batch_size is not None:
+            check(self.optim.descent == "minibatch", "data.global_batch_size", "null under optim.descent="
+                  f"{self.optim.descent} (it fixes its own batch)", self.data.global_batch_size)
+            if bounds is not None:  # else checked once the launcher knows the worker count
+                check_global_batch(self.data.global_batch_size, range(bounds[0], bounds[1] + 1))
+
+
+def worker_bounds(num_workers: Any) -> tuple[int, int] | None:
+    """(min, max) workers of trainer.num_workers (a number n: (n, n)); None when null (chosen at launch)."""
+    if num_workers is None:
+        return None
+    if isinstance(num_workers, int) and not isinstance(num_workers, bool):
+        check(num_workers >= 1, "trainer.num_workers", "an integer >= 1", num_workers)
+        return num_workers, num_workers
+    pair = list(num_workers) if isinstance(num_workers, list | tuple | ListConfig) else None
+    check(pair is not None and len(pair) == 2 and all(isinstance(n, int) and not isinstance(n, bool) for n in pair),
+          "trainer.num_workers", "an integer >= 1, [min, max] or null", num_workers)
+    check(pair[0] >= 1, "trainer.num_workers", "[min, max] with min >= 1", pair)
+    check(pair[0] <= pair[1], "trainer.num_workers", "[min, max] with min <= max", pair)
+    return pair[0], pair[1]
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")

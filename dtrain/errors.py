@@ -21,6 +21,10 @@ class TrainingError(DtrainError):
     """Training cannot continue (e.g. too many non-finite steps)."""
 
 
+class Preempted(TrainingError):
+    """A worker was asked to stop (SIGTERM): the run checkpointed at a step boundary and hands over."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (or its type's name), for one-line errors built around it."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -24,3 +24,16 @@ class KillAt(Callback):
             self.marker.touch()
             time.sleep(self.delay_s)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAt(Callback):
+    """Send `signum` to the process of `rank` right after optimizer step `step`, once (the marker file first), as a
+    scheduler would from outside (SIGTERM: a spot reclaim, a pod deletion)."""
+
+    def __init__(self, rank: int, step: int, marker: str | Path, signum: int = signal.SIGTERM) -> None:
+        self.rank, self.step, self.marker, self.signum = rank, step, Path(marker), signum
+
+    def on_step_end(self, state: TrainState, rank: int) -> None:
+        if rank == self.rank and state.step == self.step and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), self.signum)

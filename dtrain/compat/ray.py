@@ -22,6 +22,11 @@ PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 """Seconds the Train controller waits for its workers' placement group before that attempt times out."""
 """Ray Train otherwise echoes every worker print twice (log + stdout)."""
+COLLECTIVE_TIMEOUT_ENV = "RAY_TRAIN_COLLECTIVE_TIMEOUT_S"
+"""Seconds Ray Train's own barriers (each ray.train.report) wait for every worker (Ray's default: for ever)."""
+PROCESS_GROUP_SHUTDOWN_TIMEOUT_ENV = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"
+"""Seconds Ray Train waits for the workers to destroy their process group before a restart (ray.train.constants;
+Ray's default 30 s, all of it spent when a worker is frozen)."""
 
 TRAIN_CONTEXT_MODULE = "ray.train.v2._internal.execution.context"
 """Logs a line per report/checkpoint, through a logger named after its file, not its module."""
@@ -196,6 +201,27 @@ def train_snapshot_file() -> str:
     return CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 
+def wrap_worker_sigterm(first: Callable[[], bool]) -> None:
+    """From a Ray worker process's setup hook (before Ray installs its SIGTERM handler, which exits the process):
+    on SIGTERM call first(); Ray's handler runs only when it returns False."""
+    from ray._private import utils
+
+    install = utils.set_sigterm_handler
+
+    def wrapped(handler: Callable[[int, Any], None]) -> None:
+        def on_sigterm(signum: int, frame: Any) -> None:
+            if not first():
+                handler(signum, frame)
+
+        install(on_sigterm)
+
+    utils.set_sigterm_handler = wrapped
+
+
+WORKER_SETUP_HOOK = "worker_process_setup_hook"
+"""The runtime_env key of a function every Ray worker process runs at start-up (public; documented by Ray)."""
+
+
 def check() -> None:
     """CompatError naming each private Ray API above that no longer exists."""
     import inspect
@@ -215,6 +241,9 @@ def check() -> None:
         PREEMPTION_WATCHER_ENV: env(PREEMPTION_WATCHER_ENV),
         PRINT_PATCH_ENV: env(PRINT_PATCH_ENV),
         WORKER_GROUP_START_TIMEOUT_ENV: env(WORKER_GROUP_START_TIMEOUT_ENV),
+        COLLECTIVE_TIMEOUT_ENV: env(COLLECTIVE_TIMEOUT_ENV),
+        PROCESS_GROUP_SHUTDOWN_TIMEOUT_ENV: lambda: PROCESS_GROUP_SHUTDOWN_TIMEOUT_ENV in importlib.import_module(
+            "ray.train.constants").TRAIN_ENV_VARS or None,
         TRAIN_CONTEXT_MODULE: lambda: importlib.util.find_spec(TRAIN_CONTEXT_MODULE),
         f"{TRAIN_ERROR_LOGGER} logging 'Error in training function'": lambda: (
             "Error in training function" in inspect.getsource(importlib.import_module(TRAIN_ERROR_LOGGER)) or None),
@@ -226,6 +255,9 @@ def check() -> None:
         **{f"logger module {name}": (lambda n=name: importlib.util.find_spec(n))
            for name in UPLOAD_LOGGERS + NOTICE_LOGGERS},
         "SubmissionClient._do_request": lambda: SubmissionClient._do_request,
+        "ray._private.utils.set_sigterm_handler, used by Worker.main_loop": lambda: (
+            "set_sigterm_handler(" in inspect.getsource(importlib.import_module("ray._private.worker").Worker.main_loop)
+            and importlib.import_module("ray._private.utils").set_sigterm_handler),
         "ray._private.ray_constants.ENABLE_RAY_CLUSTER": lambda: LOOPBACK_ENV in inspect.getsource(
             importlib.import_module("ray._private.ray_constants")) or None,
         **{f"'{text}' ({TUNE_LOGGER})": (lambda t=text: t in inspect.getsource(importlib.import_module(TUNE_LOGGER))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +60,13 @@ def _steps_read_found_inf() -> bool:
     return all('getattr(self, "found_inf"' in inspect.getsource(step) for step in steps)
 
 
+def default_store() -> Any:
+    """The key-value store the default process group was set up with (its rendezvous, served by rank 0)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    return c10d._get_default_store()
+
+
 def check() -> None:
     """CompatError naming each private PyTorch API above that no longer exists."""
     from dtrain.compat import require
@@ -71,4 +80,6 @@ def check() -> None:
         "nn.Module._non_persistent_buffers_set": lambda: nn.Linear(1, 1)._non_persistent_buffers_set,
         "torch.utils._python_dispatch.TorchDispatchMode": dispatch_mode,
         "nn.Module._compiled_call_impl": lambda: hasattr(nn.Linear(1, 1), "_compiled_call_impl") or None,
+        "torch.distributed.distributed_c10d._get_default_store": lambda: getattr(
+            importlib.import_module("torch.distributed.distributed_c10d"), "_get_default_store", None),
     })

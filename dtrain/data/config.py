@@ -16,7 +16,13 @@ class DataConfig:
     path: str | None = None
     """File for file-backed data sets (npz, csv, idx)."""
     batch_size: int = 64
-    """Mini-batch size per worker; global batch = batch_size x workers x grad_accum."""
+    """Mini-batch size per worker; global batch = batch_size x workers x grad_accum. With global_batch_size set:
+    the most samples one worker feeds forward at once (its micro-batch)."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all workers, kept whatever their number (elastic runs, --resume at another
+    trainer.num_workers): each worker takes global_batch_size / workers of every step, accumulated over as many
+    micro-batches of at most batch_size as that needs (at least trainer.grad_accum); null = batch_size x workers
+    x grad_accum. See docs/elastic.md."""
     val_fraction: float = 0.1
     """Share of the non-test data held out for validation (ignored when the data set has its own split)."""
     test_fraction: float = 0.2
@@ -35,6 +41,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
+        check(self.global_batch_size is None or self.global_batch_size >= 1, "data.global_batch_size",
+              "an integer >= 1 or null", self.global_batch_size)
         check(0 <= self.val_fraction < 1, "data.val_fraction", "a number in [0, 1)", self.val_fraction)
         check(0 <= self.test_fraction < 1, "data.test_fraction", "a number in [0, 1)", self.test_fraction)
         check(not (self.minmax and self.standardize), "data.minmax", "standardize=false alongside minmax=true",

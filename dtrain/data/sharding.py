@@ -16,15 +16,40 @@ import torch
 from torch import Tensor
 
 from dtrain.data.base import Batch, BatchPlan
+from dtrain.errors import ConfigError
 
 
-def batch_plan(descent: str, batch_size: int, n_train: int, world: int, accum: int) -> BatchPlan:
+def batch_plan(descent: str, batch_size: int, n_train: int, world: int, accum: int,
+               global_batch: int | None = None) -> BatchPlan:
     """The global batch of a gradient-descent variant: minibatch (batch_size per rank and micro-batch), batch (the
-    whole training set per step) or stochastic (one sample per rank and micro-batch)."""
+    whole training set per step) or stochastic (one sample per rank and micro-batch).
+
+    global_batch: fixed whatever the world size (data.global_batch_size); each rank's share of a step is then cut
+    into as many micro-batches of at most batch_size as it needs (at least accum)."""
+    if global_batch is not None:
+        share = math.ceil(global_batch / world)
+        return BatchPlan(global_batch, max(accum, math.ceil(share / batch_size)), world)
     if descent == "batch":
         return BatchPlan(n_train, accum, world)
     per_rank = 1 if descent == "stochastic" else batch_size
     return BatchPlan(per_rank * world * accum, accum, world)
+
+
+def dividing_worlds(global_batch: int, worlds: range) -> list[int]:
+    """The world sizes of `worlds` that split global_batch evenly (every rank the same share of every step)."""
+    return [w for w in worlds if global_batch % w == 0]
+
+
+def check_global_batch(global_batch: int, worlds: range) -> None:
+    """ConfigError unless global_batch has a sample for every rank of the largest world and some world size of
+    `worlds` (the worker counts the run may have) splits it evenly."""
+    many = f"{worlds[0]} workers" if len(worlds) == 1 else f"any of {worlds[0]}-{worlds[-1]} workers"
+    if global_batch < worlds[-1]:
+        raise ConfigError(f"data.global_batch_size: {global_batch} is smaller than {worlds[-1]} workers (every worker "
+                          "needs a sample of each step)")
+    if not dividing_worlds(global_batch, worlds):
+        raise ConfigError(f"data.global_batch_size: {global_batch} cannot be split evenly among {many}; expected a "
+                          "multiple of the worker count")
 
 
 def step_plan(n: int, plan: BatchPlan, rank: int, *, shuffle: bool, seed: int,

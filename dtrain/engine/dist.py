@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
+import time
+
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from dtrain.compat.torch import default_store
+from dtrain.engine.stop import STOP_REQUESTED
 
 
 def is_dist() -> bool:
@@ -49,3 +56,58 @@ def mean_across_ranks(values: dict[str, Tensor | float],
     means = dict(zip(on_device + on_host, (v / world for v in numbers), strict=False))
     gathered = numbers[len(on_device) + len(on_host):]
     return means | {f"{k}/rank{r}": gathered[r * len(own) + i] for r in range(world) for i, k in enumerate(own)}
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    """Whether err is a collective that gave up waiting for its peers (gloo's and NCCL's timeouts)."""
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
+def absent_ranks(tag: str, wait_s: float = 3.0) -> list[int] | None:
+    """After a collective timed out: the ranks that do not check in at the process group's store under tag within
+    wait_s (the others that timed out too do). None when the store cannot tell (its host, rank 0, is gone too)."""
+    try:
+        store = default_store()
+        store.set_timeout(datetime.timedelta(seconds=wait_s))
+        store.set(f"dtrain/{tag}/{rank()}", "1")
+        time.sleep(wait_s)
+        return [r for r in range(world_size()) if not store.check([f"dtrain/{tag}/{r}"])]
+    except Exception:  # noqa: BLE001 - whatever the store raises, the answer is "unknown"
+        return None
+
+
+class StopVote:
+    """Whether any rank was asked to stop, known to every rank at the same step boundary. Each step boundary starts
+    an asynchronous all-reduce (max) of this rank's flag, on a gloo group of its own, and reads the one started at
+    the previous boundary: the answer comes one step later and the loop never waits on it. One rank alone reads its
+    own flag (no collective)."""
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo") if world_size() > 1 else None
+        # Host memory that gloo reduces in place, read and written through numpy: the vote never touches a device
+        # (and no tensor read-back is counted against the step, tests/unit/test_hot_path.py).
+        self.host = np.zeros(1, dtype=np.float32)
+        self.flag, self.work = torch.from_numpy(self.host), None
+
+    def agreed(self) -> bool:
+        """Called by every rank at every step boundary: True when some rank was asked to stop."""
+        if self.group is None:
+            return STOP_REQUESTED.is_set()
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+            if self.host[0] > 0:
+                return True
+        self.host[0] = float(STOP_REQUESTED.is_set())
+        self.work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return False
+
+    def close(self) -> None:
+        """Wait for the vote in flight (every rank started it) and release the group."""
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None

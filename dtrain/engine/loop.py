@@ -23,8 +23,9 @@ from dtrain.engine.checkpoint import safe_load, set_rng_state
 from dtrain.engine.metrics import MetricSums, NonFiniteGuard, PhaseClock
 from dtrain.engine.saving import STATE_FILE, CheckpointWriter
 from dtrain.engine.state import TrainState
+from dtrain.engine.stop import TRAINING
 from dtrain.engine.strategies import Strategy
-from dtrain.errors import check
+from dtrain.errors import ConfigError, Preempted, TrainingError, check
 from dtrain.models.base import CatalogModel
 
 Publish = Callable[[dict[str, Any], Path | None], None]
@@ -60,6 +61,8 @@ class LoopConfig:
     checkpoint_every_n_epochs: int = 1
     checkpoint_every_n_steps: int = 0
     checkpoint_background: bool = True
+    collective_timeout_s: float = 600.0
+    """How long a collective waits for its peers (set on the process group by the launcher; named in errors)."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
@@ -87,21 +90,41 @@ def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConf
     """Train model on loaders.train as cfg says; returns the summary (final and best metrics, throughput)."""
     model.all_reduce_sum = dist.all_reduce_sum  # the models' one collective (the SOM's batch update)
     writer = CheckpointWriter(ctx.rank, ctx.world, ctx.publish, background=cfg.checkpoint_background)
+    state = TrainState(**safe_load(ctx.resume_dir / STATE_FILE)) if ctx.resume_dir else TrainState()
+    TRAINING.set()
     try:
-        return _fit(model, loaders, strategy, cfg, ctx, writer)
-    except BaseException:
+        return _fit(model, loaders, strategy, cfg, ctx, writer, state)
+    except Preempted:
+        raise  # its checkpoint is published
+    except BaseException as err:
         writer.close()
+        if ctx.world > 1 and dist.is_collective_timeout(err):
+            raise _hang(state, ctx, cfg) from err
         raise
+    finally:
+        TRAINING.clear()
+
+
+def _hang(state: TrainState, ctx: RunContext, cfg: LoopConfig) -> TrainingError:
+    """The one line for a collective that timed out: the step, and the ranks that did not arrive if known."""
+    absent = dist.absent_ranks(f"hang/{state.step}")
+    who = ("a peer did not arrive" if absent is None else "every rank arrived late" if not absent
+           else f"rank {', '.join(map(str, absent))} did not arrive")
+    message = (f"trainer.collective_timeout_s: a collective after step {state.step} did not complete within "
+               f"{cfg.collective_timeout_s:g} s on rank {ctx.rank}: {who} (stopped, hung, or its node is gone)")
+    ctx.log({"event": "hang", "step": state.step, "absent_ranks": absent, "message": message})
+    return TrainingError(message)
 
 
 def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConfig, ctx: RunContext,
-         writer: CheckpointWriter) -> dict[str, Any]:
+         writer: CheckpointWriter, state: TrainState) -> dict[str, Any]:
     started = time.perf_counter()
-    state = TrainState(**safe_load(ctx.resume_dir / STATE_FILE)) if ctx.resume_dir else TrainState()
     stages, train = model.stages(), loaders.train
+    _keep_global_batch(state, train.plan.global_batch, ctx.retarget)
     guard = NonFiniteGuard(state, cfg.max_nonfinite_steps, min(cfg.log_every_n_steps, 1024))
     steps_per_epoch = train.steps_per_epoch()
     best_weights: dict[str, torch.Tensor] | None = None  # the monitored best epoch's, in the final stage
+    vote = dist.StopVote()
     while state.stage < len(stages) and not state.stopped:
         stage = stages[state.stage]
         model.set_stage(stage)
@@ -116,7 +139,7 @@ def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopCon
                  "steps_per_epoch": steps_per_epoch, "global_batch": train.plan.global_batch})
         while state.epoch < epochs and not state.stopped:
             train.set_epoch(state.stage * 10_000 + state.epoch)
-            train_metrics = _train_epoch(cfg, wrapped, train, strategy, state, ctx, guard, writer)
+            train_metrics = _train_epoch(cfg, wrapped, train, strategy, state, ctx, guard, writer, vote)
             val_metrics = evaluate(wrapped, loaders.val, strategy, "val")
             state.epoch, state.epoch_samples, state.epochs_done = state.epoch + 1, 0, state.epochs_done + 1
             metrics = {"stage": stage.name, "epoch": state.epoch, "step": state.step, **train_metrics, **val_metrics}
@@ -137,6 +160,7 @@ def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopCon
         if not state.stopped:
             state.stage, state.epoch = state.stage + 1, 0
     writer.finish()
+    vote.close()
     evaluated = _use_best_weights(cfg.early_stopping, state, strategy, best_weights, len(stages) - 1)
     test_metrics = evaluate(wrapped, loaders.test, strategy, "test")
     if ctx.export is not None:
@@ -152,7 +176,8 @@ def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopCon
 
 
 def _train_epoch(cfg: LoopConfig, wrapped: nn.Module, loader: Loader, strategy: Strategy, state: TrainState,
-                 ctx: RunContext, guard: NonFiniteGuard, writer: CheckpointWriter) -> dict[str, float]:
+                 ctx: RunContext, guard: NonFiniteGuard, writer: CheckpointWriter,
+                 vote: dist.StopVote) -> dict[str, float]:
     sums, steps_per_epoch = MetricSums(), loader.steps_per_epoch()
     window_loss, out = None, None
     log_started, log_steps, log_samples = time.perf_counter(), 0, 0  # since the last logged step
@@ -199,6 +224,8 @@ def _train_epoch(cfg: LoopConfig, wrapped: nn.Module, loader: Loader, strategy: 
             writer.start(strategy, state, {"epoch": state.epoch, "step": state.step})
         for callback in ctx.callbacks:
             callback.on_step_end(state, ctx.rank)
+        if vote.agreed():
+            _checkpoint_and_hand_over(strategy, state, ctx, guard, writer)
         clock.lap("other")
         if cfg.max_steps and state.step >= cfg.max_steps:
             break
@@ -259,6 +286,27 @@ def _use_best_weights(es: EarlyStoppingConfig, state: TrainState, strategy: Stra
             "step": best.get("step")}
 
 
+def _checkpoint_and_hand_over(strategy: Strategy, state: TrainState, ctx: RunContext, guard: NonFiniteGuard,
+                              writer: CheckpointWriter) -> None:
+    """A rank was asked to stop: every rank checkpoints this step, waits for it to be published and raises
+    Preempted (the launcher restarts the run from it, losing no step)."""
+    guard.check()
+    writer.start(strategy, state, {"epoch": state.epoch, "step": state.step})
+    writer.finish()
+    ctx.log({"event": "preempted", "step": state.step, "samples": state.samples})
+    raise Preempted(f"training stopped at step {state.step}: a worker was asked to stop (SIGTERM); its checkpoint "
+                    "is written, and the run resumes from it (trainer.max_failures, or --resume)")
+
+
+def _keep_global_batch(state: TrainState, global_batch: int, retarget: bool) -> None:
+    """A resumed run trains on with the global batch it was trained with (the position is in its steps)."""
+    if state.global_batch and state.global_batch != global_batch and not retarget:
+        raise ConfigError(f"data.global_batch_size: the checkpoint was trained with {state.global_batch} samples per "
+                          f"step, this run would take {global_batch}; set data.global_batch_size={state.global_batch}"
+                          " to resume at another worker count")
+    state.global_batch = global_batch
+
+
 def _resume(strategy: Strategy, state: TrainState, ctx: RunContext, lr: float) -> None:
     strategy.load(ctx.resume_dir)
     if ctx.retarget:
@@ -267,5 +315,5 @@ def _resume(strategy: Strategy, state: TrainState, ctx: RunContext, lr: float) -
     if rng_file.exists():
         set_rng_state(safe_load(rng_file))
     ctx.log({"event": "resume", "stage": state.stage, "epoch": state.epoch, "epoch_samples": state.epoch_samples,
-             "step": state.step})
+             "step": state.step, "samples": state.samples})
     ctx.resume_dir = None

@@ -19,6 +19,8 @@ class TrainState:
     """Optimizer steps done over the whole run (the LR schedule follows it)."""
     samples: int = 0
     """Samples trained over the whole run."""
+    global_batch: int = 0
+    """Samples per optimizer step: a resume must keep it (0: not recorded, an older checkpoint)."""
     skipped_steps: int = 0
     epochs_done: int = 0
     """Epochs completed over all stages."""

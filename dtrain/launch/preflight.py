@@ -132,7 +132,7 @@ def _probe(job: DictConfig, data: Any, workers: int, use_gpu: bool, probe_dir: P
         probe_loop_per_worker,
         train_loop_config={"job": to_dict(job), "data": ray.put(to_object_store(data)), "probe_dir": str(probe_dir),
                            "memory_limit": memory_limit, "sys_path": shipped_paths(), "findings": findings},
-        scaling_config=scaling_config(job, workers, use_gpu),
+        scaling_config=scaling_config(job, workers, use_gpu, elastic=False),  # an elastic job's min
         run_config=RunConfig(name="preflight", storage_path=str(storage), failure_config=FailureConfig(max_failures=0),
                              logging_config=LoggingConfig(log_level="WARNING")),
     )

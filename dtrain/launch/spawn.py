@@ -6,8 +6,10 @@ step_<step> once every rank has added its files; the newest intact one is resume
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
+import signal
 import sys
 from multiprocessing import reduction
 from pathlib import Path
@@ -87,7 +89,8 @@ def _is_open(fd: int) -> bool:
 
 def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bool, out: Any,
            device_type: str = "cpu", env: dict[str, str] | None = None, stdio: tuple[tuple[int, int], ...] = (),
-           callbacks: tuple[Any, ...] = ()) -> None:
+           callbacks: tuple[Any, ...] = (), graceful_sigterm: bool = False) -> None:
+    from dtrain.engine.stop import request_stop
     from dtrain.launch.worker import run_worker
 
     if env is not None:  # the caller's environment now, not the fork server's from when it started
@@ -99,11 +102,14 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
         os.close(fd)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    if graceful_sigterm:  # checkpoint at the next agreed step boundary and stop (else SIGTERM ends the process)
+        signal.signal(signal.SIGTERM, request_stop)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=job["trainer"]["collective_timeout_s"]))
     try:
         resume_dir = latest_checkpoint(Path(run_dir), warn=rank == 0) if resume else None
         try:
@@ -125,10 +131,12 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
 
 
 def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resume: bool = False,
-                  device: str = "cpu", callbacks: tuple[Any, ...] = (), start_method: str = "forkserver"
-                  ) -> dict[str, Any]:
+                  device: str = "cpu", callbacks: tuple[Any, ...] = (), graceful_sigterm: bool = False,
+                  start_method: str = "forkserver") -> dict[str, Any]:
     """Train job in `world` local processes on device "cpu" (gloo) or "cuda" (one GPU per rank, NCCL);
-    returns rank 0's summary. callbacks: engine callbacks installed in every rank (picklable).
+    returns rank 0's summary. callbacks: engine callbacks installed in every rank (picklable). graceful_sigterm:
+    a SIGTERM to a worker makes the run checkpoint at the next step boundary and raise Preempted (off by default:
+    torch's process launcher stops the other ranks with SIGTERM when one fails).
 
     start_method "fork" forks the ranks from this process as it is, imports included: only for a process with no
     threads, such as one that the fork server has just forked itself (what the random-kill test starts and kills).
@@ -145,7 +153,8 @@ def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resu
     env, stdio = None, ()
     if start_method == "forkserver":
         env, stdio = dict(os.environ), tuple((_CallerFd(fd), fd) for fd in (1, 2) if _is_open(fd))
-    args = (world, free_port(), job, str(run_dir), resume, out, device, env, stdio, tuple(callbacks))
+    args = (world, free_port(), job, str(run_dir), resume, out, device, env, stdio, tuple(callbacks),
+            graceful_sigterm)
     try:
         mp.start_processes(_entry, args=args, nprocs=world, start_method=start_method, join=True)
     except mp.ProcessRaisedException:

@@ -19,8 +19,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dtrain.compat import ray as ray_compat
-from dtrain.config import to_dict
+from dtrain.config import to_dict, worker_bounds
 from dtrain.data.base import DataBundle
+from dtrain.data.sharding import check_global_batch
 from dtrain.errors import ConfigError, DtrainError, find_in_chain
 from dtrain.launch import cost, local_head, net
 from dtrain.launch.progress import ProgressFollower
@@ -163,8 +164,13 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault(ray_compat.V2_ENABLED_ENV, "1")
     # Make this package importable by the workers Ray starts (they may run from another working directory), and
     # keep Ray Train from echoing every worker print twice.
+    # A restart after a frozen worker need not wait Ray's 30 s for it to destroy its process group (the controller
+    # reads this variable, and Ray Train does not pass it on from the driver).
     runtime_env = {"env_vars": {"PYTHONPATH": _package_root() + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                                ray_compat.PRINT_PATCH_ENV: "0"}}
+                                ray_compat.PRINT_PATCH_ENV: "0",
+                                ray_compat.PROCESS_GROUP_SHUTDOWN_TIMEOUT_ENV: str(SHUTDOWN_TIMEOUT_S)},
+                   # a SIGTERM to a training worker: checkpoint at the next step boundary, then hand over
+                   ray_compat.WORKER_SETUP_HOOK: "dtrain.launch.sigterm.graceful_sigterm"}
     ray_compat.quiet_driver_notices()
     with _keep_sigterm_handler():
         _start_ray(address, num_cpus, runtime_env)
@@ -228,7 +234,8 @@ def resolve_resources(job: DictConfig) -> tuple[int, bool]:
     use_gpu = {"auto": gpus > 0, "true": True, "false": False}[str(t.use_gpu).lower()]
     if use_gpu and gpus == 0:
         raise ConfigError("trainer.use_gpu: true, but the Ray cluster has no GPUs")
-    workers = t.num_workers or (gpus if use_gpu else 2)
+    workers = fewest_workers(job, gpus if use_gpu else 2)
+    check_workers_split_batch(job, workers)
     if use_gpu and workers > gpus:
         raise ConfigError(f"trainer.num_workers: {workers} workers need {workers} GPUs, the cluster has {gpus}")
     if workers * t.cpus_per_worker > cpus:
@@ -250,17 +257,31 @@ def check_local_resources(job: DictConfig) -> None:
     if use_gpu == "true" and not torch.cuda.is_available():
         raise ConfigError("trainer.use_gpu: true, but this machine has no GPU (use --address for a GPU cluster)")
     workers = local_workers(job)
+    check_workers_split_batch(job, workers)
     if workers * t.cpus_per_worker > cpus:
         raise ConfigError(f"trainer.num_workers: {workers} workers x {t.cpus_per_worker:g} CPUs need "
                           f"{workers * t.cpus_per_worker:g} CPUs, this machine has {cpus}")
 
 
+def check_workers_split_batch(job: DictConfig, workers: int) -> None:
+    """ConfigError when data.global_batch_size is set and the worker count (or elastic range) cannot split it."""
+    if job.data.global_batch_size is not None:
+        low, high = worker_bounds(job.trainer.num_workers) or (workers, workers)
+        check_global_batch(job.data.global_batch_size, range(low, high + 1))
+
+
+def fewest_workers(job: DictConfig, default: int) -> int:
+    """The workers the run needs to start: trainer.num_workers, the min of an elastic range, else default."""
+    return (worker_bounds(job.trainer.num_workers) or (default,))[0]
+
+
 def local_workers(job: DictConfig) -> int:
-    """How many workers the job starts on this machine (trainer.num_workers, else one per GPU, else 2)."""
+    """How many workers the job starts on this machine (trainer.num_workers or an elastic range's min, else one
+    per GPU, else 2)."""
     import torch
 
     gpus = torch.cuda.device_count() if str(job.trainer.use_gpu).lower() != "false" else 0
-    return job.trainer.num_workers or (gpus or 2)
+    return fewest_workers(job, gpus or 2)
 
 
 def check_model_fits(num_params: int, job: DictConfig) -> None:
@@ -401,7 +422,7 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
              callbacks: list | None, init_checkpoint: str | None, data: Any, worker_callbacks: list | None) -> Any:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     store = run_dir if isinstance(run_dir, RunStore) else None
     if store is not None:  # Ray Train writes the checkpoints into the store itself, through its filesystem
@@ -416,6 +437,8 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
                            "report_metrics": bool(callbacks), "callbacks": worker_callbacks or [],
                            "sys_path": shipped_paths()},
         scaling_config=scaling_config(job, workers, use_gpu),
+        # the process group's timeout (gloo, NCCL): a collective a peer never joins fails instead of waiting
+        torch_config=TorchConfig(timeout_s=math.ceil(job.trainer.collective_timeout_s)),
         run_config=RunConfig(name=job.name, **storage,
                              # controller failures are the workers' placement timing out: fail at the first one
                              failure_config=FailureConfig(max_failures=job.trainer.max_failures,
@@ -425,12 +448,14 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
     )
 
 
-def scaling_config(job: DictConfig, workers: int, use_gpu: bool) -> Any:
-    """The workers Ray Train places for the job (dtrain preflight places the same)."""
+def scaling_config(job: DictConfig, workers: int, use_gpu: bool, elastic: bool = True) -> Any:
+    """The workers Ray Train places for the job: `workers`, or with elastic and a [min, max] trainer.num_workers,
+    Ray Train's elastic range (it starts once min fit and resizes within the range, restarting the group)."""
     from ray.train import ScalingConfig
 
-    return ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                         resources_per_worker={"CPU": job.trainer.cpus_per_worker})
+    bounds = worker_bounds(job.trainer.num_workers)
+    count = tuple(bounds) if elastic and bounds is not None and bounds[0] != bounds[1] else workers
+    return ScalingConfig(num_workers=count, use_gpu=use_gpu, resources_per_worker={"CPU": job.trainer.cpus_per_worker})
 
 
 def _fit(trainer: Any, job: DictConfig, run_dir: Path | RunStore, workers: int, local: bool) -> None:
@@ -440,7 +465,9 @@ def _fit(trainer: Any, job: DictConfig, run_dir: Path | RunStore, workers: int, 
         follower.start()
     try:
         controller = {POLL_ENV: os.environ.get(POLL_ENV) or poll_interval(workers),
-                      ray_compat.WORKER_GROUP_START_TIMEOUT_ENV: f"{job.trainer.start_timeout_s:g}"}
+                      ray_compat.WORKER_GROUP_START_TIMEOUT_ENV: f"{job.trainer.start_timeout_s:g}",
+                      # Ray Train's own barriers (ray.train.report) give up after the same time as torch's
+                      ray_compat.COLLECTIVE_TIMEOUT_ENV: f"{job.trainer.collective_timeout_s:g}"}
         if local:  # Ray on this machine alone: no node can be preempted, and the watcher logs an error
             controller[PREEMPTION_ENV] = os.environ.get(PREEMPTION_ENV) or "0"
         with _controller_env(controller):
@@ -464,6 +491,8 @@ def _fit(trainer: Any, job: DictConfig, run_dir: Path | RunStore, workers: int, 
 
 
 POLL_ENV = ray_compat.HEALTH_CHECK_INTERVAL_ENV
+SHUTDOWN_TIMEOUT_S = 5
+"""Seconds a restart waits for the old workers to destroy their process group (a local teardown when healthy)."""
 PREEMPTION_ENV = ray_compat.PREEMPTION_WATCHER_ENV
 
 

@@ -47,7 +47,8 @@ def build_worker(job: Any, device: torch.device, data: DataBundle | None = None)
     data: the job's data if the launcher loaded it already (else it is loaded here)."""
     rank, world, t = dist.rank(), dist.world_size(), job.trainer
     data = data if data is not None else load_data(job.data)  # seeded by data.seed: the same split everywhere
-    plan = batch_plan(job.optim.descent, job.data.batch_size, len(data.train[0]), world, t.grad_accum)
+    plan = batch_plan(job.optim.descent, job.data.batch_size, len(data.train[0]), world, t.grad_accum,
+                      job.data.global_batch_size)
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(job.model, data.meta)
     torch.manual_seed(t.seed + 1 + rank)  # but independent dropout masks per rank
@@ -60,7 +61,8 @@ def build_worker(job: Any, device: torch.device, data: DataBundle | None = None)
                       log_every_n_steps=t.log_every_n_steps, max_nonfinite_steps=t.max_nonfinite_steps,
                       checkpoint_every_n_epochs=job.checkpoint.every_n_epochs,
                       checkpoint_every_n_steps=job.checkpoint.every_n_steps,
-                      checkpoint_background=job.checkpoint.background, early_stopping=t.early_stopping)
+                      checkpoint_background=job.checkpoint.background,
+                      collective_timeout_s=t.collective_timeout_s, early_stopping=t.early_stopping)
     return Worker(model, in_memory_loaders(data, plan, rank, device, t.seed), strategy, loop)
 
 

@@ -38,6 +38,20 @@ def test_autoscaler_config_passes_rays_schema_with_gpu_workers(name):
     assert any("-e ~/dtrain" in c for c in config["setup_commands"])
 
 
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_spot_templates_submit_an_elastic_job_that_survives_reclaims(name):
+    """Spot nodes get reclaimed: the template's job restarts (max_failures) within a worker range, and that job
+    loads (the range needs a global batch that it splits)."""
+    from dtrain.config import load_job
+
+    text = (CLUSTER / name).read_text()
+    assert "spot" in text.lower()
+    usage = " ".join(line.lstrip("# ").rstrip(" \\") for line in text.splitlines()[:6])
+    overrides = [w for w in usage.split() if "=" in w and w.split("=")[0].startswith(("trainer.", "data."))]
+    job = load_job(ROOT / "jobs" / "mlp_digits.yaml", overrides)
+    assert job.trainer.max_failures >= 1 and list(job.trainer.num_workers) == [2, 8]
+
+
 def test_autoscaler_schema_check_catches_a_broken_config():
     import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from dtrain.data.base import BatchPlan
-from dtrain.data.sharding import EvalShards, InMemoryLoader, batch_plan, eval_plan, step_plan
+from dtrain.data.sharding import EvalShards, InMemoryLoader, batch_plan, check_global_batch, eval_plan, step_plan
+from dtrain.errors import ConfigError
 
 
 def _all_indices(n, plan, epoch):
@@ -86,3 +87,38 @@ def test_batch_plans_of_the_descent_variants():
     assert batch_plan("stochastic", 32, 1000, 4, 1) == BatchPlan(4, 1, 4)
     assert BatchPlan(1000, 3, 2).micro_batch == 167  # ceil(ceil(1000 / 3) / 2)
     assert len(EvalShards((torch.zeros(17, 1),), 8, 0, 2)) == 17
+
+
+def test_a_fixed_global_batch_sets_accumulation_from_the_world_size():
+    """data.global_batch_size: the step keeps its samples; micro-batches of at most batch_size, accumulated."""
+    plans = {w: batch_plan("minibatch", 8, 1000, w, 1, global_batch=48) for w in (1, 2, 3, 6)}
+    assert {w: (p.global_batch, p.accum, p.micro_batch) for w, p in plans.items()} == {
+        1: (48, 6, 8), 2: (48, 3, 8), 3: (48, 2, 8), 6: (48, 1, 8)}
+    assert batch_plan("minibatch", 8, 1000, 2, 4, global_batch=48).accum == 4  # trainer.grad_accum: at least
+    assert batch_plan("minibatch", 5, 1000, 4, 1, global_batch=48).micro_batch <= 5  # 12 per rank: 3 x 4
+
+
+def test_global_batches_that_no_allowed_world_size_splits_are_refused():
+    check_global_batch(48, range(2, 3))
+    check_global_batch(30, range(4, 7))  # 5 and 6 split it
+    with pytest.raises(ConfigError, match="30 cannot be split evenly among 4 workers"):
+        check_global_batch(30, range(4, 5))
+    with pytest.raises(ConfigError, match="7 cannot be split evenly among any of 2-6 workers"):
+        check_global_batch(7, range(2, 7))
+    with pytest.raises(ConfigError, match="3 is smaller than 4 workers"):
+        check_global_batch(3, range(1, 5))
+
+
+def test_a_resume_keeps_the_global_batch_it_was_trained_with():
+    from dtrain.engine.loop import _keep_global_batch
+    from dtrain.engine.state import TrainState
+
+    state = TrainState(global_batch=32)
+    with pytest.raises(ConfigError, match="trained with 32 samples per step, this run would take 16; set "
+                                          "data.global_batch_size=32"):
+        _keep_global_batch(state, 16, retarget=False)
+    _keep_global_batch(state, 16, retarget=True)  # another run's checkpoint (PBT): its own batch
+    assert state.global_batch == 16
+    old = TrainState()  # a checkpoint from before the global batch was recorded
+    _keep_global_batch(old, 16, retarget=False)
+    assert old.global_batch == 16
