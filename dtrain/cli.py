@@ -82,20 +82,32 @@ def _check_buildable(job, address: str | None = None):
     from dtrain.models import build_model, check_step, runs_user_code
 
     obj = to_objects(job)
-    data = load_data(obj.data)
-    n_train = len(data.train[0])
-    if obj.optim.descent == "minibatch" and obj.data.batch_size > n_train:
-        raise DtrainError(f"data.batch_size: {obj.data.batch_size} is larger than the training set "
-                          f"({n_train} samples after the val/test split)")
+    if obj.data.name == "parquet":  # streamed: only the files' metadata is read here
+        data = _check_parquet(obj)
+    else:
+        data = load_data(obj.data)
+        n_train = len(data.train[0])
+        if obj.optim.descent == "minibatch" and obj.data.batch_size > n_train:
+            raise DtrainError(f"data.batch_size: {obj.data.batch_size} is larger than the training set "
+                              f"({n_train} samples after the val/test split)")
     with torch.device("meta"):
         model = build_model(obj.model, data.meta)
     if address is None:
         from dtrain.launch.train import check_model_fits
 
         check_model_fits(sum(p.numel() for p in model.parameters()), job)
-    if runs_user_code(obj.model.name):  # the user's code: one real step on two samples proves it keeps the contract
-        check_step(build_model(obj.model, data.meta), tuple(t[:2] for t in data.train))
+    if runs_user_code(obj.model.name) and obj.data.name != "parquet":  # one real step on two samples proves
+        check_step(build_model(obj.model, data.meta), tuple(t[:2] for t in data.train))  # the user's code works
     return data
+
+
+def _check_parquet(obj):
+    """data.name=parquet: the files' schema, columns and row counts, from their metadata (dtrain.data.parquet)."""
+    from dtrain.data.parquet import describe
+
+    if obj.optim.descent == "batch":
+        raise DtrainError("optim.descent: batch (the whole training set per step) cannot stream; use minibatch")
+    return describe(obj.data)
 
 
 def check_trackers(job) -> None:
@@ -268,6 +280,58 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """dtrain data convert SRC DEST [overrides] | dtrain data inspect PATH."""
+    from dtrain.data import parquet
+
+    if args.action == "inspect":
+        files = parquet.scan(args.src, "PATH")
+        print(f"{files.location}: {files.num_rows:,} rows in {len(files.paths)} file(s)")
+        for field in files.schema:
+            print(f"  {field.name}: {field.type}")
+        return 0
+    if args.dest is None:
+        raise DtrainError("data convert: expected SRC DEST (a data set name or job file, and a folder)")
+    written = _convert(args.src, Path(args.dest), args.overrides, args.rows_per_file)
+    print(f"[dtrain] wrote {written}; train on it with data.name=parquet data.path={args.dest}"
+          + (f" data.test_path={Path(args.dest) / 'test'}" if (Path(args.dest) / "test").is_dir() else ""))
+    return 0
+
+
+def _convert(src: str, dest: Path, overrides: list[str], rows_per_file: int) -> str:
+    """The data set SRC (a registered name, or a job file's data section) as Parquet files under dest: all rows in
+    a seeded random order (streaming shuffles within windows only), or train/ and test/ for a set with its own."""
+    import numpy as np
+
+    from dtrain.config import load_job, to_objects
+    from dtrain.data import load_arrays
+    from dtrain.data.parquet import write_shards
+
+    if Path(src).suffix in (".yaml", ".yml"):
+        job = load_job(src, overrides)
+    else:
+        job = load_job(None, overrides, base={"model": {"name": "mlp"}, "data": {"name": src}})
+    cfg = to_objects(job).data
+    if cfg.name == "parquet":
+        raise DtrainError("data.name: parquet is Parquet already; convert takes a data set dtrain loads in memory")
+    if dest.exists() and any(dest.iterdir()):
+        raise DtrainError(f"{dest}: not empty; choose a new folder")
+    arrays = load_arrays(cfg)
+    if arrays.y is not None and arrays.y.ndim > 1 and int(np.prod(arrays.y.shape[1:])) != 1:
+        raise DtrainError(f"data.name: {cfg.name} has targets of shape {arrays.y.shape[1:]}; Parquet conversion "
+                          "writes one target column")
+    parts = arrays.split or {"": (arrays.x, arrays.y)}
+    total = files = 0
+    for name, (x, y) in parts.items():
+        order = np.random.default_rng(cfg.seed).permutation(len(x)) if arrays.shuffle_split else np.arange(len(x))
+        y = None if y is None else y.reshape(len(y))[order]
+        files += write_shards(x[order], y, dest / name if name else dest, rows_per_file)
+        total += len(x)
+    d = int(np.prod(arrays.x.shape[1:]))
+    return f"{total:,} rows ({d} feature columns f0..f{d - 1}{', label' if arrays.y is not None else ''}) in " \
+           f"{files} Parquet file(s) to {dest}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrain", description="Distributed training on Ray with DDP or DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory, runs/<name>")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("data", help="convert SRC DEST: a data set (name or job file) to Parquet files; inspect PATH: "
+                       "schema, rows and files of Parquet data from its metadata")
+    p.add_argument("action", choices=["convert", "inspect"])
+    p.add_argument("src", help="convert: a data set name (digits) or a job file; inspect: a file, folder, glob or URI")
+    p.add_argument("dest", nargs="?", default=None, help="convert: the folder to write")
+    p.add_argument("overrides", nargs="*", help="convert: data.key=value overrides, e.g. data.path=x.npz")
+    p.add_argument("--rows-per-file", type=int, default=100_000, help="convert: rows per Parquet file")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("models", help="list catalog models, their parameters, and data sets")
     p.set_defaults(func=cmd_models)

@@ -14,7 +14,18 @@ class DataConfig:
     """Data set name from the registry (`dtrain models` lists them), e.g. digits, adding, npz; or the import path
     module:function of a loader returning dtrain.data.Arrays (its keyword arguments are data.options)."""
     path: str | None = None
-    """File for file-backed data sets (npz, csv, idx)."""
+    """File for file-backed data sets (npz, csv, idx); for parquet a file, folder, glob or URI (s3://, gs://, any
+    URI pyarrow.fs opens), streamed through Ray Data (docs/streaming.md)."""
+    val_path: str | None = None
+    """parquet: the validation split's own files (else a seeded share val_fraction of data.path's rows)."""
+    test_path: str | None = None
+    """parquet: the test split's own files (else a seeded share test_fraction of data.path's rows)."""
+    target: str | None = "label"
+    """parquet: the target column; null for unsupervised models."""
+    features: list[str] | None = None
+    """parquet: the feature columns; null = every column but the target."""
+    shuffle_buffer: int = 10_000
+    """parquet: rows each worker shuffles together (seeded per epoch) as they stream in."""
     batch_size: int = 64
     """Mini-batch size per worker; global batch = batch_size x workers x grad_accum."""
     val_fraction: float = 0.1
@@ -34,6 +45,7 @@ class DataConfig:
     """Data-set specific keyword arguments, e.g. {seq_len: 50} for adding."""
 
     def __post_init__(self) -> None:
+        check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1", self.shuffle_buffer)
         check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
         check(0 <= self.val_fraction < 1, "data.val_fraction", "a number in [0, 1)", self.val_fraction)
         check(0 <= self.test_fraction < 1, "data.test_fraction", "a number in [0, 1)", self.test_fraction)
