@@ -126,12 +126,13 @@ def columns_of(files: ParquetFiles, features: list[str] | None, target: str | No
     import pyarrow.types as pat
 
     names = files.schema.names
+    listed = ", ".join(names[:8]) + (f", ... ({len(names)} columns)" if len(names) > 8 else "")
     if target is not None and target not in names:
-        raise ConfigError(f"data.target: no column {target!r} in {files.location} (columns: {', '.join(names)})")
+        raise ConfigError(f"data.target: no column {target!r} in {files.location} (columns: {listed})")
     features = list(features) if features else [n for n in names if n != target]
     for name in features:
         if name not in names:
-            raise ConfigError(f"data.features: no column {name!r} in {files.location} (columns: {', '.join(names)})")
+            raise ConfigError(f"data.features: no column {name!r} in {files.location} (columns: {listed})")
     if not features:
         raise ConfigError(f"data.features: {files.location} has no column besides the target {target!r}")
     for name in [*features, *([target] if target else [])]:
