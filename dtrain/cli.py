@@ -127,10 +127,17 @@ def check_trackers(job) -> None:
         job.logging[section].enabled = "false"
 
 
+def _in_memory_only(job, command: str) -> None:
+    if job.data.name == "parquet":
+        raise DtrainError(f"data.name: parquet streams through `dtrain train` only; dtrain {command} does not "
+                          "stream yet (docs/streaming.md)")
+
+
 def cmd_preflight(args: argparse.Namespace) -> int:
     from dtrain.launch.preflight import format_report, parse_bytes, run_preflight
 
     job = _load(args.job, args.overrides)
+    _in_memory_only(job, "preflight")
     limit = parse_bytes(args.memory_limit) if args.memory_limit else None
     problems, data = [], None
     for check in (lambda: _check_buildable(job, args.address), lambda: check_trackers(job)):
@@ -157,6 +164,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         job = _load_run(args.job, JOB_FILE, args.overrides)
     else:
         job = _load(args.job, args.overrides)
+    _in_memory_only(job, "tune")
     _check_buildable(job, args.address)
     check_trackers(job)
     rows, tune_cfg = run_search(job, address=args.address, resume=args.resume)

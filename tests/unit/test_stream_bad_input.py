@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from dtrain.cli import main
-from tests.helpers import JOBS
+from tests.helpers import JOBS, ROOT
 
 JOB = str(JOBS / "mlp_digits.yaml")
+TUNE_JOB = str(ROOT / "examples/user_project/jobs/tune_smallnet.yaml")
 PQ = "train JOB data.name=parquet"
 
 
@@ -69,6 +70,9 @@ CASES = [
      "data.path: cannot read s3://dtrain-test/d?endpoint_override=127.0.0.1:9&scheme=http: the storage endpoint "
      "cannot be reached"),
     ("missing-bucket", PQ + " data.path=s3://dtrain-no-such-bucket/d", "data.path: s3://dtrain-no-such-bucket/d"),
+    ("tune-does-not-stream", "tune {tune} data.name=parquet data.path={d}/good", "dtrain tune does not stream"),
+    ("preflight-does-not-stream", "preflight JOB data.name=parquet data.path={d}/good",
+     "dtrain preflight does not stream"),
     ("inspect-missing", "data inspect {d}/nope", "PATH: {d}/nope not found"),
     ("inspect-corrupt", "data inspect {d}/corrupt", "PATH: {d}/corrupt/part-1.parquet: not a readable Parquet"),
     ("convert-into-a-full-folder", "data convert iris {d}/notempty", "{d}/notempty: not empty"),
@@ -90,7 +94,7 @@ def test_bad_parquet_input_is_one_clear_line_and_exit_2(case, scratch, capfd, mo
     if "bucket" in name:
         request.getfixturevalue("s3")  # the moto server the AWS_ENDPOINT_URL of tests/conftest.py points at
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    argv = [a.replace("{d}", str(scratch)).replace("JOB", JOB) for a in cmd.split()]
+    argv = [a.replace("{d}", str(scratch)).replace("{tune}", TUNE_JOB).replace("JOB", JOB) for a in cmd.split()]
     if argv[0] == "train":
         argv += [f"runs_dir={scratch / 'runs'}", f"name={name}"]
     rc = main(argv)
