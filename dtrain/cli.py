@@ -206,7 +206,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             continue
         _print_model(name, cfg_cls, f"{description} ({ep.value})")
     print("any CatalogModel subclass by import path: model.name=my_pkg.nets:MyModel")
-    print("data sets: " + ", ".join(sorted(DATASETS)) + ", or a loader by import path: data.name=my_pkg.data:load")
+    print("data sets: " + ", ".join(sorted(DATASETS)) + ", parquet (streamed, docs/streaming.md), or a loader by "
+          "import path: data.name=my_pkg.data:load")
     return 0
 
 
@@ -300,44 +301,12 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 0
     if args.dest is None:
         raise DtrainError("data convert: expected SRC DEST (a data set name or job file, and a folder)")
-    written = _convert(args.src, Path(args.dest), args.overrides, args.rows_per_file)
+    from dtrain.launch.convert import convert
+
+    written = convert(args.src, Path(args.dest), args.overrides, args.rows_per_file)
     print(f"[dtrain] wrote {written}; train on it with data.name=parquet data.path={args.dest}"
           + (f" data.test_path={Path(args.dest) / 'test'}" if (Path(args.dest) / "test").is_dir() else ""))
     return 0
-
-
-def _convert(src: str, dest: Path, overrides: list[str], rows_per_file: int) -> str:
-    """The data set SRC (a registered name, or a job file's data section) as Parquet files under dest: all rows in
-    a seeded random order (streaming shuffles within windows only), or train/ and test/ for a set with its own."""
-    import numpy as np
-
-    from dtrain.config import load_job, to_objects
-    from dtrain.data import load_arrays
-    from dtrain.data.parquet import write_shards
-
-    if Path(src).suffix in (".yaml", ".yml"):
-        job = load_job(src, overrides)
-    else:
-        job = load_job(None, overrides, base={"model": {"name": "mlp"}, "data": {"name": src}})
-    cfg = to_objects(job).data
-    if cfg.name == "parquet":
-        raise DtrainError("data.name: parquet is Parquet already; convert takes a data set dtrain loads in memory")
-    if dest.exists() and any(dest.iterdir()):
-        raise DtrainError(f"{dest}: not empty; choose a new folder")
-    arrays = load_arrays(cfg)
-    if arrays.y is not None and arrays.y.ndim > 1 and int(np.prod(arrays.y.shape[1:])) != 1:
-        raise DtrainError(f"data.name: {cfg.name} has targets of shape {arrays.y.shape[1:]}; Parquet conversion "
-                          "writes one target column")
-    parts = arrays.split or {"": (arrays.x, arrays.y)}
-    total = files = 0
-    for name, (x, y) in parts.items():
-        order = np.random.default_rng(cfg.seed).permutation(len(x)) if arrays.shuffle_split else np.arange(len(x))
-        y = None if y is None else y.reshape(len(y))[order]
-        files += write_shards(x[order], y, dest / name if name else dest, rows_per_file)
-        total += len(x)
-    d = int(np.prod(arrays.x.shape[1:]))
-    return f"{total:,} rows ({d} feature columns f0..f{d - 1}{', label' if arrays.y is not None else ''}) in " \
-           f"{files} Parquet file(s) to {dest}"
 
 
 def build_parser() -> argparse.ArgumentParser:

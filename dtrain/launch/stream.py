@@ -46,8 +46,8 @@ def quiet_data_context() -> None:
 def _read(files: ParquetFiles, columns: list[str], cpus: float) -> Any:
     import ray.data
 
-    return ray.data.read_parquet(files.paths, filesystem=files.filesystem, columns=columns, partitioning=None,
-                                 file_extensions=None, num_cpus=cpus)
+    return ray.data.read_parquet(files.paths, filesystem=files.filesystem, partitioning=None, file_extensions=None,
+                                 num_cpus=cpus).select_columns(columns)
 
 
 def task_cpus(spare_cpus: float) -> float:
