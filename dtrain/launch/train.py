@@ -322,6 +322,7 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
     the run keeps its weights and optimizer state and applies its own optimizer settings.
     data: the job's DataBundle if the caller loaded it already: it goes to the workers through Ray's object store
     (one load for the whole run, and workers never need the data files or their readers); else each worker loads it.
+    A ParquetSource (data.name=parquet) is streamed instead: Ray Data reads the files, each worker gets a share.
     """
     if address is None:
         check_local_resources(job)  # before an embedded Ray starts (slow) and before the run dir is claimed
