@@ -82,23 +82,35 @@ def _check_buildable(job, address: str | None = None):
     from dtrain.models import build_model, check_step, runs_user_code
 
     obj = to_objects(job)
-    data = load_data(obj.data)
-    n_train = len(data.train[0])
-    if obj.data.global_batch_size is not None and obj.data.global_batch_size > n_train:
-        raise DtrainError(f"data.global_batch_size: {obj.data.global_batch_size} is larger than the training set "
-                          f"({n_train} samples after the val/test split)")
-    if obj.optim.descent == "minibatch" and obj.data.batch_size > n_train:
-        raise DtrainError(f"data.batch_size: {obj.data.batch_size} is larger than the training set "
-                          f"({n_train} samples after the val/test split)")
+    if obj.data.name == "parquet":  # streamed: only the files' metadata is read here
+        data = _check_parquet(obj)
+    else:
+        data = load_data(obj.data)
+        n_train = len(data.train[0])
+        if obj.data.global_batch_size is not None and obj.data.global_batch_size > n_train:
+            raise DtrainError(f"data.global_batch_size: {obj.data.global_batch_size} is larger than the training "
+                              f"set ({n_train} samples after the val/test split)")
+        if obj.optim.descent == "minibatch" and obj.data.batch_size > n_train:
+            raise DtrainError(f"data.batch_size: {obj.data.batch_size} is larger than the training set "
+                              f"({n_train} samples after the val/test split)")
     with torch.device("meta"):
         model = build_model(obj.model, data.meta)
     if address is None:
         from dtrain.launch.train import check_model_fits
 
         check_model_fits(sum(p.numel() for p in model.parameters()), job)
-    if runs_user_code(obj.model.name):  # the user's code: one real step on two samples proves it keeps the contract
-        check_step(build_model(obj.model, data.meta), tuple(t[:2] for t in data.train))
+    if runs_user_code(obj.model.name) and obj.data.name != "parquet":  # one real step on two samples proves
+        check_step(build_model(obj.model, data.meta), tuple(t[:2] for t in data.train))  # the user's code works
     return data
+
+
+def _check_parquet(obj):
+    """data.name=parquet: the files' schema, columns and row counts, from their metadata (dtrain.data.parquet)."""
+    from dtrain.data.parquet import describe
+
+    if obj.optim.descent == "batch":
+        raise DtrainError("optim.descent: batch (the whole training set per step) cannot stream; use minibatch")
+    return describe(obj.data)
 
 
 def check_trackers(job) -> None:
@@ -118,10 +130,17 @@ def check_trackers(job) -> None:
         job.logging[section].enabled = "false"
 
 
+def _in_memory_only(job, command: str) -> None:
+    if job.data.name == "parquet":
+        raise DtrainError(f"data.name: parquet streams through `dtrain train` only; dtrain {command} does not "
+                          "stream yet (docs/streaming.md)")
+
+
 def cmd_preflight(args: argparse.Namespace) -> int:
     from dtrain.launch.preflight import format_report, parse_bytes, run_preflight
 
     job = _load(args.job, args.overrides)
+    _in_memory_only(job, "preflight")
     limit = parse_bytes(args.memory_limit) if args.memory_limit else None
     problems, data = [], None
     for check in (lambda: _check_buildable(job, args.address), lambda: check_trackers(job)):
@@ -148,6 +167,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         job = _load_run(args.job, JOB_FILE, args.overrides)
     else:
         job = _load(args.job, args.overrides)
+    _in_memory_only(job, "tune")
     _check_buildable(job, args.address)
     check_trackers(job)
     rows, tune_cfg = run_search(job, address=args.address, resume=args.resume)
@@ -189,7 +209,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             continue
         _print_model(name, cfg_cls, f"{description} ({ep.value})")
     print("any CatalogModel subclass by import path: model.name=my_pkg.nets:MyModel")
-    print("data sets: " + ", ".join(sorted(DATASETS)) + ", or a loader by import path: data.name=my_pkg.data:load")
+    print("data sets: " + ", ".join(sorted(DATASETS)) + ", parquet (streamed, docs/streaming.md), or a loader by "
+          "import path: data.name=my_pkg.data:load")
     return 0
 
 
@@ -271,6 +292,26 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """dtrain data convert SRC DEST [overrides] | dtrain data inspect PATH."""
+    from dtrain.data import parquet
+
+    if args.action == "inspect":
+        files = parquet.scan(args.src, "PATH")
+        print(f"{files.location}: {files.num_rows:,} rows in {len(files.paths)} file(s)")
+        for field in files.schema:
+            print(f"  {field.name}: {field.type}")
+        return 0
+    if args.dest is None:
+        raise DtrainError("data convert: expected SRC DEST (a data set name or job file, and a folder)")
+    from dtrain.launch.convert import convert
+
+    written = convert(args.src, Path(args.dest), args.overrides, args.rows_per_file)
+    print(f"[dtrain] wrote {written}; train on it with data.name=parquet data.path={args.dest}"
+          + (f" data.test_path={Path(args.dest) / 'test'}" if (Path(args.dest) / "test").is_dir() else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrain", description="Distributed training on Ray with DDP or DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -308,6 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory, runs/<name>")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("data", help="convert SRC DEST: a data set (name or job file) to Parquet files; inspect PATH: "
+                       "schema, rows and files of Parquet data from its metadata")
+    p.add_argument("action", choices=["convert", "inspect"])
+    p.add_argument("src", help="convert: a data set name (digits) or a job file; inspect: a file, folder, glob or URI")
+    p.add_argument("dest", nargs="?", default=None, help="convert: the folder to write")
+    p.add_argument("overrides", nargs="*", help="convert: data.key=value overrides, e.g. data.path=x.npz")
+    p.add_argument("--rows-per-file", type=int, default=100_000, help="convert: rows per Parquet file")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("models", help="list catalog models, their parameters, and data sets")
     p.set_defaults(func=cmd_models)

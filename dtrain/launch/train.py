@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from dtrain.compat import ray as ray_compat
 from dtrain.config import to_dict, worker_bounds
 from dtrain.data.base import DataBundle
+from dtrain.data.parquet import ParquetSource
 from dtrain.data.sharding import check_global_batch
 from dtrain.errors import ConfigError, DtrainError, find_in_chain
 from dtrain.launch import cost, local_head, net
@@ -55,6 +56,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ray_compat.quiet_train_worker_logs(drop=_is_user_error_traceback)
     # loaded once, by the driver; read in place from Ray's shared object store
     data = from_object_store(ray.get(config["data"])) if config.get("data") is not None else None
+    if config.get("stream") is not None:  # data.name=parquet: this worker's shares of Ray Data's streams
+        from dtrain.launch.stream import worker_stream
+
+        data = worker_stream(config["stream"], config["job"]["data"]["shuffle_buffer"])
     # A run's own latest checkpoint wins; init_checkpoint only seeds a fresh run (dtrain tune's PBT exploit).
     own = ray.train.get_checkpoint()
     if config.get("store") is not None:
@@ -338,6 +343,7 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
     the run keeps its weights and optimizer state and applies its own optimizer settings.
     data: the job's DataBundle if the caller loaded it already: it goes to the workers through Ray's object store
     (one load for the whole run, and workers never need the data files or their readers); else each worker loads it.
+    A ParquetSource (data.name=parquet) is streamed instead: Ray Data reads the files, each worker gets a share.
     """
     if address is None:
         check_local_resources(job)  # before an embedded Ray starts (slow) and before the run dir is claimed
@@ -425,6 +431,15 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
     from ray.train.torch import TorchConfig, TorchTrainer
 
     store = run_dir if isinstance(run_dir, RunStore) else None
+    streams, stream_info, shipped = {}, None, None
+    if isinstance(data, ParquetSource):  # streamed by Ray Data: the driver never holds the rows
+        from dtrain.launch.stream import data_config, prepare, task_cpus
+
+        spare = ray.cluster_resources().get("CPU", 0) - workers * job.trainer.cpus_per_worker
+        datasets, stream_info = prepare(data, job.data.standardize, task_cpus(spare))
+        streams = {"datasets": datasets, "dataset_config": data_config()}
+    elif data is not None:
+        shipped = ray.put(to_object_store(data))
     if store is not None:  # Ray Train writes the checkpoints into the store itself, through its filesystem
         storage = {"storage_path": posixpath.dirname(store.path), "storage_filesystem": store.fs}
     else:
@@ -433,7 +448,7 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
         train_loop_per_worker,
         train_loop_config={"job": to_dict(job), "run_dir": str(run_dir), "store": store,
                            "init_checkpoint": init_checkpoint,
-                           "resume": resume, "data": None if data is None else ray.put(to_object_store(data)),
+                           "resume": resume, "data": shipped, "stream": stream_info,
                            "report_metrics": bool(callbacks), "callbacks": worker_callbacks or [],
                            "sys_path": shipped_paths()},
         scaling_config=scaling_config(job, workers, use_gpu),
@@ -445,6 +460,7 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
                                                           controller_failure_limit=0),
                              checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
                              callbacks=callbacks, logging_config=LoggingConfig(log_level="WARNING")),
+        **streams,
     )
 
 

@@ -15,6 +15,7 @@ from dtrain.config import to_objects
 from dtrain.data import load_data
 from dtrain.data.base import BatchPlan, DataBundle, Loaders
 from dtrain.data.sharding import EvalShards, InMemoryLoader, batch_plan
+from dtrain.data.streaming import StreamData, stream_loaders
 from dtrain.engine import dist
 from dtrain.engine.callbacks import Callback
 from dtrain.engine.checkpoint import atomic_save
@@ -42,12 +43,13 @@ class Worker:
     loop: LoopConfig
 
 
-def build_worker(job: Any, device: torch.device, data: DataBundle | None = None) -> Worker:
+def build_worker(job: Any, device: torch.device, data: DataBundle | StreamData | None = None) -> Worker:
     """Build this rank's model, loaders and strategy for job (JobConfig objects, see dtrain.config.to_objects).
-    data: the job's data if the launcher loaded it already (else it is loaded here)."""
+    data: the job's data if the launcher loaded it already (else it is loaded here), or its streams."""
     rank, world, t = dist.rank(), dist.world_size(), job.trainer
     data = data if data is not None else load_data(job.data)  # seeded by data.seed: the same split everywhere
-    plan = batch_plan(job.optim.descent, job.data.batch_size, len(data.train[0]), world, t.grad_accum,
+    n_train = data.n_train if isinstance(data, StreamData) else len(data.train[0])
+    plan = batch_plan(job.optim.descent, job.data.batch_size, n_train, world, t.grad_accum,
                       job.data.global_batch_size)
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(job.model, data.meta)
@@ -63,11 +65,15 @@ def build_worker(job: Any, device: torch.device, data: DataBundle | None = None)
                       checkpoint_every_n_steps=job.checkpoint.every_n_steps,
                       checkpoint_background=job.checkpoint.background,
                       collective_timeout_s=t.collective_timeout_s, early_stopping=t.early_stopping)
-    return Worker(model, in_memory_loaders(data, plan, rank, device, t.seed), strategy, loop)
+    if isinstance(data, StreamData):
+        loaders = stream_loaders(data, plan, rank, device, t.seed)
+    else:
+        loaders = in_memory_loaders(data, plan, rank, device, t.seed)
+    return Worker(model, loaders, strategy, loop)
 
 
 def run_worker(job_dict: dict[str, Any], run_dir: str | Path, publish: Publish, device: torch.device,
-               resume_dir: Path | None = None, data: DataBundle | None = None, *, retarget: bool = False,
+               resume_dir: Path | None = None, data: DataBundle | StreamData | None = None, *, retarget: bool = False,
                callbacks: list[Callback] = (), store: RunStore | None = None) -> dict[str, Any]:
     """Train the job in this process (one rank of the process group, if any); returns the summary.
     data: the job's data if the launcher loaded it already (else it is loaded here).

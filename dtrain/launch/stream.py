@@ -1,0 +1,135 @@
+"""Parquet data streamed through Ray Data to Ray Train's workers (data.name=parquet, docs/streaming.md).
+
+On the driver, `prepare` builds one Ray Data pipeline per split from the files' metadata (dtrain.data.parquet),
+counts the rows of each split and takes the standardisation statistics in one Ray Data pass (only per-block
+partial moments reach the driver); TorchTrainer(datasets=..., dataset_config=data_config()) splits each pipeline
+into equal shares, one per worker. In a worker, `worker_stream` hands each share's epochs to dtrain.data.streaming.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import numpy as np
+
+from dtrain.data.parquet import (
+    SPLITS,
+    ParquetFiles,
+    ParquetSource,
+    combine_moments,
+    keep_split,
+    split_moments,
+    to_xy,
+)
+from dtrain.data.streaming import StreamData
+from dtrain.errors import DataError, DtrainError, first_line
+
+STREAM_BATCH_ROWS = 4096
+"""Rows per batch a worker takes from its share (re-cut into micro-batches by the loader)."""
+PREFETCH_BATCHES = 2
+"""Batches a worker's share reads ahead while the model trains."""
+
+
+def quiet_data_context() -> None:
+    """No progress bars or per-execution notices from Ray Data on the console (dtrain prints its own progress)."""
+    from ray.data import DataContext
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # (it warns that the bars are off)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = True  # the epoch's order is deterministic (see data_config)
+
+
+def _read(files: ParquetFiles, columns: list[str], cpus: float) -> Any:
+    import ray.data
+
+    return ray.data.read_parquet(files.paths, filesystem=files.filesystem, partitioning=None, file_extensions=None,
+                                 num_cpus=cpus).select_columns(columns)
+
+
+def task_cpus(spare_cpus: float) -> float:
+    """CPUs each Ray Data task asks for: 1, or a share of what the training workers leave free; 0 when they hold
+    every CPU (a small machine): the reads then share the workers' CPUs instead of waiting for ever."""
+    return max(0.0, min(1.0, spare_cpus))
+
+
+def prepare(source: ParquetSource, standardize: bool, cpus: float = 1.0) -> tuple[dict[str, Any], StreamData]:
+    """(the Ray datasets of the splits that have rows, what the workers need to know of them); cpus: per Ray Data
+    task (task_cpus). One Ray Data pass over data.path counts the rows of each split and takes the training
+    statistics (each block reduced to a row of partial moments, merged here); own val/test files are counted from
+    their metadata."""
+    quiet_data_context()
+    used = [*source.features, *([source.target] if source.target else [])]
+    hashed = {"columns": used, "seed": source.seed, "val_fraction": source.val_fraction,
+              "test_fraction": source.test_fraction}
+    raw = {}
+    for index, name in enumerate(SPLITS):
+        own = source.files[name]
+        ds = _read(own or source.files["train"], used, cpus)
+        if own is None or (name == "train" and (source.val_fraction or source.test_fraction)):
+            ds = ds.map_batches(keep_split, fn_kwargs={"split": index, **hashed}, batch_format="numpy",
+                                num_cpus=cpus)
+        raw[name] = ds
+    where = source.files["train"].location
+    moments = _read(source.files["train"], used, cpus).map_batches(
+        split_moments, fn_kwargs={"features": source.features if standardize else [], **hashed},
+        batch_format="numpy", num_cpus=cpus)
+    parts = _guarded(lambda: list(moments.iter_rows()), where)
+    split_counts, mean, std = combine_moments(parts)
+    counts = {name: int(split_counts[i]) for i, name in enumerate(SPLITS)} | dict(source.counts)
+    if counts["train"] == 0:
+        raise DataError(f"data.path: no training rows left after the val/test split of {where}")
+    if standardize:
+        mean, std = mean.astype(np.float32), std.astype(np.float32)
+        std[~(std >= 1e-8)] = 1.0
+    else:
+        mean = std = None
+    xy = functools.partial(to_xy, features=source.features, target=source.target, task=source.meta.task,
+                           mean=mean, std=std)
+    datasets = {name: ds.map_batches(xy, batch_format="numpy", num_cpus=cpus) for name, ds in raw.items()
+                if counts[name]}
+    return datasets, StreamData(source.meta, counts)
+
+
+def _guarded(fn: Any, where: str) -> Any:
+    """fn(), with a failure to read the files as one DataError line (a file corrupt past its footer, a store that
+    went away)."""
+    try:
+        return fn()
+    except DtrainError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Ray wraps the reader's error in its own
+        raise DataError(f"data.path: reading {where} failed: {first_line(_root(err))[:200]}") from None
+
+
+def _root(err: BaseException) -> BaseException:
+    while getattr(err, "cause", None) is not None or err.__cause__ is not None:
+        err = getattr(err, "cause", None) or err.__cause__
+    return err
+
+
+def data_config() -> Any:
+    """Ray Train's split of the datasets: equal shares, in Ray Data's deterministic order (preserve_order, which
+    also makes the split ignore locality: the same rows go to the same rank in every epoch and every run)."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    return DataConfig(execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False)
+
+
+def worker_stream(info: StreamData, shuffle_buffer: int) -> StreamData:
+    """In a Ray Train worker: info with each split's epochs over this worker's share."""
+    import ray.train
+
+    epochs = {}
+    for name in SPLITS:
+        if info.counts.get(name):
+            epochs[name] = functools.partial(_epoch, ray.train.get_dataset_shard(name))
+    return StreamData(info.meta, info.counts, shuffle_buffer, epochs)
+
+
+def _epoch(shard: Any) -> Any:
+    return shard.iter_batches(batch_size=STREAM_BATCH_ROWS, batch_format="numpy", prefetch_batches=PREFETCH_BATCHES)

@@ -1,0 +1,42 @@
+"""data.name=parquet end to end through the real command line (in this process, on the session's Ray): digits
+written as unequal Parquet files by `dtrain data convert`, streamed by Ray Data to 2 DDP workers, to the
+accuracy bar of the in-memory `make train` job (tests/ray/test_train.py), every rank taking the steps the driver
+counted."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from dtrain.cli import main
+from dtrain.data.parquet import split_of
+from dtrain.tracking import read_metrics
+from tests.helpers import JOBS
+
+
+def test_digits_as_unequal_parquet_files_stream_to_2_workers_at_the_in_memory_bar(ray_session, tmp_path, capfd):
+    data = tmp_path / "digits"
+    assert main(["data", "convert", "digits", str(data), "--rows-per-file", "700"]) == 0
+    files = sorted(data.glob("*.parquet"))
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [700, 700, 397]  # unequal shards
+    address = ray_session.get_runtime_context().gcs_address
+    rc = main(["train", str(JOBS / "mlp_digits.yaml"), "data.name=parquet", f"data.path={data}",
+               "trainer.max_epochs=8", f"runs_dir={tmp_path}", "name=stream", "logging.wandb.enabled=false",
+               "logging.progress=false", "--address", address])
+    out = capfd.readouterr()
+    assert rc == 0, out.err[-3000:]
+    summary = json.loads((tmp_path / "stream" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["test"]["test/acc"] >= 0.97, summary["test"]
+    # the training rows of the seeded split, shared equally by the 2 ranks, in steps of 2 x 32 samples
+    table = pq.read_table(data).to_pydict()
+    cols = [f"f{j}" for j in range(64)] + ["label"]
+    n_train = int((split_of({c: np.asarray(table[c]) for c in cols}, cols, 0, 0.1, 0.2) == 0).sum())
+    steps = math.ceil((n_train // 2) / 32)
+    events = read_metrics(tmp_path / "stream")
+    assert [e["steps_per_epoch"] for e in events if e["event"] == "stage"] == [steps]
+    assert [e["step"] for e in events if e["event"] == "epoch"] == [steps * k for k in range(1, 9)]
+    assert summary["steps"] == 8 * steps
