@@ -12,10 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dtrain.cli import main
-from tests.helpers import JOBS, ROOT
+from tests.unit.test_bad_input import _argv, _assert_one_clear_line
 
-JOB = str(JOBS / "mlp_digits.yaml")
-TUNE_JOB = str(ROOT / "examples/user_project/jobs/tune_smallnet.yaml")
 PQ = "train JOB data.name=parquet"
 
 
@@ -90,17 +88,9 @@ def scratch(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_parquet_input_is_one_clear_line_and_exit_2(case, scratch, capfd, monkeypatch, request):
-    name, cmd, expected = case
+    name = case[0]
     if "bucket" in name:
         request.getfixturevalue("s3")  # the moto server the AWS_ENDPOINT_URL of tests/conftest.py points at
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    argv = [a.replace("{d}", str(scratch)).replace("{tune}", TUNE_JOB).replace("JOB", JOB) for a in cmd.split()]
-    if argv[0] == "train":
-        argv += [f"runs_dir={scratch / 'runs'}", f"name={name}"]
-    rc = main(argv)
-    err = capfd.readouterr().err
-    lines = err.strip().splitlines()
-    assert rc == 2, (rc, err[-2000:])
-    assert len(lines) == 1 and lines[0].startswith("dtrain: error: ") and "Traceback" not in err, err[-2000:]
-    assert expected.replace("{d}", str(scratch)) in lines[0], lines[0]
-    assert not (scratch / "runs" / name).exists()  # before a run directory (and Ray) was started
+    rc = main(_argv(case, scratch))
+    _assert_one_clear_line(case, rc, capfd.readouterr().err, scratch)
