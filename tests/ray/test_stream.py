@@ -16,6 +16,8 @@ from dtrain.data.parquet import split_of
 from dtrain.tracking import read_metrics
 from tests.helpers import JOBS
 
+EPOCHS = 4  # the fewest at which the streamed run reaches the in-memory bar
+
 
 def test_digits_as_unequal_parquet_files_stream_to_2_workers_at_the_in_memory_bar(ray_session, tmp_path, capfd):
     data = tmp_path / "digits"
@@ -24,13 +26,13 @@ def test_digits_as_unequal_parquet_files_stream_to_2_workers_at_the_in_memory_ba
     assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [700, 700, 397]  # unequal shards
     address = ray_session.get_runtime_context().gcs_address
     rc = main(["train", str(JOBS / "mlp_digits.yaml"), "data.name=parquet", f"data.path={data}",
-               "trainer.max_epochs=4", f"runs_dir={tmp_path}", "name=stream", "logging.wandb.enabled=false",
+               f"trainer.max_epochs={EPOCHS}", f"runs_dir={tmp_path}", "name=stream", "logging.wandb.enabled=false",
                "logging.progress=false", "--address", address])
     out = capfd.readouterr()
     assert rc == 0, out.err[-3000:]
     summary = json.loads((tmp_path / "stream" / "summary.json").read_text())
     assert summary["world_size"] == 2
-    print(f"parquet digits, 4 epochs: test acc {summary['test']['test/acc']:.4f}")
+    print(f"parquet digits, {EPOCHS} epochs: test acc {summary['test']['test/acc']:.4f}")
     assert summary["test"]["test/acc"] >= 0.97, summary["test"]
     # the training rows of the seeded split, shared equally by the 2 ranks, in steps of 2 x 32 samples
     table = pq.read_table(data).to_pydict()
@@ -39,5 +41,5 @@ def test_digits_as_unequal_parquet_files_stream_to_2_workers_at_the_in_memory_ba
     steps = math.ceil((n_train // 2) / 32)
     events = read_metrics(tmp_path / "stream")
     assert [e["steps_per_epoch"] for e in events if e["event"] == "stage"] == [steps]
-    assert [e["step"] for e in events if e["event"] == "epoch"] == [steps * k for k in range(1, 5)]
-    assert summary["steps"] == 4 * steps
+    assert [e["step"] for e in events if e["event"] == "epoch"] == [steps * k for k in range(1, EPOCHS + 1)]
+    assert summary["steps"] == EPOCHS * steps
