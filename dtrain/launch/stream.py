@@ -33,11 +33,14 @@ PREFETCH_BATCHES = 2
 
 
 def quiet_data_context() -> None:
-    """No progress bars or per-execution notices from Ray Data on the console (dtrain prints its own progress)."""
+    """No progress bars or per-execution notices from Ray Data on the console (dtrain prints its own progress), and
+    Ray Data's first Parquet reader (V1): the V2 reader starts a pool of footer-reading actors (new processes) at
+    every execution, which is every epoch of every split here."""
     from ray.data import DataContext
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # (it warns that the bars are off)
     ctx = DataContext.get_current()
+    ctx.use_datasource_v2 = False
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = True  # the epoch's order is deterministic (see data_config)
@@ -65,16 +68,17 @@ def prepare(source: ParquetSource, standardize: bool, cpus: float = 1.0) -> tupl
     used = [*source.features, *([source.target] if source.target else [])]
     hashed = {"columns": used, "seed": source.seed, "val_fraction": source.val_fraction,
               "test_fraction": source.test_fraction}
+    train_files = _read(source.files["train"], used, cpus)  # one read plan (its file listing) for all its uses
     raw = {}
     for index, name in enumerate(SPLITS):
         own = source.files[name]
-        ds = _read(own or source.files["train"], used, cpus)
+        ds = train_files if name == "train" or own is None else _read(own, used, cpus)
         if own is None or (name == "train" and (source.val_fraction or source.test_fraction)):
             ds = ds.map_batches(keep_split, fn_kwargs={"split": index, **hashed}, batch_format="numpy",
                                 num_cpus=cpus)
         raw[name] = ds
     where = source.files["train"].location
-    moments = _read(source.files["train"], used, cpus).map_batches(
+    moments = train_files.map_batches(
         split_moments, fn_kwargs={"features": source.features if standardize else [], **hashed},
         batch_format="numpy", num_cpus=cpus)
     parts = _guarded(lambda: list(moments.iter_rows()), where)
