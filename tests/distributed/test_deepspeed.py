@@ -158,26 +158,6 @@ def test_resume_continues_the_same_run(runs):
     assert summary["test"]["test/acc"] == pytest.approx(full["summary"]["test"]["test/acc"], abs=1e-9)
 
 
-def test_bf16_trains_through_ray(ray_session, tmp_path):
-    """The job file under Ray Train, ZeRO-2 with bf16 weights; Ray's merged checkpoint is DeepSpeed-readable."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from dtrain.launch.train import fit_job
-
-    job = load_job(JOBS / "mlp_digits_deepspeed.yaml", [f"runs_dir={tmp_path}", "name=ds", "trainer.max_epochs=3",
-                                                         "logging.progress=false", "logging.wandb.enabled=false"])
-    assert job.trainer.deepspeed.zero_stage == 2 and job.trainer.precision == "bf16-mixed"
-    summary = fit_job(job)
-    assert summary["world_size"] == 2 and summary["skipped_steps"] == 0
-    assert summary["test"]["test/acc"] > 0.85
-    epochs = [e for e in read_metrics(tmp_path / "ds") if e["event"] == "epoch"]
-    assert epochs[-1]["val/loss"] < epochs[0]["val/loss"]
-    checkpoint = sorted((tmp_path / "ds").glob("checkpoint_*/deepspeed"))[-1]
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
-    model = build_model(to_objects(job).model, load_data(to_objects(job).data).meta)
-    model.load_state_dict(state, strict=True)
-
-
 def _config(**over) -> dict:
     """deepspeed_config of the trainer section of a ZeRO-0 job with these overrides."""
     t = to_objects(build_job(OmegaConf.create(_ds(0, **over)))).trainer

@@ -226,15 +226,26 @@ def test_bf16_trains(tmp_path):
     assert summary["skipped_steps"] == 0 and summary["test"]["test/acc"] > 0.85
 
 
-def test_fsdp_trains_through_ray(ray_session, tmp_path):
-    """The command line's path: Ray Train workers, Ray's merged checkpoint folders hold one DCP checkpoint."""
+def test_fsdp_trains_the_cnn_through_ray_on_the_data_the_driver_loaded(ray_session, tmp_path):
+    """The command line's path: Ray Train workers train the CNN job under FSDP on the data the driver loaded, and
+    Ray's merged checkpoint folders hold one DCP checkpoint."""
+    import dataclasses
+
     from dtrain.launch.train import fit_job
 
-    job = load_job(JOBS / "mlp_digits.yaml", [f"runs_dir={tmp_path}", "name=ray", "trainer.strategy=fsdp",
-                                               "trainer.max_epochs=3", "logging.progress=false",
-                                               "logging.wandb.enabled=false", "model.dropout=0"])
-    summary = fit_job(job)
-    assert summary["world_size"] == 2 and summary["skipped_steps"] == 0 and summary["test"]["test/acc"] > 0.85
-    checkpoint = sorted((tmp_path / "ray").glob("checkpoint_*/fsdp"))[-1].parent
-    model = build_model(to_objects(job).model, load_data(to_objects(job).data).meta)
+    job = load_job(JOBS / "cnn_digits.yaml", [f"runs_dir={tmp_path}", "name=cnn", "trainer.strategy=fsdp",
+                                              "logging.progress=false", "logging.wandb.enabled=false",
+                                              "trainer.max_epochs=3", "model.channels=[8,16]", "model.hidden=[32]",
+                                              "model.dropout=0", "optim.scheduler=none", "optim.lr=0.005"])
+    # `dtrain train` loads the data once on the driver and ships it through Ray's object store: here the shipped
+    # training split is cut to 1024 rows, so the workers' step count shows which data they trained on.
+    full = load_data(to_objects(job).data)
+    shipped = dataclasses.replace(full, train=tuple(t[:1024] for t in full.train))
+    summary = fit_job(job, data=shipped)
+    assert summary["world_size"] == 2 and summary["skipped_steps"] == 0
+    batch = job.data.batch_size * 2
+    assert summary["steps"] == 3 * 1024 // batch < 3 * len(full.train[0]) // batch
+    assert summary["test"]["test/acc"] > 0.85  # chance is 0.1
+    checkpoint = sorted((tmp_path / "cnn").glob("checkpoint_*/fsdp"))[-1].parent
+    model = build_model(to_objects(job).model, full.meta)
     model.load_state_dict(_plain_state_dict(checkpoint, tmp_path), strict=True)

@@ -107,16 +107,38 @@ def test_sigterm_stops_a_run_with_one_line_and_resume_continues_the_moved_run_di
     assert [e["epoch"] for e in events[resumes[0]:] if e["event"] == "epoch"] == [newest["epoch"] + 1]
 
 
-def test_a_successful_run_prints_dtrains_lines_and_nothing_else(ray_session, tmp_path):
-    """Workers, Ray Train's controller and DeepSpeed log plenty (accelerator notices, Ray's own lines); the console
-    shows dtrain's lines only (each line printed once, without Ray's "(RayTrainWorker pid=...)" prefix)."""
-    proc = _dtrain(["train", JOBS / "mlp_digits_deepspeed.yaml", f"runs_dir={tmp_path}", "name=quiet",
-                    "trainer.max_epochs=2", "logging.progress=false", "logging.wandb.enabled=false"],
-                   ray_session.get_runtime_context().gcs_address)
+def test_the_deepspeed_job_trains_in_bf16_and_prints_dtrains_lines_and_nothing_else(ray_session, tmp_path):
+    """The DeepSpeed job file (ZeRO-2, bf16 weights) through the command line: it trains, Ray's merged checkpoint is
+    DeepSpeed-readable, and of all that the workers, Ray Train's controller and DeepSpeed log (accelerator notices,
+    Ray's own lines) the console shows dtrain's lines only (each printed once, without Ray's "(RayTrainWorker
+    pid=...)" prefix)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from dtrain.config import load_job, to_objects
+    from dtrain.data import load_data
+    from dtrain.engine.strategies.deepspeed import TAG
+    from dtrain.models import build_model
+
+    job_file = JOBS / "mlp_digits_deepspeed.yaml"
+    overrides = [f"runs_dir={tmp_path}", "name=ds", "trainer.max_epochs=3", "logging.progress=false",
+                 "logging.wandb.enabled=false"]
+    job = load_job(job_file, overrides)
+    assert job.trainer.deepspeed.zero_stage == 2 and job.trainer.precision == "bf16-mixed"
+    proc = _dtrain(["train", job_file, *overrides], ray_session.get_runtime_context().gcs_address)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert [line for line in lines if not line.startswith("[dtrain]")] == []
-    assert sum("epoch=" in line for line in lines) == 2
+    assert sum("epoch=" in line for line in lines) == 3
+
+    summary = json.loads((tmp_path / "ds" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["skipped_steps"] == 0
+    assert summary["test"]["test/acc"] > 0.85
+    epochs = [e for e in read_metrics(tmp_path / "ds") if e["event"] == "epoch"]
+    assert epochs[-1]["val/loss"] < epochs[0]["val/loss"]
+    checkpoint = sorted((tmp_path / "ds").glob("checkpoint_*/deepspeed"))[-1]
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+    model = build_model(to_objects(job).model, load_data(to_objects(job).data).meta)
+    model.load_state_dict(state, strict=True)
 
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
