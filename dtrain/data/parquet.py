@@ -10,12 +10,14 @@ import glob
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dtrain.errors import ConfigError, DataError, first_line
-from dtrain.models.base import DataMeta
+
+if TYPE_CHECKING:  # the per-batch transforms below run in Ray Data's workers, which need not import torch
+    from dtrain.models.base import DataMeta
 
 SPLITS = ("train", "val", "test")
 
@@ -178,6 +180,8 @@ def target_classes(files: ParquetFiles, target: str) -> int:
 def describe(cfg: Any) -> ParquetSource:
     """Check the job's Parquet data from metadata alone (before Ray starts) and say what a model needs to know."""
     import pyarrow.types as pat
+
+    from dtrain.models.base import DataMeta
 
     if not cfg.path:
         raise ConfigError("data.path: required for data set 'parquet' (a file, folder, glob or URI)")

@@ -132,3 +132,15 @@ def test_partial_moments_combine_to_the_training_rows_mean_and_std():
     assert counts.sum() == 5000 and counts[0] == train.sum()
     np.testing.assert_allclose(mean, x.mean(0), rtol=1e-10)
     np.testing.assert_allclose(std, x.std(0), rtol=1e-10)
+
+
+def test_ray_datas_workers_import_the_row_transforms_without_torch():
+    """Each Ray Data worker process imports dtrain.data.parquet to run the stream's per-batch transforms: that must
+    not drag in torch (seconds and hundreds of MB per worker); dtrain.data's catalog still answers by name."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dtrain.data.parquet; assert 'torch' not in sys.modules, 'torch imported'; "
+            "from dtrain.data import load_data, DATASETS; assert 'digits' in DATASETS and callable(load_data)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

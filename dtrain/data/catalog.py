@@ -1,0 +1,171 @@
+"""Data sets by name: each loader returns arrays; `load_data` splits, standardises and wraps them as tensors
+(imported as dtrain.data's own names: see dtrain/data/__init__.py)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dtrain.data import bundled, files, generated, series, transforms
+from dtrain.data.base import Arrays, DataBundle
+from dtrain.errors import ConfigError, DataError, DtrainError, first_line
+from dtrain.models.base import DataMeta
+from dtrain.models.plugins import check_keywords, function_by_name
+
+# name -> loader(**options) -> Arrays
+DATASETS: dict[str, Callable[..., Arrays]] = {
+    "digits": bundled.digits,
+    "breast_cancer": bundled.breast_cancer,
+    "iris": bundled.iris,
+    "wine": bundled.wine,
+    "xor": bundled.xor,
+    "adding": generated.adding,
+    "periodic": generated.periodic,
+    "sunspots": series.sunspots,
+    "mnist": files.mnist,
+    "npz": files.npz,
+    "csv": files.csv,
+}
+
+
+def data_loader(name: str) -> Callable[..., Arrays]:
+    """The loader called name: a registered data set, or the function at a `module:function` import path."""
+    return function_by_name(name, DATASETS, "data.name", "a function returning dtrain.data.Arrays")
+
+
+def load_arrays(cfg: Any) -> Arrays:
+    """Call the data set's loader with cfg.options (and cfg.path for file-backed sets), checking the arguments."""
+    if cfg.name == "parquet":
+        raise ConfigError("data.name: parquet streams through Ray Data in `dtrain train` only (not yet in dtrain "
+                          "tune, preflight or in-process workers); `dtrain data convert` reads the in-memory sets")
+    loader = data_loader(cfg.name)
+    if cfg.name not in DATASETS:
+        return _user_arrays(loader, cfg)
+    params = inspect.signature(loader).parameters
+    kwargs = dict(cfg.options or {})
+    if "path" in params:
+        if not cfg.path:
+            raise ConfigError(f"data.path: required for data set {cfg.name!r}")
+        kwargs["path"] = cfg.path
+    elif cfg.path:
+        raise ConfigError(f"data.path: data set {cfg.name!r} takes no file")
+    for key in kwargs:
+        if key not in params:
+            allowed = ", ".join(p for p in params if p != "path") or "none"
+            raise ConfigError(f"data.options.{key}: unknown option for {cfg.name!r} (allowed: {allowed})")
+    return loader(**kwargs)
+
+
+def _user_arrays(loader: Callable[..., Any], cfg: Any) -> Arrays:
+    """The user's loader, called like a registered one; its mistakes are one line naming data.name."""
+    kwargs = dict(cfg.options or {}, **({"path": cfg.path} if cfg.path else {}))
+    check_keywords(loader, kwargs, lambda key: "data.path" if key == "path" else f"data.options.{key}", cfg.name)
+    try:
+        arrays = loader(**kwargs)
+    except DtrainError:
+        raise
+    except Exception as err:
+        raise DataError(f"data.name: {cfg.name} failed: {type(err).__name__}: {first_line(err)}") from None
+    if not isinstance(arrays, Arrays):
+        raise DataError(f"data.name: {cfg.name} returned {type(arrays).__name__}, expected dtrain.data.Arrays")
+    tasks = ("classification", "regression", "unsupervised", "unsupervised_binary")
+    if arrays.task not in tasks:
+        raise DataError(f"data.name: {cfg.name} returned task {arrays.task!r}, expected one of {', '.join(tasks)}")
+    if arrays.y is not None and len(arrays.y) != len(arrays.x):
+        raise DataError(f"data.name: {cfg.name} returned {len(arrays.x)} samples but {len(arrays.y)} targets")
+    return arrays
+
+
+def _split(arrays: Arrays, cfg: Any) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    if arrays.split is not None:
+        train_x, train_y = arrays.split["train"]
+        n_val = int(round(len(train_x) * cfg.val_fraction))
+        return {"train": (train_x[n_val:], _maybe(train_y, slice(n_val, None))),
+                "val": (train_x[:n_val], _maybe(train_y, slice(None, n_val))),
+                "test": arrays.split["test"]}
+    n = len(arrays.x)
+    order = np.random.default_rng(cfg.seed).permutation(n) if arrays.shuffle_split else np.arange(n)
+    n_test = int(round(n * cfg.test_fraction))
+    n_val = int(round((n - n_test) * cfg.val_fraction))
+    n_train = n - n_test - n_val
+    # Each split keeps its samples in their file order (the loader shuffles every epoch anyway), so the training
+    # rows can be moved to the front of the array in place instead of copied: no second copy of the data set.
+    parts = {"train": np.sort(order[:n_train]), "val": np.sort(order[n_train:n_train + n_val]),
+             "test": np.sort(order[n_train + n_val:])}
+    out = {k: (arrays.x[idx], _maybe(arrays.y, idx)) for k, idx in parts.items() if k != "train"}
+    x = _writable_float32(arrays.x)
+    return {"train": (_take_rows_to_front(x, parts["train"]), _maybe(arrays.y, parts["train"])), **out}
+
+
+def _take_rows_to_front(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """x[rows] built in x's own memory: for ascending rows (so rows[i] >= i), chunk by chunk; returns that view."""
+    step = transforms.chunk_rows(x)
+    for start in range(0, len(rows), step):
+        chunk = rows[start:start + step]
+        x[start:start + len(chunk)] = x[chunk]
+    return x[:len(rows)]
+
+
+def _maybe(y: np.ndarray | None, idx: Any) -> np.ndarray | None:
+    return None if y is None else y[idx]
+
+
+def fourier_features(x: np.ndarray) -> np.ndarray:
+    """Append the FFT magnitude spectrum of each sample to its flattened features (sequences (N, L, C): along time,
+    per channel)."""
+    flat = x.reshape(len(x), -1)
+    spec = np.abs(np.fft.rfft(x if x.ndim == 3 else flat, axis=1, norm="ortho")).reshape(len(x), -1)
+    return np.concatenate([flat, spec], axis=-1)
+
+
+def load_data(cfg: Any) -> DataBundle:
+    """Load, split, transform (fourier, standardise with training statistics) and tensorise data set cfg.name."""
+    arrays = load_arrays(cfg)
+    if len(arrays.x) == 0:
+        raise DataError(f"data.name={cfg.name}: the data set is empty")
+    splits = _split(arrays, cfg)
+    if len(splits["train"][0]) == 0:
+        raise DataError(f"data: no training samples left after the val/test split of {len(arrays.x)} samples")
+    if cfg.fourier:
+        splits = {k: (fourier_features(x), y) for k, (x, y) in splits.items()}
+    splits = {k: (_writable_float32(x), y) for k, (x, y) in splits.items()}
+    if cfg.standardize and arrays.task != "unsupervised_binary":
+        mean, std = transforms.mean_std(splits["train"][0])
+        std[std < 1e-8] = 1.0
+        for x, _ in splits.values():
+            transforms.scale_(x, mean, std)
+    if cfg.minmax:  # to [0, 1] with the training min/max; val/test values outside that range are clipped
+        low, high = transforms.min_max(splits["train"][0])
+        span = high - low
+        span[span < 1e-8] = 1.0
+        for x, _ in splits.values():
+            transforms.scale_(x, low, span, clip=(0.0, 1.0))
+    tensors = {k: _tensors(x, y, arrays.task) for k, (x, y) in splits.items()}
+    sample = tensors["train"][0]
+    output_dim = 0
+    if arrays.task == "regression" and arrays.y is not None:
+        output_dim = int(np.prod(tensors["train"][1].shape[1:])) or 1
+    meta = DataMeta(input_shape=tuple(sample.shape[1:]), num_classes=arrays.num_classes, output_dim=output_dim,
+                    task="unsupervised" if arrays.task.startswith("unsupervised") else arrays.task,
+                    period=arrays.period)
+    return DataBundle(tensors["train"], tensors["val"], tensors["test"], meta)
+
+
+def _writable_float32(x: np.ndarray) -> np.ndarray:
+    """x as a contiguous float32 array this pipeline may scale in place (copied only when it is not one already)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x if x.flags.writeable else x.copy()
+
+
+def _tensors(x: np.ndarray, y: np.ndarray | None, task: str) -> tuple[Tensor, ...]:
+    """Tensors sharing the arrays' memory (no copy when they are contiguous and of the right dtype already)."""
+    xt = torch.from_numpy(_writable_float32(x))
+    if y is None:
+        return (xt,)
+    dtype = np.int64 if task == "classification" else np.float32
+    return (xt, torch.from_numpy(np.ascontiguousarray(y, dtype=dtype)))
