@@ -58,9 +58,18 @@ torch._dynamo. Forking after importing torch is what DataLoader's workers do on 
 initialise neither CUDA nor a process group."""
 
 
+def _preload() -> list[str]:
+    """PRELOAD, and DeepSpeed (as slow to import as torch) where torch is built without CUDA: DeepSpeed picks its
+    accelerator when imported, asking CUDA for its devices, which a process must not do before it forks workers
+    that use CUDA."""
+    import torch
+
+    return PRELOAD + ([] if torch.backends.cuda.is_built() else ["deepspeed"])
+
+
 def _context() -> Any:
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    ctx.set_forkserver_preload(_preload())
     return ctx
 
 
