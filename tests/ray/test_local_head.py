@@ -1,7 +1,9 @@
-"""`dtrain up` keeps a Ray head between runs; `dtrain train` without --address uses it; `dtrain down` stops it."""
+"""`dtrain up` keeps a Ray head between runs; `dtrain train` without --address uses it (the `make train` job, to its
+accuracy bar, listening on loopback only); `dtrain down` stops it."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,9 +11,11 @@ import tempfile
 from pathlib import Path
 
 import psutil
+import pytest
 
+from dtrain.tracking import read_metrics
 from tests.helpers import JOBS, ROOT
-from tests.ray.test_train import LOOPBACK, _listening
+from tests.ray.test_train import LOOPBACK, _listening, assert_loopback_only, sockets_listened_on
 
 
 def _dtrain(*args, env):
@@ -19,7 +23,7 @@ def _dtrain(*args, env):
                           cwd=ROOT, timeout=300, env=env)
 
 
-def test_up_train_down(tmp_path):
+def test_up_then_the_make_train_job_on_the_head_then_down(tmp_path):
     state = Path(tempfile.mkdtemp(prefix="dth-", dir="/tmp"))  # short: Ray puts unix sockets under it
     env = {**os.environ, "DTRAIN_LOCAL_HEAD_DIR": str(state)}
     try:
@@ -31,11 +35,14 @@ def test_up_train_down(tmp_path):
         again = _dtrain("up", env=env)  # idempotent: the same head
         assert f"already running at {address}" in again.stdout
 
-        run = _dtrain("train", JOBS / "mlp_digits.yaml", f"runs_dir={tmp_path}", "name=warm", "trainer.max_epochs=1",
-                      "logging.wandb.enabled=false", "logging.progress=false", env=env)
+        # The `make train` job through the real command line, on the head (its workers are the head's processes).
+        with sockets_listened_on(head) as seen:
+            run = _dtrain("train", JOBS / "mlp_digits.yaml", f"runs_dir={tmp_path}", "name=cli",
+                          "logging.wandb.enabled=false", "cost.per_cpu_hour=0.5", env=env)
         assert run.returncode == 0, run.stderr[-2000:]
-        assert f"using the local Ray head at {address}" in run.stdout
-        assert (tmp_path / "warm" / "summary.json").is_file()
+        assert f"using the local Ray head at {address}" in run.stdout and "test/acc" in run.stdout
+        assert_loopback_only(seen)
+        _assert_trained_to_the_bar(tmp_path / "cli")
         assert head.is_running()  # the run left the head up for the next one
 
         listening = _listening(head)
@@ -51,3 +58,19 @@ def test_up_train_down(tmp_path):
         assert "no local Ray head was running" in _dtrain("down", env=env).stdout
     finally:
         _dtrain("down", env=env)
+
+
+def _assert_trained_to_the_bar(run) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["test"]["test/acc"] >= 0.97
+    cost = summary["cost"]  # the worker group's measured lifetime x 2 workers x 1 CPU, priced
+    assert cost["segments"] == 1 and cost["gpu_hours"] == 0 and cost["cpu_hours"] * 3600 >= 2 * summary["wall_time_s"]
+    assert cost["cost"] == pytest.approx(0.5 * cost["cpu_hours"])
+    assert (run / "config.yaml").is_file()
+    assert list(run.glob("checkpoint_*/model.pt")), "Ray Train kept no checkpoint"
+    events = read_metrics(run)
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert epochs and all("val/acc" in e for e in epochs)
+    assert any(e["event"] == "step" and "train/grad_norm" in e and "lr" in e for e in events)
+    assert epochs[-1]["val/loss"] < epochs[0]["val/loss"]
