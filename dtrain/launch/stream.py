@@ -32,7 +32,7 @@ PREFETCH_BATCHES = 2
 """Batches a worker's share reads ahead while the model trains."""
 
 
-def quiet_data_context() -> None:
+def set_data_context() -> None:
     """No progress bars or per-execution notices from Ray Data on the console (dtrain prints its own progress), and
     Ray Data's first Parquet reader (V1): the V2 reader starts a pool of footer-reading actors (new processes) at
     every execution, which is every epoch of every split here."""
@@ -64,7 +64,7 @@ def prepare(source: ParquetSource, standardize: bool, cpus: float = 1.0) -> tupl
     task (task_cpus). One Ray Data pass over data.path counts the rows of each split and takes the training
     statistics (each block reduced to a row of partial moments, merged here); own val/test files are counted from
     their metadata."""
-    quiet_data_context()
+    set_data_context()
     used = [*source.features, *([source.target] if source.target else [])]
     hashed = {"columns": used, "seed": source.seed, "val_fraction": source.val_fraction,
               "test_fraction": source.test_fraction}

@@ -15,7 +15,7 @@ import pytest
 
 from dtrain.tracking import read_metrics
 from tests.helpers import JOBS, ROOT
-from tests.ray.test_train import LOOPBACK, _listening, assert_loopback_only, sockets_listened_on
+from tests.ray.test_train import _listening, assert_loopback_only, beyond_loopback, sockets_listened_on
 
 
 def _dtrain(*args, env):
@@ -47,8 +47,7 @@ def test_up_then_the_make_train_job_on_the_head_then_down(tmp_path):
 
         listening = _listening(head)
         assert {"gcs_server", "raylet"} <= set(listening), listening
-        outside = {name: addrs for name, addrs in listening.items() if {ip for ip, _ in addrs} - LOOPBACK}
-        assert not outside, f"the head listens beyond loopback: {outside}"
+        assert not beyond_loopback(listening), f"the head listens beyond loopback: {beyond_loopback(listening)}"
         session = [head, *head.children(recursive=True)]
 
         down = _dtrain("down", env=env)

@@ -28,8 +28,7 @@ def test_the_embedded_ray_listens_on_loopback_only(ray_session):
         for name, addrs in _listening(child).items():
             found.setdefault(name, set()).update(addrs)
     assert {"gcs_server", "raylet"} <= set(found) and any(n.startswith("ray::") for n in found), found
-    outside = {name: addrs for name, addrs in found.items() if {ip for ip, _ in addrs} - LOOPBACK}
-    assert not outside, f"listening beyond loopback: {outside}"
+    assert not beyond_loopback(found), f"listening beyond loopback: {beyond_loopback(found)}"
 
 
 def _dtrain(args, address, **kwargs):
@@ -144,6 +143,11 @@ def _listening(root) -> dict[str, set[tuple[str, int]]]:
         except psutil.Error:  # gone meanwhile
             pass
     return found
+
+
+def beyond_loopback(listening: dict[str, set[tuple[str, int]]]) -> dict[str, set[tuple[str, int]]]:
+    """The processes of `listening` (_listening's result) with a socket on an address other than loopback."""
+    return {name: addrs for name, addrs in listening.items() if {ip for ip, _ in addrs} - LOOPBACK}
 
 
 @contextlib.contextmanager
