@@ -79,11 +79,13 @@ def _check_buildable(job, address: str | None = None):
 
     from dtrain.config import to_objects
     from dtrain.data import load_data
+    from dtrain.data.stream_source import streams
     from dtrain.models import build_model, check_step, runs_user_code
 
     obj = to_objects(job)
-    if obj.data.name == "parquet":  # streamed: only the files' metadata is read here
-        data = _check_parquet(obj)
+    streamed = streams(obj.data)
+    if streamed:  # only the files' metadata is read here
+        data = _check_stream(obj)
     else:
         data = load_data(obj.data)
         n_train = len(data.train[0])
@@ -99,14 +101,14 @@ def _check_buildable(job, address: str | None = None):
         from dtrain.launch.train import check_model_fits
 
         check_model_fits(sum(p.numel() for p in model.parameters()), job)
-    if runs_user_code(obj.model.name) and obj.data.name != "parquet":  # one real step on two samples proves
+    if runs_user_code(obj.model.name) and not streamed:  # one real step on two samples proves
         check_step(build_model(obj.model, data.meta), tuple(t[:2] for t in data.train))  # the user's code works
     return data
 
 
-def _check_parquet(obj):
-    """data.name=parquet: the files' schema, columns and row counts, from their metadata (dtrain.data.parquet)."""
-    from dtrain.data.parquet import describe
+def _check_stream(obj):
+    """A streamed data set: the files' columns and row counts, from their metadata (dtrain.data.stream_source)."""
+    from dtrain.data.stream_source import describe
 
     if obj.optim.descent == "batch":
         raise DtrainError("optim.descent: batch (the whole training set per step) cannot stream; use minibatch")
@@ -131,8 +133,10 @@ def check_trackers(job) -> None:
 
 
 def _in_memory_only(job, command: str) -> None:
-    if job.data.name == "parquet":
-        raise DtrainError(f"data.name: parquet streams through `dtrain train` only; dtrain {command} does not "
+    from dtrain.data.stream_source import streams
+
+    if streams(job.data):
+        raise DtrainError(f"data.name: {job.data.name} streams through `dtrain train` only; dtrain {command} does not "
                           "stream yet (docs/streaming.md)")
 
 
@@ -294,10 +298,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """dtrain data convert SRC DEST [overrides] | dtrain data inspect PATH."""
-    from dtrain.data import parquet
+    from dtrain.data import stream_source
 
     if args.action == "inspect":
-        files = parquet.scan(args.src, "PATH")
+        files = stream_source.scan(args.src, "PATH")
         print(f"{files.location}: {files.num_rows:,} rows in {len(files.paths)} file(s)")
         for field in files.schema:
             print(f"  {field.name}: {field.type}")
@@ -306,8 +310,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         raise DtrainError("data convert: expected SRC DEST (a data set name or job file, and a folder)")
     from dtrain.launch.convert import convert
 
-    written = convert(args.src, Path(args.dest), args.overrides, args.rows_per_file)
-    print(f"[dtrain] wrote {written}; train on it with data.name=parquet data.path={args.dest}"
+    written = convert(args.src, Path(args.dest), args.overrides, args.rows_per_file, args.format)
+    print(f"[dtrain] wrote {written}; train on it with data.name={args.format} data.path={args.dest}"
           + (f" data.test_path={Path(args.dest) / 'test'}" if (Path(args.dest) / "test").is_dir() else ""))
     return 0
 
@@ -357,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", nargs="?", default=None, help="convert: the folder to write")
     p.add_argument("overrides", nargs="*", help="convert: data.key=value overrides, e.g. data.path=x.npz")
     p.add_argument("--rows-per-file", type=int, default=100_000, help="convert: rows per Parquet file")
+    p.add_argument("--format", choices=["parquet", "images"], default="parquet",
+                   help="convert: Parquet files, or PNG images in class folders (data.name=images)")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("models", help="list catalog models, their parameters, and data sets")

@@ -1,7 +1,7 @@
 """Data sets by name (dtrain.data.catalog: DATASETS, load_data, load_arrays, ...), reached as dtrain.data's own names.
 
 The catalog is imported when one of its names is first used, not with the package: the per-batch transforms of the
-Parquet stream (dtrain.data.parquet), which each of Ray Data's worker processes imports, need numpy and pyarrow only,
+streamed data sets (dtrain.data.stream_batches), which each of Ray Data's worker processes imports, need numpy only,
 and a worker that imported torch with them would spend seconds and hundreds of MB on it.
 """
 

@@ -40,8 +40,8 @@ def data_loader(name: str) -> Callable[..., Arrays]:
 
 def load_arrays(cfg: Any) -> Arrays:
     """Call the data set's loader with cfg.options (and cfg.path for file-backed sets), checking the arguments."""
-    if cfg.name == "parquet":
-        raise ConfigError("data.name: parquet streams through Ray Data in `dtrain train` only (not yet in dtrain "
+    if cfg.name == "parquet" or getattr(cfg, "stream", None):
+        raise ConfigError(f"data.name: {cfg.name} streams through Ray Data in `dtrain train` only (not yet in dtrain "
                           "tune, preflight or in-process workers); `dtrain data convert` reads the in-memory sets")
     loader = data_loader(cfg.name)
     if cfg.name not in DATASETS:

@@ -14,18 +14,22 @@ class DataConfig:
     """Data set name from the registry (`dtrain models` lists them), e.g. digits, adding, npz; or the import path
     module:function of a loader returning dtrain.data.Arrays (its keyword arguments are data.options)."""
     path: str | None = None
-    """File for file-backed data sets (npz, csv, idx); for parquet a file, folder, glob or URI (s3://, gs://, any
-    URI pyarrow.fs opens), streamed through Ray Data (docs/streaming.md)."""
+    """File for file-backed data sets (npz, csv, idx); for a streamed data set (parquet, csv with stream=true) a
+    file, folder, glob or URI (s3://, gs://, any URI pyarrow.fs opens), read by Ray Data (docs/streaming.md)."""
+    stream: bool | None = None
+    """Stream the data through Ray Data instead of loading it into memory: null = parquet streams, every other data
+    set loads into memory; true streams csv (data.path: CSV files with a header row) too; false is not possible for
+    parquet."""
     val_path: str | None = None
-    """parquet: the validation split's own files (else a seeded share val_fraction of data.path's rows)."""
+    """streamed: the validation split's own files (else a seeded share val_fraction of data.path's rows)."""
     test_path: str | None = None
-    """parquet: the test split's own files (else a seeded share test_fraction of data.path's rows)."""
+    """streamed: the test split's own files (else a seeded share test_fraction of data.path's rows)."""
     target: str | None = "label"
-    """parquet: the target column; null for unsupervised models."""
+    """streamed: the target column; null for unsupervised models."""
     features: list[str] | None = None
-    """parquet: the feature columns; null = every column but the target."""
+    """streamed: the feature columns; null = every column but the target."""
     shuffle_buffer: int = 10_000
-    """parquet: rows each worker shuffles together (seeded per epoch) as they stream in."""
+    """streamed: rows each worker shuffles together (seeded per epoch) as they stream in."""
     batch_size: int = 64
     """Mini-batch size per worker; global batch = batch_size x workers x grad_accum. With global_batch_size set:
     the most samples one worker feeds forward at once (its micro-batch)."""
@@ -51,6 +55,10 @@ class DataConfig:
     """Data-set specific keyword arguments, e.g. {seq_len: 50} for adding."""
 
     def __post_init__(self) -> None:
+        check(self.stream is not False or self.name not in ("parquet", "images"), "data.stream",
+              f"true or null for data.name={self.name} (it only streams)", self.stream)
+        check(not self.stream or self.name in ("parquet", "images", "csv"), "data.stream",
+              f"false or null for data.name={self.name} (only parquet, images and csv stream)", self.stream)
         check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1", self.shuffle_buffer)
         check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
         check(self.global_batch_size is None or self.global_batch_size >= 1, "data.global_batch_size",

@@ -1,6 +1,7 @@
-"""Parquet data streamed through Ray Data to Ray Train's workers (data.name=parquet, docs/streaming.md).
+"""Files streamed through Ray Data to Ray Train's workers (data.name parquet, images, csv with data.stream=true;
+docs/streaming.md).
 
-On the driver, `prepare` builds one Ray Data pipeline per split from the files' metadata (dtrain.data.parquet),
+On the driver, `prepare` builds one Ray Data pipeline per split from the files' metadata (dtrain.data.stream_source),
 counts the rows of each split and takes the standardisation statistics in one Ray Data pass (only per-block
 partial moments reach the driver); TorchTrainer(datasets=..., dataset_config=data_config()) splits each pipeline
 into equal shares, one per worker. In a worker, `worker_stream` hands each share's epochs to dtrain.data.streaming.
@@ -8,21 +9,24 @@ into equal shares, one per worker. In a worker, `worker_stream` hands each share
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
 
 import numpy as np
 
-from dtrain.data.parquet import (
+from dtrain.data.stream_batches import (
     SPLITS,
-    ParquetFiles,
-    ParquetSource,
+    check_classes,
     combine_moments,
+    image_rows,
     keep_split,
     split_moments,
+    target_range,
     to_xy,
 )
+from dtrain.data.stream_source import SourceFiles, StreamSource
 from dtrain.data.streaming import StreamData
 from dtrain.errors import DataError, DtrainError, first_line
 
@@ -46,11 +50,23 @@ def set_data_context() -> None:
     ctx.execution_options.preserve_order = True  # the epoch's order is deterministic (see data_config)
 
 
-def _read(files: ParquetFiles, columns: list[str], cpus: float) -> Any:
+def _read(source: StreamSource, files: SourceFiles, columns: list[str], cpus: float) -> Any:
+    """The files' rows of the used columns, as Ray Data reads them (the file list is the driver's)."""
     import ray.data
 
-    return ray.data.read_parquet(files.paths, filesystem=files.filesystem, partitioning=None, file_extensions=None,
-                                 num_cpus=cpus).select_columns(columns)
+    common = {"filesystem": files.filesystem, "partitioning": None, "file_extensions": None, "num_cpus": cpus}
+    if source.fmt == "images":  # decoded by PIL in Ray Data's tasks; the class is the folder under files.root
+        read = source.read
+        images = ray.data.read_images(files.paths, size=read["size"], mode=read["mode"], include_paths=True,
+                                      **common)
+        return images.map_batches(image_rows, fn_kwargs={"classes": read["classes"], "root": files.root,
+                                                         "shape": read["shape"]}, batch_format="numpy", num_cpus=cpus)
+    if source.fmt == "csv":
+        from pyarrow import csv
+
+        options = csv.ConvertOptions(column_types=source.read["column_types"], include_columns=columns)
+        return ray.data.read_csv(files.paths, convert_options=options, **common)
+    return ray.data.read_parquet(files.paths, **common).select_columns(columns)
 
 
 def task_cpus(spare_cpus: float) -> float:
@@ -59,31 +75,37 @@ def task_cpus(spare_cpus: float) -> float:
     return max(0.0, min(1.0, spare_cpus))
 
 
-def prepare(source: ParquetSource, standardize: bool, cpus: float = 1.0) -> tuple[dict[str, Any], StreamData]:
+def prepare(source: StreamSource, standardize: bool, cpus: float = 1.0) -> tuple[dict[str, Any], StreamData]:
     """(the Ray datasets of the splits that have rows, what the workers need to know of them); cpus: per Ray Data
     task (task_cpus). One Ray Data pass over data.path counts the rows of each split and takes the training
-    statistics (each block reduced to a row of partial moments, merged here); own val/test files are counted from
-    their metadata."""
+    statistics (each block reduced to a row of partial moments, merged here), and a CSV target's classes; own
+    val/test files are counted from their metadata, or by Ray Data where it has none (CSV)."""
     set_data_context()
     used = [*source.features, *([source.target] if source.target else [])]
     hashed = {"columns": used, "seed": source.seed, "val_fraction": source.val_fraction,
               "test_fraction": source.test_fraction}
-    train_files = _read(source.files["train"], used, cpus)  # one read plan (its file listing) for all its uses
+    train_files = _read(source, source.files["train"], used, cpus)  # one read plan (its file listing) for all its uses
     raw = {}
     for index, name in enumerate(SPLITS):
         own = source.files[name]
-        ds = train_files if name == "train" or own is None else _read(own, used, cpus)
+        ds = train_files if name == "train" or own is None else _read(source, own, used, cpus)
         if own is None or (name == "train" and (source.val_fraction or source.test_fraction)):
             ds = ds.map_batches(keep_split, fn_kwargs={"split": index, **hashed}, batch_format="numpy",
                                 num_cpus=cpus)
         raw[name] = ds
     where = source.files["train"].location
     moments = train_files.map_batches(
-        split_moments, fn_kwargs={"features": source.features if standardize else [], **hashed},
-        batch_format="numpy", num_cpus=cpus)
+        split_moments, fn_kwargs={"features": source.features if standardize else [], "target": source.target,
+                                  **hashed}, batch_format="numpy", num_cpus=cpus)
     parts = _guarded(lambda: list(moments.iter_rows()), where)
     split_counts, mean, std = combine_moments(parts)
     counts = {name: int(split_counts[i]) for i, name in enumerate(SPLITS)} | dict(source.counts)
+    for name in ("val", "test"):  # own files without row counts in their metadata
+        if source.files[name] is not None and name not in source.counts:
+            counts[name] = _guarded(raw[name].count, source.files[name].location)
+    meta = source.meta
+    if source.count_classes:
+        meta = dataclasses.replace(meta, num_classes=check_classes(*target_range(parts), where))
     if counts["train"] == 0:
         raise DataError(f"data.path: no training rows left after the val/test split of {where}")
     if standardize:
@@ -91,11 +113,11 @@ def prepare(source: ParquetSource, standardize: bool, cpus: float = 1.0) -> tupl
         std[~(std >= 1e-8)] = 1.0
     else:
         mean = std = None
-    xy = functools.partial(to_xy, features=source.features, target=source.target, task=source.meta.task,
-                           mean=mean, std=std)
+    xy = functools.partial(to_xy, features=source.features, target=source.target, task=meta.task,
+                           mean=mean, std=std, shape=meta.input_shape)
     datasets = {name: ds.map_batches(xy, batch_format="numpy", num_cpus=cpus) for name, ds in raw.items()
                 if counts[name]}
-    return datasets, StreamData(source.meta, counts)
+    return datasets, StreamData(meta, counts)
 
 
 def _guarded(fn: Any, where: str) -> Any:

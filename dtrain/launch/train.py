@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from dtrain.compat import ray as ray_compat
 from dtrain.config import to_dict, worker_bounds
 from dtrain.data.base import DataBundle
-from dtrain.data.parquet import ParquetSource
 from dtrain.data.sharding import check_global_batch
+from dtrain.data.stream_source import StreamSource
 from dtrain.errors import ConfigError, DtrainError, find_in_chain
 from dtrain.launch import cost, local_head, net
 from dtrain.launch.progress import ProgressFollower
@@ -343,7 +343,7 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
     the run keeps its weights and optimizer state and applies its own optimizer settings.
     data: the job's DataBundle if the caller loaded it already: it goes to the workers through Ray's object store
     (one load for the whole run, and workers never need the data files or their readers); else each worker loads it.
-    A ParquetSource (data.name=parquet) is streamed instead: Ray Data reads the files, each worker gets a share.
+    A StreamSource (data.name=parquet, ...) is streamed instead: Ray Data reads the files, each worker gets a share.
     """
     if address is None:
         check_local_resources(job)  # before an embedded Ray starts (slow) and before the run dir is claimed
@@ -432,7 +432,7 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
 
     store = run_dir if isinstance(run_dir, RunStore) else None
     streams, stream_info, shipped = {}, None, None
-    if isinstance(data, ParquetSource):  # streamed by Ray Data: the driver never holds the rows
+    if isinstance(data, StreamSource):  # streamed by Ray Data: the driver never holds the rows
         from dtrain.launch.stream import data_config, prepare, task_cpus
 
         spare = ray.cluster_resources().get("CPU", 0) - workers * job.trainer.cpus_per_worker

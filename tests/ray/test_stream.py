@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dtrain.cli import main
-from dtrain.data.parquet import split_of
+from dtrain.data.stream_batches import split_of
 from dtrain.tracking import read_metrics
 from tests.helpers import JOBS
 

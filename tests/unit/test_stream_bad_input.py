@@ -1,6 +1,6 @@
-"""Bad Parquet input for data.name=parquet and `dtrain data`: each one `dtrain: error:` line naming the file, key or
-URI, exit 2, found on the driver from the files' metadata before Ray starts (run through dtrain.cli.main in this
-process, as tests/unit/test_bad_input.py does)."""
+"""Bad streamed input (data.name parquet, images, csv with data.stream=true) and `dtrain data`: each one `dtrain:
+error:` line naming the file, key or URI, exit 2, found on the driver from the files' metadata before Ray starts
+(run through dtrain.cli.main in this process, as tests/unit/test_bad_input.py does)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from dtrain.cli import main
 from tests.unit.test_bad_input import _argv, _assert_one_clear_line
 
 PQ = "train JOB data.name=parquet"
+CSV = "train JOB data.name=csv data.stream=true"
 
 
 def _table(n: int = 40, **extra) -> pa.Table:
@@ -40,6 +43,38 @@ def _write_files(d: Path) -> None:
     pq.write_table(pa.table({"a": pa.array([], pa.float32()), "label": pa.array([], pa.int64())}), d / "none.parquet")
     (d / "notempty").mkdir()
     (d / "notempty" / "x").write_text("x")
+    _write_csv_files(d / "csv")
+    _write_image_folders(d / "img")
+
+
+def _write_image_folders(d: Path) -> None:
+    """ImageFolder layouts: a good one, and one bad one per case."""
+    folders = {"good": ["a/0.png", "b/1.png"], "loose": ["a/0.png", "1.png"], "oneclass": ["a/0.png"],
+               "mixed": ["a/0.png", "b/1.png", "b/2.png"], "corrupt": ["a/0.png", "b/1.png"],
+               "other": ["a/0.png", "c/1.png"]}
+    for name, files in folders.items():
+        for i, rel in enumerate(files):
+            (d / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("L", (6, 4 + (name == "mixed" and i == 2))).save(d / name / rel)
+    (d / "corrupt" / "b" / "1.png").write_bytes(b"not a png")
+
+
+def _write_csv_files(d: Path) -> None:
+    """CSV files with a header row: a good folder (an integer feature column in one file, a float one in the
+    other: read as float), and one bad file or folder per case."""
+    for name, second in {"good": _table().set_column(0, "a", pa.array(np.arange(40))),
+                         "othercols": _table().rename_columns(["a", "c", "label"]),
+                         "words": _table().set_column(1, "b", pa.array(["w"] * 40)),
+                         "emptyfile": None, "headeronly": _table().slice(0, 0)}.items():
+        (d / name).mkdir(parents=True)
+        pacsv.write_csv(_table(), d / name / "part-0.csv")
+        if second is None:
+            (d / name / "part-1.csv").write_bytes(b"")
+        else:
+            pacsv.write_csv(second, d / name / "part-1.csv")
+    pacsv.write_csv(_table(words=pa.array(["w"] * 40)), d / "words.csv")
+    pacsv.write_csv(_table().drop_columns(["b"]), d / "val_without_b.csv")
+    pacsv.write_csv(_table().set_column(2, "label", pa.array(np.full(40, 0.5))), d / "val_float.csv")
 
 
 # (id, command line after `dtrain` ({d} = the scratch folder), what the one error line must contain)
@@ -71,11 +106,60 @@ CASES = [
     ("tune-does-not-stream", "tune {tune} data.name=parquet data.path={d}/good", "dtrain tune does not stream"),
     ("preflight-does-not-stream", "preflight JOB data.name=parquet data.path={d}/good",
      "dtrain preflight does not stream"),
+    ("csv-missing-path", CSV + " data.path={d}/csv/nope", "data.path: {d}/csv/nope not found"),
+    ("csv-empty-folder", CSV + " data.path={d}/empty", "data.path: {d}/empty holds no .csv file"),
+    ("csv-file-with-other-columns", CSV + " data.path={d}/csv/othercols",
+     "data.path: {d}/csv/othercols/part-1.csv: its columns (a: double, c: double, label: int64) differ from"),
+    ("csv-column-that-turns-to-words", CSV + " data.path={d}/csv/words",
+     "data.path: {d}/csv/words/part-1.csv: column 'b' is string, {d}/csv/words/part-0.csv's is double"),
+    ("csv-empty-file", CSV + " data.path={d}/csv/emptyfile",
+     "data.path: {d}/csv/emptyfile/part-1.csv: not a readable CSV file (Empty CSV file)"),
+    ("csv-header-only", CSV + " data.path={d}/csv/headeronly",
+     "data.path: {d}/csv/headeronly/part-1.csv: not a readable CSV file (no rows, a header only)"),
+    ("csv-non-numeric-column", CSV + " data.path={d}/csv/words.csv", "data.features: column 'words' of"),
+    ("csv-target-names-no-column", CSV + " data.path={d}/csv/good data.target=klass",
+     "data.target: no column 'klass' in {d}/csv/good (columns: a, b, label)"),
+    ("csv-val-files-without-a-column", CSV + " data.path={d}/csv/good data.val_path={d}/csv/val_without_b.csv",
+     "{d}/csv/val_without_b.csv: no column 'b' (the training files have it)"),
+    ("csv-val-files-with-a-float-target", CSV + " data.path={d}/csv/good data.val_path={d}/csv/val_float.csv",
+     "{d}/csv/val_float.csv: column 'label' is double, the training files' is int64"),
+    ("csv-folder-without-stream", "train JOB data.name=csv data.path={d}/csv/good",
+     "data.path: {d}/csv/good is not one local file; set data.stream=true"),
+    ("csv-glob-without-stream", "train JOB data.name=csv data.path={d}/csv/good/*.csv",
+     "data.path: {d}/csv/good/*.csv is not one local file; set data.stream=true"),
+    ("stream-an-in-memory-set", "train JOB data.name=digits data.stream=true",
+     "data.stream: expected false or null for data.name=digits (only parquet, images and csv stream)"),
+    ("parquet-without-stream", PQ + " data.path={d}/good data.stream=false",
+     "data.stream: expected true or null for data.name=parquet (it only streams)"),
+    ("tune-does-not-stream-csv", "tune {tune} data.name=csv data.stream=true data.path={d}/csv/good",
+     "dtrain tune does not stream"),
+    ("images-a-file", "train JOB data.name=images data.path={d}/img/good/a/0.png",
+     "data.path: {d}/img/good/a/0.png: expected a folder (or URI) with one subfolder of images per class"),
+    ("images-outside-a-class-folder", "train JOB data.name=images data.path={d}/img/loose",
+     "data.path: {d}/img/loose/1.png: not in a class subfolder (expected {d}/img/loose/<class>/<image>)"),
+    ("images-of-one-class", "train JOB data.name=images data.path={d}/img/oneclass",
+     "data.path: {d}/img/oneclass has 1 class subfolder (a); expected one subfolder per class, at least 2"),
+    ("images-of-another-size", "train JOB data.name=images data.path={d}/img/mixed",
+     "data.path: {d}/img/mixed/b/2.png is 5x6 (H x W), {d}/img/mixed/a/0.png is 4x6; set data.options.size"),
+    ("images-corrupt", "train JOB data.name=images data.path={d}/img/corrupt",
+     "data.path: {d}/img/corrupt/b/1.png: not a readable image"),
+    ("images-bad-size", "train JOB data.name=images data.path={d}/img/good data.options.size=8",
+     "data.options.size: expected [height, width] (two integers >= 1), got 8"),
+    ("images-bad-mode", "train JOB data.name=images data.path={d}/img/good data.options.mode=CMYK",
+     "data.options.mode: expected L (gray) or RGB, got 'CMYK'"),
+    ("images-unknown-option", "train JOB data.name=images data.path={d}/img/good data.options.image=true",
+     "data.options.image: unknown option for 'images' (allowed: size, mode)"),
+    ("images-stream-false", "train JOB data.name=images data.path={d}/img/good data.stream=false",
+     "data.stream: expected true or null for data.name=images (it only streams)"),
+    ("images-val-with-an-unknown-class", "train JOB data.name=images data.path={d}/img/good "
+     "data.val_path={d}/img/other", "data.val_path: class folder 'c' of {d}/img/other is not one of"),
+    ("convert-not-images", "data convert wine {d}/out3 --format images",
+     "data.name: wine has samples of shape (13,), not images"),
     ("inspect-missing", "data inspect {d}/nope", "PATH: {d}/nope not found"),
     ("inspect-corrupt", "data inspect {d}/corrupt", "PATH: {d}/corrupt/part-1.parquet: not a readable Parquet"),
     ("convert-into-a-full-folder", "data convert iris {d}/notempty", "{d}/notempty: not empty"),
     ("convert-unknown-set", "data convert cifar {d}/out", "data.name"),
-    ("convert-parquet", "data convert parquet {d}/out2", "data.name: parquet is Parquet already"),
+    ("convert-parquet", "data convert parquet {d}/out2", "data.name: parquet is streamed from its files already"),
 ]
 
 

@@ -1,6 +1,6 @@
 """The streaming Loader's arithmetic, on a stream the test makes (no Ray): equal steps on every rank, each row
 once per epoch, global-batch weights, seeded per-epoch order independent of how the stream is batched, and a resume
-that continues at the right sample; the seeded split and the one-pass statistics of dtrain.data.parquet."""
+that continues at the right sample; the seeded split and the one-pass statistics of dtrain.data.stream_batches."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dtrain.data.base import BatchPlan
-from dtrain.data.parquet import combine_moments, split_moments, split_of
+from dtrain.data.stream_batches import combine_moments, split_moments, split_of
 from dtrain.data.streaming import StreamEval, StreamLoader
 from dtrain.errors import DataError
 
@@ -135,12 +135,12 @@ def test_partial_moments_combine_to_the_training_rows_mean_and_std():
 
 
 def test_ray_datas_workers_import_the_row_transforms_without_torch():
-    """Each Ray Data worker process imports dtrain.data.parquet to run the stream's per-batch transforms: that must
-    not drag in torch (seconds and hundreds of MB per worker); dtrain.data's catalog still answers by name."""
+    """Each Ray Data worker process imports dtrain.data.stream_batches to run the stream's per-batch transforms:
+    that must not drag in torch (seconds and hundreds of MB per worker); dtrain.data's catalog still answers by name."""
     import subprocess
     import sys
 
-    code = ("import sys, dtrain.data.parquet; assert 'torch' not in sys.modules, 'torch imported'; "
+    code = ("import sys, dtrain.data.stream_batches; assert 'torch' not in sys.modules, 'torch imported'; "
             "from dtrain.data import load_data, DATASETS; assert 'digits' in DATASETS and callable(load_data)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
