@@ -213,7 +213,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             continue
         _print_model(name, cfg_cls, f"{description} ({ep.value})")
     print("any CatalogModel subclass by import path: model.name=my_pkg.nets:MyModel")
-    print("data sets: " + ", ".join(sorted(DATASETS)) + ", parquet (streamed, docs/streaming.md), or a loader by "
+    print("data sets: " + ", ".join(sorted(DATASETS)) + ", parquet and images (streamed; csv with "
+          "data.stream=true: docs/streaming.md), or a loader by "
           "import path: data.name=my_pkg.data:load")
     return 0
 

@@ -15,11 +15,12 @@ class DataConfig:
     module:function of a loader returning dtrain.data.Arrays (its keyword arguments are data.options)."""
     path: str | None = None
     """File for file-backed data sets (npz, csv, idx); for a streamed data set (parquet, csv with stream=true) a
-    file, folder, glob or URI (s3://, gs://, any URI pyarrow.fs opens), read by Ray Data (docs/streaming.md)."""
+    file, folder, glob or URI (s3://, gs://, any URI pyarrow.fs opens), for images a folder or URI with one
+    subfolder of images per class; read by Ray Data (docs/streaming.md)."""
     stream: bool | None = None
-    """Stream the data through Ray Data instead of loading it into memory: null = parquet streams, every other data
-    set loads into memory; true streams csv (data.path: CSV files with a header row) too; false is not possible for
-    parquet."""
+    """Stream the data through Ray Data instead of loading it into memory: null = parquet and images stream, every
+    other data set loads into memory; true streams csv (data.path: CSV files with a header row) too; false is not
+    possible for parquet and images."""
     val_path: str | None = None
     """streamed: the validation split's own files (else a seeded share val_fraction of data.path's rows)."""
     test_path: str | None = None

@@ -55,7 +55,7 @@ def test_csv_files_are_counted_typed_and_classed_by_ray_datas_pass(ray_session, 
     split = split_of(rows, ["a", "b", "label"], 0, 0.1, 0.2)
     assert info.counts == {name: int((split == i).sum()) for i, name in enumerate(["train", "val", "test"])}
     assert info.meta.num_classes == 5  # labels 0..4: the second file's reach 4
-    batch = next(datasets["train"].iter_batches(batch_size=10_000, batch_format="numpy"))
+    batch = next(iter(datasets["train"].iter_batches(batch_size=10_000, batch_format="numpy")))
     assert batch["x"].shape == (info.counts["train"], 2) and batch["x"].dtype == np.float32
     np.testing.assert_allclose(batch["x"].mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(batch["y"], rows["label"][split == 0])
