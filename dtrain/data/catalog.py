@@ -40,7 +40,7 @@ def data_loader(name: str) -> Callable[..., Arrays]:
 
 def load_arrays(cfg: Any) -> Arrays:
     """Call the data set's loader with cfg.options (and cfg.path for file-backed sets), checking the arguments."""
-    if cfg.name == "parquet" or getattr(cfg, "stream", None):
+    if cfg.name in ("parquet", "images") or getattr(cfg, "stream", None):
         raise ConfigError(f"data.name: {cfg.name} streams through Ray Data in `dtrain train` only (not yet in dtrain "
                           "tune, preflight or in-process workers); `dtrain data convert` reads the in-memory sets")
     loader = data_loader(cfg.name)

@@ -28,7 +28,7 @@ from dtrain.data.stream_batches import (
 )
 from dtrain.data.stream_source import SourceFiles, StreamSource
 from dtrain.data.streaming import StreamData
-from dtrain.errors import DataError, DtrainError, first_line
+from dtrain.errors import ConfigError, DataError, DtrainError, find_in_chain, first_line
 
 STREAM_BATCH_ROWS = 4096
 """Rows per batch a worker takes from its share (re-cut into micro-batches by the loader)."""
@@ -47,6 +47,7 @@ def set_data_context() -> None:
     ctx.use_datasource_v2 = False
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    ctx.raise_original_map_exception = True  # a per-batch transform's DataError reaches the driver, not Ray's wrapper
     ctx.execution_options.preserve_order = True  # the epoch's order is deterministic (see data_config)
 
 
@@ -122,13 +123,14 @@ def prepare(source: StreamSource, standardize: bool, cpus: float = 1.0) -> tuple
 
 def _guarded(fn: Any, where: str) -> Any:
     """fn(), with a failure to read the files as one DataError line (a file corrupt past its footer, a store that
-    went away)."""
+    went away, a per-batch transform's DataError: an image of another size)."""
     try:
         return fn()
-    except DtrainError:
-        raise
     except Exception as err:  # noqa: BLE001 - Ray wraps the reader's error in its own
-        raise DataError(f"data.path: reading {where} failed: {first_line(_root(err))[:200]}") from None
+        if type(err) in (DataError, ConfigError, DtrainError):  # raised here, not in a Ray Data task
+            raise
+        ours = find_in_chain(err, lambda e: type(e) in (DataError, ConfigError))
+        raise DataError(f"data.path: reading {where} failed: {first_line(ours or _root(err))[:200]}") from None
 
 
 def _root(err: BaseException) -> BaseException:

@@ -1,7 +1,8 @@
 """The streamed formats beyond Parquet through Ray (on the session's Ray, in this process): digits written as PNG
 images in class folders by `dtrain data convert --format images`, streamed by Ray Data's read_images to 2 DDP
-workers training the CNN of jobs/cnn_digits.yaml on (1, 8, 8) pixels; and CSV files read by Ray Data's
-read_csv, counted and typed by the pass that takes the statistics (no training)."""
+workers training the CNN of jobs/cnn_digits.yaml on (1, 8, 8) pixels; CSV files read by Ray Data's read_csv,
+counted and typed by the pass that takes the statistics, and an image of another size found by that pass (no
+training)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pytest
 import yaml
+from PIL import Image
 
 from dtrain.cli import main
 from dtrain.data.config import DataConfig
 from dtrain.data.stream_batches import split_of
 from dtrain.data.stream_source import describe
+from dtrain.errors import DataError
 from dtrain.launch.stream import prepare
 from tests.helpers import JOBS
 
@@ -59,3 +63,14 @@ def test_csv_files_are_counted_typed_and_classed_by_ray_datas_pass(ray_session, 
     assert batch["x"].shape == (info.counts["train"], 2) and batch["x"].dtype == np.float32
     np.testing.assert_allclose(batch["x"].mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(batch["y"], rows["label"][split == 0])
+
+
+def test_an_image_of_another_size_found_while_streaming_is_one_data_error(ray_session, tmp_path):
+    """Beyond the headers the driver reads (or added after it read them): Ray Data's counting pass finds it."""
+    for i, name in enumerate(["a/0.png", "b/1.png"]):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (6, 4), color=i).save(tmp_path / name)
+    source = describe(DataConfig(name="images", path=str(tmp_path)))
+    Image.new("L", (6, 5)).save(tmp_path / "b" / "1.png")
+    with pytest.raises(DataError, match=r"data.path: reading .* failed: data.path: an image of shape \(5, 6\)"):
+        prepare(source, standardize=True)
