@@ -108,11 +108,12 @@ def _check_buildable(job, address: str | None = None):
 
 def _check_stream(obj):
     """A streamed data set: the files' columns and row counts, from their metadata (dtrain.data.stream_source)."""
+    from dtrain.data.stream_images import describe_images
     from dtrain.data.stream_source import describe
 
     if obj.optim.descent == "batch":
         raise DtrainError("optim.descent: batch (the whole training set per step) cannot stream; use minibatch")
-    return describe(obj.data)
+    return (describe_images if obj.data.name == "images" else describe)(obj.data)
 
 
 def check_trackers(job) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dtrain.data.stream_source import SourceFiles, StreamSource, _source, open_location
+from dtrain.data.stream_source import SourceFiles, StreamSource, _source, check_streamable, open_location
 from dtrain.errors import ConfigError, DataError, first_line
 
 HEADER_CHECKS = 10_000
@@ -74,6 +74,7 @@ def describe_images(cfg: Any) -> StreamSource:
     """data.name=images: check the folder from its listing and the images' headers; what a model needs to know."""
     from dtrain.models.base import DataMeta
 
+    check_streamable(cfg)
     size, mode = _options(dict(cfg.options or {}))
     if cfg.features:
         raise ConfigError("data.features: not used by data.name=images (the features are the pixels)")

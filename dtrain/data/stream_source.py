@@ -253,25 +253,23 @@ def target_classes(files: SourceFiles, target: str) -> int:
     return high + 1
 
 
-def describe(cfg: Any) -> StreamSource:
-    """Check the job's streamed data from metadata alone (before Ray starts) and say what a model needs to know."""
+def check_streamable(cfg: Any) -> None:
+    """What every streamed data set needs: a path, and no in-memory-only transform."""
     if not cfg.path:
         raise ConfigError(f"data.path: required for data set {cfg.name!r} (a file, folder, glob or URI)")
     if cfg.fourier or cfg.minmax:
         raise ConfigError(f"data.{'fourier' if cfg.fourier else 'minmax'}: not supported for a streamed data set "
                           f"(data.name={cfg.name})")
-    if cfg.name == "images":
-        from dtrain.data.stream_images import describe_images
-
-        return describe_images(cfg)
-    return _describe_table(cfg)
 
 
-def _describe_table(cfg: Any) -> StreamSource:
+def describe(cfg: Any) -> StreamSource:
+    """Check the job's Parquet or CSV files from metadata alone (before Ray starts) and say what a model needs to
+    know (images: dtrain.data.stream_images.describe_images)."""
     import pyarrow as pa
 
     from dtrain.models.base import DataMeta
 
+    check_streamable(cfg)
     fmt = cfg.name
     train = scan(cfg.path, "data.path", fmt)
     features, target = columns_of(train, cfg.features, cfg.target)

@@ -18,6 +18,7 @@ from PIL import Image
 from dtrain.cli import main
 from dtrain.data.config import DataConfig
 from dtrain.data.stream_batches import split_of
+from dtrain.data.stream_images import describe_images
 from dtrain.data.stream_source import describe
 from dtrain.errors import DataError
 from dtrain.launch.stream import prepare
@@ -70,7 +71,7 @@ def test_an_image_of_another_size_found_while_streaming_is_one_data_error(ray_se
     for i, name in enumerate(["a/0.png", "b/1.png"]):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("L", (6, 4), color=i).save(tmp_path / name)
-    source = describe(DataConfig(name="images", path=str(tmp_path)))
+    source = describe_images(DataConfig(name="images", path=str(tmp_path)))
     Image.new("L", (6, 5)).save(tmp_path / "b" / "1.png")
     with pytest.raises(DataError, match=r"data.path: reading .* failed: data.path: an image of shape \(5, 6\)"):
         prepare(source, standardize=True)

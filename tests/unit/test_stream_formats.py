@@ -21,6 +21,7 @@ from dtrain.data.stream_batches import (
     target_range,
     to_xy,
 )
+from dtrain.data.stream_images import describe_images
 from dtrain.data.stream_source import describe
 from dtrain.errors import DataError
 
@@ -98,14 +99,15 @@ def _images(d: Path, sizes: dict[str, tuple[int, int]], mode: str = "L") -> None
 
 def test_an_image_folder_is_described_from_its_listing_and_headers(tmp_path):
     _images(tmp_path / "set", {"b/1.png": (6, 4), "a/2.png": (6, 4), "c/3.png": (6, 4), "c/4.png": (6, 4)})
-    source = describe(DataConfig(name="images", path=str(tmp_path / "set")))
+    source = describe_images(DataConfig(name="images", path=str(tmp_path / "set")))
     assert source.read["classes"] == ["a", "b", "c"] and source.meta.num_classes == 3
     assert source.meta.input_shape == (1, 4, 6) and source.files["train"].num_rows == 4
     assert source.features == ["pixels"] and source.target == "label"
-    resized = describe(DataConfig(name="images", path=str(tmp_path / "set"), options={"size": [8, 8], "mode": "RGB"}))
+    resized = describe_images(DataConfig(name="images", path=str(tmp_path / "set"),
+                                         options={"size": [8, 8], "mode": "RGB"}))
     assert resized.meta.input_shape == (3, 8, 8) and resized.read["mode"] == "RGB"
     _images(tmp_path / "mixed", {"a/1.png": (6, 4), "b/2.png": (6, 5)})
     with pytest.raises(DataError, match=r"mixed/b/2.png is 5x6 \(H x W\), .*a/1.png is 4x6; set data.options.size"):
-        describe(DataConfig(name="images", path=str(tmp_path / "mixed")))
-    assert describe(DataConfig(name="images", path=str(tmp_path / "mixed"),
+        describe_images(DataConfig(name="images", path=str(tmp_path / "mixed")))
+    assert describe_images(DataConfig(name="images", path=str(tmp_path / "mixed"),
                                options={"size": [4, 6]})).meta.input_shape == (1, 4, 6)
