@@ -433,10 +433,11 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
     store = run_dir if isinstance(run_dir, RunStore) else None
     streams, stream_info, shipped = {}, None, None
     if isinstance(data, ParquetSource):  # streamed by Ray Data: the driver never holds the rows
-        from dtrain.launch.stream import data_config, prepare, task_cpus
+        from dtrain.launch.stream import data_config, prepare, task_resources
 
-        spare = ray.cluster_resources().get("CPU", 0) - workers * job.trainer.cpus_per_worker
-        datasets, stream_info = prepare(data, job.data.standardize, task_cpus(spare))
+        cluster_cpus = ray.cluster_resources().get("CPU", 0)
+        spare = cluster_cpus - workers * job.trainer.cpus_per_worker
+        datasets, stream_info = prepare(data, job.data.standardize, task_resources(spare, cluster_cpus))
         streams = {"datasets": datasets, "dataset_config": data_config()}
     elif data is not None:
         shipped = ray.put(to_object_store(data))

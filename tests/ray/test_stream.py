@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
+import ray.data
 
 from dtrain.cli import main
 from dtrain.data.parquet import split_of
+from dtrain.launch.stream import task_resources
 from dtrain.tracking import read_metrics
 from tests.helpers import JOBS
 
@@ -25,9 +29,10 @@ def test_digits_as_unequal_parquet_files_stream_to_2_workers_at_the_in_memory_ba
     files = sorted(data.glob("*.parquet"))
     assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [700, 700, 397]  # unequal shards
     address = ray_session.get_runtime_context().gcs_address
+    # the 2 workers hold every CPU of the 4: Ray Data's tasks ask for none (a small machine's case)
     rc = main(["train", str(JOBS / "mlp_digits.yaml"), "data.name=parquet", f"data.path={data}",
-               f"trainer.max_epochs={EPOCHS}", f"runs_dir={tmp_path}", "name=stream", "logging.wandb.enabled=false",
-               "logging.progress=false", "--address", address])
+               f"trainer.max_epochs={EPOCHS}", "trainer.cpus_per_worker=2", f"runs_dir={tmp_path}",
+               "name=stream", "logging.wandb.enabled=false", "logging.progress=false", "--address", address])
     out = capfd.readouterr()
     assert rc == 0, out.err[-3000:]
     summary = json.loads((tmp_path / "stream" / "summary.json").read_text())
@@ -43,3 +48,16 @@ def test_digits_as_unequal_parquet_files_stream_to_2_workers_at_the_in_memory_ba
     assert [e["steps_per_epoch"] for e in events if e["event"] == "stage"] == [steps]
     assert [e["step"] for e in events if e["event"] == "epoch"] == [steps * k for k in range(1, EPOCHS + 1)]
     assert summary["steps"] == EPOCHS * steps
+
+
+def _pid(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    time.sleep(0.2)
+    return {"pid": np.full(len(batch["id"]), os.getpid())}
+
+
+def test_ray_data_tasks_that_ask_for_no_cpu_run_at_most_one_per_cpu(ray_session):
+    # When the training workers hold every CPU, Ray Data's tasks ask for none; uncapped, Ray would run all of them
+    # at once, each in a new worker process, and starve the training workers.
+    tasks = task_resources(spare_cpus=0, cluster_cpus=2)
+    ds = ray.data.range(32, override_num_blocks=16).map_batches(_pid, batch_format="numpy", **tasks)
+    assert len({row["pid"] for row in ds.take_all()}) <= 2
