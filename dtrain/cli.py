@@ -132,8 +132,8 @@ def check_trackers(job) -> None:
 
 def _in_memory_only(job, command: str) -> None:
     if job.data.name == "parquet":
-        raise DtrainError(f"data.name: parquet streams through `dtrain train` only; dtrain {command} does not "
-                          "stream yet (docs/streaming.md)")
+        raise DtrainError(f"data.name: parquet streams through `dtrain train` and `dtrain tune` only; dtrain "
+                          f"{command} does not stream yet (docs/streaming.md)")
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
@@ -167,7 +167,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         job = _load_run(args.job, JOB_FILE, args.overrides)
     else:
         job = _load(args.job, args.overrides)
-    _in_memory_only(job, "tune")
     _check_buildable(job, args.address)
     check_trackers(job)
     rows, tune_cfg = run_search(job, address=args.address, resume=args.resume)

@@ -68,7 +68,9 @@ CASES = [
      "data.path: cannot read s3://dtrain-test/d?endpoint_override=127.0.0.1:9&scheme=http: the storage endpoint "
      "cannot be reached"),
     ("missing-bucket", PQ + " data.path=s3://dtrain-no-such-bucket/d", "data.path: s3://dtrain-no-such-bucket/d"),
-    ("tune-does-not-stream", "tune {tune} data.name=parquet data.path={d}/good", "dtrain tune does not stream"),
+    ("tune-searches-a-missing-column", "tune {tune} data.name=parquet data.path={d}/good "
+     "tune.space.data.target=choice([label,klass])", "tune.space.data.target: 'klass' does not fit the job: "
+     "data.target: no column 'klass' in {d}/good"),
     ("preflight-does-not-stream", "preflight JOB data.name=parquet data.path={d}/good",
      "dtrain preflight does not stream"),
     ("inspect-missing", "data inspect {d}/nope", "PATH: {d}/nope not found"),
