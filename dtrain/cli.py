@@ -137,7 +137,8 @@ def _in_memory_only(job, command: str) -> None:
     from dtrain.data.stream_source import streams
 
     if streams(job.data):
-        raise DtrainError(f"data.name: {job.data.name} streams through `dtrain train` only; dtrain {command} does not "
+        where = "`dtrain train` and `dtrain tune`" if job.data.name == "parquet" else "`dtrain train`"
+        raise DtrainError(f"data.name: {job.data.name} streams through {where} only; dtrain {command} does not "
                           "stream yet (docs/streaming.md)")
 
 
@@ -172,7 +173,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         job = _load_run(args.job, JOB_FILE, args.overrides)
     else:
         job = _load(args.job, args.overrides)
-    _in_memory_only(job, "tune")
     _check_buildable(job, args.address)
     check_trackers(job)
     rows, tune_cfg = run_search(job, address=args.address, resume=args.resume)

@@ -41,8 +41,9 @@ def data_loader(name: str) -> Callable[..., Arrays]:
 def load_arrays(cfg: Any) -> Arrays:
     """Call the data set's loader with cfg.options (and cfg.path for file-backed sets), checking the arguments."""
     if cfg.name in ("parquet", "images") or getattr(cfg, "stream", None):
-        raise ConfigError(f"data.name: {cfg.name} streams through Ray Data in `dtrain train` only (not yet in dtrain "
-                          "tune, preflight or in-process workers); `dtrain data convert` reads the in-memory sets")
+        raise ConfigError(f"data.name: {cfg.name} streams through Ray Data in `dtrain train` (and parquet in `dtrain "
+                          "tune`) only (not yet in dtrain preflight or in-process workers); `dtrain data convert` "
+                          "reads the in-memory sets")
     loader = data_loader(cfg.name)
     if cfg.name not in DATASETS:
         return _user_arrays(loader, cfg)

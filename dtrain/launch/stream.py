@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,8 @@ def set_data_context() -> None:
     from ray.data import DataContext
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # (it warns that the bars are off)
+    # a capped concurrency (task_resources) above a small data set's number of read tasks is no mistake
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     ctx = DataContext.get_current()
     ctx.use_datasource_v2 = False
     ctx.enable_progress_bars = False
@@ -51,17 +54,17 @@ def set_data_context() -> None:
     ctx.execution_options.preserve_order = True  # the epoch's order is deterministic (see data_config)
 
 
-def _read(source: StreamSource, files: SourceFiles, columns: list[str], cpus: float) -> Any:
+def _read(source: StreamSource, files: SourceFiles, columns: list[str], tasks: dict[str, Any]) -> Any:
     """The files' rows of the used columns, as Ray Data reads them (the file list is the driver's)."""
     import ray.data
 
-    common = {"filesystem": files.filesystem, "partitioning": None, "file_extensions": None, "num_cpus": cpus}
+    common = {"filesystem": files.filesystem, "partitioning": None, "file_extensions": None, **tasks}
     if source.fmt == "images":  # decoded by PIL in Ray Data's tasks; the class is the folder under files.root
         read = source.read
         images = ray.data.read_images(files.paths, size=read["size"], mode=read["mode"], include_paths=True,
                                       **common)
         return images.map_batches(image_rows, fn_kwargs={"classes": read["classes"], "root": files.root,
-                                                         "shape": read["shape"]}, batch_format="numpy", num_cpus=cpus)
+                                                         "shape": read["shape"]}, batch_format="numpy", **tasks)
     if source.fmt == "csv":
         from pyarrow import csv
 
@@ -70,34 +73,41 @@ def _read(source: StreamSource, files: SourceFiles, columns: list[str], cpus: fl
     return ray.data.read_parquet(files.paths, **common).select_columns(columns)
 
 
-def task_cpus(spare_cpus: float) -> float:
-    """CPUs each Ray Data task asks for: 1, or a share of what the training workers leave free; 0 when they hold
-    every CPU (a small machine): the reads then share the workers' CPUs instead of waiting for ever."""
-    return max(0.0, min(1.0, spare_cpus))
+def task_resources(spare_cpus: float, cluster_cpus: float) -> dict[str, Any]:
+    """What each Ray Data task asks for (Ray's num_cpus and concurrency): 1 CPU, or the share of one that the
+    training workers leave free. When they hold every CPU (a small machine), the tasks ask for none and share the
+    workers' CPUs instead of waiting for ever, and at most one task per CPU of the cluster runs at once: tasks that
+    ask for no CPU are otherwise started without limit, each in a new worker process."""
+    if spare_cpus > 0:
+        return {"num_cpus": min(1.0, spare_cpus)}
+    return {"num_cpus": 0, "concurrency": max(1, int(cluster_cpus))}
 
 
-def prepare(source: StreamSource, standardize: bool, cpus: float = 1.0) -> tuple[dict[str, Any], StreamData]:
-    """(the Ray datasets of the splits that have rows, what the workers need to know of them); cpus: per Ray Data
-    task (task_cpus). One Ray Data pass over data.path counts the rows of each split and takes the training
-    statistics (each block reduced to a row of partial moments, merged here), and a CSV target's classes; own
-    val/test files are counted from their metadata, or by Ray Data where it has none (CSV)."""
+def prepare(source: StreamSource, standardize: bool, tasks: dict[str, Any] | None = None
+            ) -> tuple[dict[str, Any], StreamData]:
+    """(the Ray datasets of the splits that have rows, what the workers need to know of them); tasks: the Ray
+    resources of each Ray Data task (task_resources; default 1 CPU). One Ray Data pass over data.path counts the
+    rows of each split and takes the training statistics (each block reduced to a row of partial moments, merged
+    here), and a CSV target's classes; own val/test files are counted from their metadata, or by Ray Data where it
+    has none (CSV)."""
     set_data_context()
+    tasks = tasks or {"num_cpus": 1.0}
     used = [*source.features, *([source.target] if source.target else [])]
     hashed = {"columns": used, "seed": source.seed, "val_fraction": source.val_fraction,
               "test_fraction": source.test_fraction}
-    train_files = _read(source, source.files["train"], used, cpus)  # one read plan (its file listing) for all its uses
+    train_files = _read(source, source.files["train"], used, tasks)  # one read plan (its file listing) for all its uses
     raw = {}
     for index, name in enumerate(SPLITS):
         own = source.files[name]
-        ds = train_files if name == "train" or own is None else _read(source, own, used, cpus)
+        ds = train_files if name == "train" or own is None else _read(source, own, used, tasks)
         if own is None or (name == "train" and (source.val_fraction or source.test_fraction)):
             ds = ds.map_batches(keep_split, fn_kwargs={"split": index, **hashed}, batch_format="numpy",
-                                num_cpus=cpus)
+                                **tasks)
         raw[name] = ds
     where = source.files["train"].location
     moments = train_files.map_batches(
         split_moments, fn_kwargs={"features": source.features if standardize else [], "target": source.target,
-                                  **hashed}, batch_format="numpy", num_cpus=cpus)
+                                  **hashed}, batch_format="numpy", **tasks)
     parts = _guarded(lambda: list(moments.iter_rows()), where)
     split_counts, mean, std = combine_moments(parts)
     counts = {name: int(split_counts[i]) for i, name in enumerate(SPLITS)} | dict(source.counts)
@@ -116,7 +126,7 @@ def prepare(source: StreamSource, standardize: bool, cpus: float = 1.0) -> tuple
         mean = std = None
     xy = functools.partial(to_xy, features=source.features, target=source.target, task=meta.task,
                            mean=mean, std=std, shape=meta.input_shape)
-    datasets = {name: ds.map_batches(xy, batch_format="numpy", num_cpus=cpus) for name, ds in raw.items()
+    datasets = {name: ds.map_batches(xy, batch_format="numpy", **tasks) for name, ds in raw.items()
                 if counts[name]}
     return datasets, StreamData(meta, counts)
 

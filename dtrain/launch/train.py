@@ -334,8 +334,8 @@ def run_dir_for(job: DictConfig) -> Path | str:
 
 
 def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False, callbacks: list | None = None,
-            init_checkpoint: str | None = None, data: Any = None, worker_callbacks: list | None = None
-            ) -> dict[str, Any]:
+            init_checkpoint: str | None = None, data: Any = None, worker_callbacks: list | None = None,
+            stream_tasks: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run job through Ray Train; returns summary.json's content. Claims runs/<name>/ (config.yaml) first.
 
     callbacks: Ray Train callbacks (run in its controller); worker_callbacks: engine callbacks (in every worker).
@@ -343,7 +343,9 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
     the run keeps its weights and optimizer state and applies its own optimizer settings.
     data: the job's DataBundle if the caller loaded it already: it goes to the workers through Ray's object store
     (one load for the whole run, and workers never need the data files or their readers); else each worker loads it.
-    A StreamSource (data.name=parquet, ...) is streamed instead: Ray Data reads the files, each worker gets a share.
+    A StreamSource (data.name=parquet, ...) is streamed instead: Ray Data reads the files, each worker gets a share;
+    stream_tasks: what each Ray Data task asks for (default: launch.stream.task_resources of what this run's workers
+    leave free; dtrain tune passes what its concurrent trials leave).
     """
     if address is None:
         check_local_resources(job)  # before an embedded Ray starts (slow) and before the run dir is claimed
@@ -357,7 +359,8 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
         init_ray(address)
         workers, use_gpu = resolve_resources(job)
         trainer = _trainer(job, run_dir, workers, use_gpu, resume=resume, callbacks=callbacks,
-                           init_checkpoint=init_checkpoint, data=data, worker_callbacks=worker_callbacks)
+                           init_checkpoint=init_checkpoint, data=data, worker_callbacks=worker_callbacks,
+                           stream_tasks=stream_tasks)
         with cost.Segment(run_dir, worker_group(job, workers, use_gpu)):
             _fit(trainer, job, run_dir, workers, local=address is None)
     except BaseException:
@@ -425,7 +428,8 @@ def release_unused(run_dir: Path | RunStore, trained: str = METRICS_FILE) -> Non
 
 
 def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: bool, *, resume: bool,
-             callbacks: list | None, init_checkpoint: str | None, data: Any, worker_callbacks: list | None) -> Any:
+             callbacks: list | None, init_checkpoint: str | None, data: Any, worker_callbacks: list | None,
+             stream_tasks: dict[str, Any] | None = None) -> Any:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -433,10 +437,12 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
     store = run_dir if isinstance(run_dir, RunStore) else None
     streams, stream_info, shipped = {}, None, None
     if isinstance(data, StreamSource):  # streamed by Ray Data: the driver never holds the rows
-        from dtrain.launch.stream import data_config, prepare, task_cpus
+        from dtrain.launch.stream import data_config, prepare, task_resources
 
-        spare = ray.cluster_resources().get("CPU", 0) - workers * job.trainer.cpus_per_worker
-        datasets, stream_info = prepare(data, job.data.standardize, task_cpus(spare))
+        if stream_tasks is None:
+            cluster_cpus = ray.cluster_resources().get("CPU", 0)
+            stream_tasks = task_resources(cluster_cpus - workers * job.trainer.cpus_per_worker, cluster_cpus)
+        datasets, stream_info = prepare(data, job.data.standardize, stream_tasks)
         streams = {"datasets": datasets, "dataset_config": data_config()}
     elif data is not None:
         shipped = ray.put(to_object_store(data))

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from ray.train.v2.api.callback import UserCallback
 
 from dtrain.compat.ray import abort_train_run, tune_interruption
-from dtrain.config import build_job, to_dict
+from dtrain.config import build_job, to_dict, to_objects
+from dtrain.data.stream_source import describe
 from dtrain.errors import ConfigError, DtrainError
 from dtrain.launch.project import shipped_paths
 from dtrain.launch.search_space import Param, TuneConfig, apply_params, check_against_job, read_tune_section
@@ -69,6 +70,8 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     job = build_job(OmegaConf.create(trial_job(setup["base"], setup["params"], config, setup["search_name"],
                                                trial_id)))
     job.runs_dir, job.name = str(trial_dir), f"run{segment}"
+    # data.name=parquet: this trial's files, from their metadata (a searched data.* key may change them), streamed
+    data = describe(to_objects(job).data) if job.data.name == "parquet" else None
     init = _initial_checkpoint(trial_dir / f"init{segment}")
     meter = _trial_meter(job, [trial_dir / f"run{k}" for k in range(segment)])
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
@@ -76,7 +79,8 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     def train() -> None:
         try:
-            fit_job(job, callbacks=[ForwardReports(queue)], init_checkpoint=init)
+            fit_job(job, callbacks=[ForwardReports(queue)], init_checkpoint=init, data=data,
+                    stream_tasks=setup.get("stream_tasks"))
         except BaseException as err:  # noqa: BLE001 - handed to the trial thread, which re-raises it
             outcome["error"] = err
         finally:
@@ -168,21 +172,9 @@ def plan_concurrency(jobs: list[dict], cfg: TuneConfig) -> tuple[int, dict[str, 
     """(max concurrent trials, one trial's resources, a note) so that every running trial gets all its workers."""
     import ray
 
-    from dtrain.launch.train import resolve_resources
-
     cluster = ray.cluster_resources()
     cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
-    need_cpu, need_gpu, worst = 0.0, 0.0, ""
-    for job in jobs:  # the largest trial any sample can produce
-        cfg_job = build_job(OmegaConf.create(job))
-        try:
-            workers, use_gpu = resolve_resources(cfg_job)
-        except ConfigError as err:
-            raise ConfigError(f"tune: a trial cannot fit the cluster: {err}") from None
-        cpu = cfg.trial_cpus + workers * cfg_job.trainer.cpus_per_worker
-        if cpu > need_cpu:
-            worst = f"tune.trial_cpus {cfg.trial_cpus:g} + {workers} workers x {cfg_job.trainer.cpus_per_worker:g} CPUs"
-        need_cpu, need_gpu = max(need_cpu, cpu), max(need_gpu, workers if use_gpu else 0)
+    need_cpu, need_gpu, worst = largest_trial(jobs, cfg)
     if need_cpu > cpus:
         raise ConfigError(f"tune: a trial needs {need_cpu:g} CPUs ({worst}), the cluster has {cpus:g}; lower "
                           "trainer.num_workers, trainer.cpus_per_worker or tune.trial_cpus")
@@ -199,6 +191,36 @@ def plan_concurrency(jobs: list[dict], cfg: TuneConfig) -> tuple[int, dict[str, 
     return max(1, min(limit, cfg.num_samples)), driver, note
 
 
+def largest_trial(jobs: list[dict], cfg: TuneConfig) -> tuple[float, float, str]:
+    """(CPUs, GPUs, what makes up its CPUs) of the largest trial any sample can produce: its driver and workers."""
+    from dtrain.launch.train import resolve_resources
+
+    need_cpu, need_gpu, worst = 0.0, 0.0, ""
+    for job in jobs:
+        cfg_job = build_job(OmegaConf.create(job))
+        try:
+            workers, use_gpu = resolve_resources(cfg_job)
+        except ConfigError as err:
+            raise ConfigError(f"tune: a trial cannot fit the cluster: {err}") from None
+        cpu = cfg.trial_cpus + workers * cfg_job.trainer.cpus_per_worker
+        if cpu > need_cpu:
+            worst = f"tune.trial_cpus {cfg.trial_cpus:g} + {workers} workers x {cfg_job.trainer.cpus_per_worker:g} CPUs"
+        need_cpu, need_gpu = max(need_cpu, cpu), max(need_gpu, workers if use_gpu else 0)
+    return need_cpu, need_gpu, worst
+
+
+def stream_tasks(jobs: list[dict], cfg: TuneConfig, concurrency: int) -> dict[str, Any]:
+    """What each Ray Data task of a streamed trial (data.name=parquet) asks for: the CPUs `concurrency` trials of the
+    largest size leave free of the cluster (launch.stream.task_resources), so that concurrent trials holding every
+    CPU cannot starve their streams' reads (each trial alone would count the others' CPUs as free)."""
+    import ray
+
+    from dtrain.launch.stream import task_resources
+
+    cluster_cpus = ray.cluster_resources().get("CPU", 0)
+    return task_resources(cluster_cpus - concurrency * largest_trial(jobs, cfg)[0], cluster_cpus)
+
+
 def prepare(job: DictConfig) -> tuple[TuneConfig, dict[str, Param], dict, list[dict]]:
     """Validate the tune section and the space against the job: (config, params, base job, candidate jobs)."""
     base = to_dict(job)
@@ -209,9 +231,11 @@ def prepare(job: DictConfig) -> tuple[TuneConfig, dict[str, Param], dict, list[d
 
 def _absolute_data_path(base: dict) -> None:
     # Trials run in Tune's trial directory, so a relative data file would not be found there.
-    path = (base.get("data") or {}).get("path")
-    if path and not Path(path).is_absolute():
-        base["data"]["path"] = str(Path(path).resolve())
+    data = base.get("data") or {}
+    for key in ("path", "val_path", "test_path"):
+        path = data.get(key)
+        if path and not is_uri(path) and not Path(path).is_absolute():
+            data[key] = str(Path(path).resolve())
 
 
 def run_search(job: DictConfig, *, address: str | None = None,
@@ -246,7 +270,8 @@ def run_search(job: DictConfig, *, address: str | None = None,
         base["logging"]["mlflow"]["parent_run_id"] = parent
     print(f"[dtrain] tune: {note}; running up to {concurrency} at once", flush=True)
     setup = {"base": base, "params": params, "metric": cfg.metric, "search_dir": str(search_dir),
-             "search_name": job.name, "sys_path": shipped_paths()}
+             "search_name": job.name, "sys_path": shipped_paths(),
+             "stream_tasks": stream_tasks([base, *jobs], cfg, concurrency) if job.data.name == "parquet" else None}
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
     if resume:
         if not tune.Tuner.can_restore(str(search_dir)):

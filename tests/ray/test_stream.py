@@ -1,45 +1,121 @@
 """data.name=parquet end to end through the real command line (in this process, on the session's Ray): digits
 written as unequal Parquet files by `dtrain data convert`, streamed by Ray Data to 2 DDP workers, to the
 accuracy bar of the in-memory `make train` job (tests/ray/test_train.py), every rank taking the steps the driver
-counted."""
+counted; and the same job SIGTERMed mid-epoch (every rank checkpoints at the next step boundary, Ray Train restarts
+the group), which continues on the stream at the next untrained sample and ends bitwise equal to the uninterrupted
+run."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
+import ray.data
+import torch
 
 from dtrain.cli import main
-from dtrain.data.stream_batches import split_of
+from dtrain.config import load_job, to_objects
+from dtrain.data.stream_source import describe
+from dtrain.engine.checkpoint import read_manifest, safe_load
+from dtrain.launch.stream import task_resources
+from dtrain.launch.train import fit_job
 from dtrain.tracking import read_metrics
-from tests.helpers import JOBS
+from tests.faults import SignalAt
+from tests.helpers import JOBS, parquet_train_rows
 
 EPOCHS = 6  # the fewest at which the streamed run reaches the in-memory bar
+# the 2 workers hold every CPU of the session's 4: Ray Data's tasks ask for none (a small machine's case)
+COMMON = [f"trainer.max_epochs={EPOCHS}", "trainer.cpus_per_worker=2", "logging.wandb.enabled=false",
+          "logging.progress=false"]
 
 
-def test_digits_as_unequal_parquet_files_stream_to_2_workers_at_the_in_memory_bar(ray_session, tmp_path, capfd):
-    data = tmp_path / "digits"
+@pytest.fixture(scope="module")
+def stream(ray_session, tmp_path_factory):
+    """The Parquet files and the uninterrupted 6-epoch run on them (runs/stream)."""
+    tmp = tmp_path_factory.mktemp("stream")
+    data = tmp / "digits"
     assert main(["data", "convert", "digits", str(data), "--rows-per-file", "700"]) == 0
-    files = sorted(data.glob("*.parquet"))
-    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [700, 700, 397]  # unequal shards
     address = ray_session.get_runtime_context().gcs_address
-    rc = main(["train", str(JOBS / "mlp_digits.yaml"), "data.name=parquet", f"data.path={data}",
-               f"trainer.max_epochs={EPOCHS}", f"runs_dir={tmp_path}", "name=stream", "logging.wandb.enabled=false",
-               "logging.progress=false", "--address", address])
-    out = capfd.readouterr()
-    assert rc == 0, out.err[-3000:]
-    summary = json.loads((tmp_path / "stream" / "summary.json").read_text())
+    rc = main(["train", str(JOBS / "mlp_digits.yaml"), "data.name=parquet", f"data.path={data}", *COMMON,
+               f"runs_dir={tmp / 'runs'}", "name=stream", "--address", address])
+    assert rc == 0
+    return {"data": data, "runs": tmp / "runs", "run": tmp / "runs" / "stream"}
+
+
+def _steps_per_epoch(data) -> int:
+    """The training rows of the seeded split, shared equally by the 2 ranks, in steps of 2 x 32 samples."""
+    return math.ceil((parquet_train_rows(data) // 2) / 32)
+
+
+def test_digits_as_unequal_parquet_files_stream_to_2_workers_at_the_in_memory_bar(stream):
+    files = sorted(stream["data"].glob("*.parquet"))
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [700, 700, 397]  # unequal shards
+    summary = json.loads((stream["run"] / "summary.json").read_text())
     assert summary["world_size"] == 2
     print(f"parquet digits, {EPOCHS} epochs: test acc {summary['test']['test/acc']:.4f}")
     assert summary["test"]["test/acc"] >= 0.97, summary["test"]
-    # the training rows of the seeded split, shared equally by the 2 ranks, in steps of 2 x 32 samples
-    table = pq.read_table(data).to_pydict()
-    cols = [f"f{j}" for j in range(64)] + ["label"]
-    n_train = int((split_of({c: np.asarray(table[c]) for c in cols}, cols, 0, 0.1, 0.2) == 0).sum())
-    steps = math.ceil((n_train // 2) / 32)
-    events = read_metrics(tmp_path / "stream")
+    steps = _steps_per_epoch(stream["data"])
+    events = read_metrics(stream["run"])
     assert [e["steps_per_epoch"] for e in events if e["event"] == "stage"] == [steps]
     assert [e["step"] for e in events if e["event"] == "epoch"] == [steps * k for k in range(1, EPOCHS + 1)]
     assert summary["steps"] == EPOCHS * steps
+
+
+def _final_checkpoint(run_dir):
+    return max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: read_manifest(p)["step"])
+
+
+def _trajectory(events) -> tuple[list, list]:
+    """(step, train loss) of every logged step; (step, val metrics) of every epoch."""
+    steps = [(e["step"], e["train/loss"]) for e in events if e["event"] == "step"]
+    epochs = [(e["step"], {k: v for k, v in e.items() if k.startswith("val/")}) for e in events
+              if e["event"] == "epoch"]
+    return steps, epochs
+
+
+def test_a_run_sigtermed_mid_epoch_continues_on_the_stream_bitwise_equal(stream, tmp_path):
+    """Rank 1 SIGTERMed mid-epoch 3: every rank checkpoints at the next step boundary, Ray Train restarts the group
+    (trainer.max_failures=1), which reads the epoch's stream again, streams past the steps already trained and
+    trains on: no step redone or skipped, the same losses at every logged step, the same final weights."""
+    steps = _steps_per_epoch(stream["data"])
+    at = 2 * steps + steps // 2
+    job = load_job(JOBS / "mlp_digits.yaml", ["data.name=parquet", f"data.path={stream['data']}", *COMMON,
+                                              f"runs_dir={stream['runs']}", "name=sigterm", "trainer.max_failures=1"])
+    summary = fit_job(job, data=describe(to_objects(job).data),
+                      worker_callbacks=[SignalAt(1, at, tmp_path / "signalled")])
+    assert (tmp_path / "signalled").exists()  # rank 1 really was SIGTERMed
+    run = stream["runs"] / "sigterm"
+    events = read_metrics(run)
+    (preempted,) = [e for e in events if e["event"] == "preempted"]
+    (resumed,) = [e for e in events if e["event"] == "resume"]
+    assert at < preempted["step"] < 3 * steps  # the next step boundary every rank agreed on, mid-epoch 3
+    assert (resumed["step"], resumed["samples"]) == (preempted["step"], preempted["samples"])
+    assert resumed["epoch_samples"] == (preempted["step"] - 2 * steps) * 64  # continued mid-epoch, not at its start
+    assert summary["steps"] == EPOCHS * steps and summary["stop_reason"] == "completed"
+    # the uninterrupted run's trajectory, step for step (a step redone or skipped shifts every later loss)
+    assert _trajectory(events) == _trajectory(read_metrics(stream["run"]))
+    a, b = safe_load(_final_checkpoint(run) / "model.pt"), safe_load(_final_checkpoint(stream["run"]) / "model.pt")
+    assert read_manifest(_final_checkpoint(run))["step"] == EPOCHS * steps
+    for key in b["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for idx, state in b["optimizer"]["state"].items():
+        for key in state:
+            assert torch.equal(a["optimizer"]["state"][idx][key], state[key]), (idx, key)
+
+
+def _pid(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    time.sleep(0.2)
+    return {"pid": np.full(len(batch["id"]), os.getpid())}
+
+
+def test_ray_data_tasks_that_ask_for_no_cpu_run_at_most_one_per_cpu(ray_session):
+    # When the training workers hold every CPU, Ray Data's tasks ask for none; uncapped, Ray would run all of them
+    # at once, each in a new worker process, and starve the training workers.
+    tasks = task_resources(spare_cpus=0, cluster_cpus=2)
+    ds = ray.data.range(32, override_num_blocks=16).map_batches(_pid, batch_format="numpy", **tasks)
+    assert len({row["pid"] for row in ds.take_all()}) <= 2

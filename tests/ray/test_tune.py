@@ -14,7 +14,7 @@ import torch
 from dtrain.config import load_job, to_dict
 from dtrain.errors import ConfigError
 from dtrain.launch.spawn import LocalPublisher
-from dtrain.launch.tune import BEST_FILE, RESULTS_FILE, plan_concurrency, run_search
+from dtrain.launch.tune import BEST_FILE, RESULTS_FILE, plan_concurrency, run_search, stream_tasks
 from dtrain.launch.worker import run_worker
 from dtrain.tracking import read_metrics
 from tests.helpers import ROOT, small_job
@@ -90,6 +90,13 @@ def test_concurrency_is_capped_so_every_trial_gets_its_workers(ray_session, tmp_
     cfg.trial_cpus, cfg.max_concurrent_trials = 0, None
     limit, driver, _ = plan_concurrency([small_job(**{"trainer.num_workers": 2})], cfg)
     assert limit == 2 and driver["CPU"] == 0
+    # Streamed trials' Ray Data tasks ask for what all the concurrent trials leave free, not what one trial's own
+    # workers leave (2 trials x 2 workers hold all 4 CPUs: a task asking for 1 would wait for ever).
+    assert stream_tasks([small_job(**{"trainer.num_workers": 2})], cfg, 2) == {"num_cpus": 0, "concurrency": 4}
+    assert stream_tasks([small_job(**{"trainer.num_workers": 1})], cfg, 2) == {"num_cpus": 1}
+    cfg.trial_cpus = 0.5  # 4 CPUs - (0.5 + 2 x 1.5): half a CPU each
+    assert stream_tasks([small_job(**{"trainer.num_workers": 2, "trainer.cpus_per_worker": 1.5})], cfg, 1) == \
+        {"num_cpus": 0.5}
 
 
 def test_cli_tune_reports_bad_space_key(tmp_path):

@@ -103,7 +103,9 @@ CASES = [
      "data.path: cannot read s3://dtrain-test/d?endpoint_override=127.0.0.1:9&scheme=http: the storage endpoint "
      "cannot be reached"),
     ("missing-bucket", PQ + " data.path=s3://dtrain-no-such-bucket/d", "data.path: s3://dtrain-no-such-bucket/d"),
-    ("tune-does-not-stream", "tune {tune} data.name=parquet data.path={d}/good", "dtrain tune does not stream"),
+    ("tune-searches-a-missing-column", "tune {tune} data.name=parquet data.path={d}/good "
+     "tune.space.data.target=choice([label,klass])", "tune.space.data.target: 'klass' does not fit the job: "
+     "data.target: no column 'klass' in {d}/good"),
     ("preflight-does-not-stream", "preflight JOB data.name=parquet data.path={d}/good",
      "dtrain preflight does not stream"),
     ("csv-missing-path", CSV + " data.path={d}/csv/nope", "data.path: {d}/csv/nope not found"),
@@ -132,7 +134,7 @@ CASES = [
     ("parquet-without-stream", PQ + " data.path={d}/good data.stream=false",
      "data.stream: expected true or null for data.name=parquet (it only streams)"),
     ("tune-does-not-stream-csv", "tune {tune} data.name=csv data.stream=true data.path={d}/csv/good",
-     "dtrain tune does not stream"),
+     "data.name: csv streams through Ray Data in `dtrain train` (and parquet in `dtrain tune`) only"),
     ("images-a-file", "train JOB data.name=images data.path={d}/img/good/a/0.png",
      "data.path: {d}/img/good/a/0.png: expected a folder (or URI) with one subfolder of images per class"),
     ("images-outside-a-class-folder", "train JOB data.name=images data.path={d}/img/loose",
