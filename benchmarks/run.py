@@ -1,7 +1,7 @@
 """`make bench`: run the benchmarks (each in its own process) and print one table of what they measured.
 
     python -m benchmarks.run [--sections overhead,ddpflags,startup,zero,compile,precision,hotpath,trackers,
-                              checkpoints,datamemory,objstore,gpu] [--quick] [--table-only]
+                              checkpoints,datamemory,datascale,objstore,gpu] [--quick] [--table-only]
 
 Results go to benchmarks/results/<name>.json (with the machine's details); --table-only prints the table from the
 JSON files already there (e.g. ones fetched from a GPU machine into --results DIR).
@@ -25,6 +25,8 @@ QUICK = {"overhead": ["--repeats", "1", "--epochs", "3", "--warmup", "5", "--run
          "precision": ["--quick", "--repeats", "1"], "hotpath": ["--steps", "300"], "ddpflags": ["--steps", "300"],
          "trackers": ["--rounds", "3", "--block", "20", "--warmup", "1"], "gpu": ["--quick", "--repeats", "1"],
          "checkpoints": ["--repeats", "1", "--epochs", "3"], "datamemory": ["--rows", "100000"],
+         "datascale": ["--rows", "100000", "--speed-rows", "100000", "--pairs", "1", "--steps", "200",
+                       "--log-every", "50"],
          "compile": ["--steps", "60", "--warmup", "10", "--hidden", "64"],
          "objstore": ["--repeats", "1", "--train-repeats", "1"]}
 FULL = {"overhead": ["--boundary"]}
@@ -32,6 +34,7 @@ MODULES = {"overhead": "benchmarks.overhead", "ddpflags": "benchmarks.ddp_flags"
            "zero": "benchmarks.zero_memory", "compile": "benchmarks.compile_speed",
            "precision": "benchmarks.precision", "hotpath": "benchmarks.hot_path", "trackers": "benchmarks.trackers",
            "checkpoints": "benchmarks.checkpoint_cost", "datamemory": "benchmarks.data_memory", "gpu": "benchmarks.gpu",
+           "datascale": "benchmarks.data_scale",
            "objstore": "benchmarks.objstore"}
 
 
@@ -117,6 +120,16 @@ def table(folder: Path) -> list[tuple[str, str, str, str]]:
             rows.append(("in-memory data", f"{run['rows']:,} rows x 64 float32, 2 workers",
                          f"driver {run['driver_uss_x']:.2f}x, worker {run['worker_uss_x']:.2f}x (USS)",
                          f"RSS: driver {run['driver_x']:.2f}x, worker {run['worker_x']:.2f}x"))
+    if r := _load(folder, "data_scale"):
+        for run in r["runs"]:
+            peaks = f"driver {run['driver_peak_mib']:,.0f} MiB, worker {run['worker_peak_mib']:,.0f} MiB (RSS)"
+            rows.append((f"data {run['path']}", f"{run['rows']:,} rows x 64 float32, 2 workers",
+                         run["failed"] or peaks, "" if run["failed"] else f"first step {run['first_step_s']:.0f} s"))
+        if t := r.get("throughput"):
+            ratios = t["stream_vs_memory"]
+            rows.append(("data stream vs memory", f"{t['rows']:,} rows, samples/s in turns",
+                         f"{sorted(ratios)[len(ratios) // 2]:.3f} x in-memory",
+                         f"range {min(ratios):.3f}-{max(ratios):.3f}"))
     return rows
 
 
@@ -130,7 +143,7 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="overhead,ddpflags,startup,zero,compile,precision,hotpath,trackers,"
-                                              "checkpoints,datamemory,objstore,gpu")
+                                              "checkpoints,datamemory,datascale,objstore,gpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks that all runs")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))
