@@ -29,9 +29,7 @@ from tests.faults import SignalAt
 from tests.helpers import JOBS, parquet_train_rows
 
 EPOCHS = 6  # the fewest at which the streamed run reaches the in-memory bar
-# the 2 workers hold every CPU of the session's 4: Ray Data's tasks ask for none (a small machine's case)
-COMMON = [f"trainer.max_epochs={EPOCHS}", "trainer.cpus_per_worker=2", "logging.wandb.enabled=false",
-          "logging.progress=false"]
+COMMON = [f"trainer.max_epochs={EPOCHS}", "logging.wandb.enabled=false", "logging.progress=false"]
 
 
 @pytest.fixture(scope="module")
