@@ -214,8 +214,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             continue
         _print_model(name, cfg_cls, f"{description} ({ep.value})")
     print("any CatalogModel subclass by import path: model.name=my_pkg.nets:MyModel")
-    print("data sets: " + ", ".join(sorted(DATASETS)) + ", parquet and images (streamed; csv with "
-          "data.stream=true: docs/streaming.md), or a loader by "
+    print("data sets: " + ", ".join(sorted(DATASETS)) + ", parquet and images (streamed; csv and npz "
+          "with data.stream=true: docs/streaming.md), or a loader by "
           "import path: data.name=my_pkg.data:load")
     return 0
 
@@ -303,17 +303,23 @@ def cmd_data(args: argparse.Namespace) -> int:
     from dtrain.data import stream_source
 
     if args.action == "inspect":
-        files = stream_source.scan(args.src, "PATH")
-        print(f"{files.location}: {files.num_rows:,} rows in {len(files.paths)} file(s)")
+        if args.format == "images":
+            raise DtrainError("data inspect: --format parquet, csv or npz (an image folder has no columns)")
+        files = stream_source.scan(args.src, "PATH", args.format)
+        rows = "?" if files.num_rows is None else f"{files.num_rows:,}"  # CSV: not in its metadata
+        print(f"{files.location}: {rows} rows in {len(files.paths)} file(s)")
         for field in files.schema:
             print(f"  {field.name}: {field.type}")
         return 0
     if args.dest is None:
         raise DtrainError("data convert: expected SRC DEST (a data set name or job file, and a folder)")
+    if args.format == "csv":
+        raise DtrainError("data convert: --format parquet, npz or images (CSV files are not written)")
     from dtrain.launch.convert import convert
 
     written = convert(args.src, Path(args.dest), args.overrides, args.rows_per_file, args.format)
-    print(f"[dtrain] wrote {written}; train on it with data.name={args.format} data.path={args.dest}"
+    stream = " data.stream=true" if args.format == "npz" else ""
+    print(f"[dtrain] wrote {written}; train on it with data.name={args.format}{stream} data.path={args.dest}"
           + (f" data.test_path={Path(args.dest) / 'test'}" if (Path(args.dest) / "test").is_dir() else ""))
     return 0
 
@@ -363,8 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", nargs="?", default=None, help="convert: the folder to write")
     p.add_argument("overrides", nargs="*", help="convert: data.key=value overrides, e.g. data.path=x.npz")
     p.add_argument("--rows-per-file", type=int, default=100_000, help="convert: rows per Parquet file")
-    p.add_argument("--format", choices=["parquet", "images"], default="parquet",
-                   help="convert: Parquet files, or PNG images in class folders (data.name=images)")
+    p.add_argument("--format", choices=["parquet", "csv", "npz", "images"], default="parquet",
+                   help="convert: Parquet files, .npz files (data.name=npz data.stream=true) or PNG images in class "
+                        "folders (data.name=images); inspect: the files' format (parquet, csv or npz)")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("models", help="list catalog models, their parameters, and data sets")

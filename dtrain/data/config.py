@@ -19,16 +19,17 @@ class DataConfig:
     subfolder of images per class; read by Ray Data (docs/streaming.md)."""
     stream: bool | None = None
     """Stream the data through Ray Data instead of loading it into memory: null = parquet and images stream, every
-    other data set loads into memory; true streams csv (data.path: CSV files with a header row) too; false is not
-    possible for parquet and images."""
+    other data set loads into memory; true streams csv (data.path: CSV files with a header row) and npz (.npz files
+    whose arrays are the columns, e.g. x and y) too; false is not possible for parquet and images."""
     val_path: str | None = None
     """streamed: the validation split's own files (else a seeded share val_fraction of data.path's rows)."""
     test_path: str | None = None
     """streamed: the test split's own files (else a seeded share test_fraction of data.path's rows)."""
     target: str | None = "label"
-    """streamed: the target column; null for unsupervised models."""
+    """streamed: the target column (npz: y when the files have no label array); null for unsupervised models."""
     features: list[str] | None = None
-    """streamed: the feature columns; null = every column but the target."""
+    """streamed: the feature columns; null = every column but the target. A column may hold a tensor per row (an
+    .npz array of shape (rows, ...)): a single such column keeps its shape as the model's input."""
     shuffle_buffer: int = 10_000
     """streamed: rows each worker shuffles together (seeded per epoch) as they stream in."""
     batch_size: int = 64
@@ -58,8 +59,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         check(self.stream is not False or self.name not in ("parquet", "images"), "data.stream",
               f"true or null for data.name={self.name} (it only streams)", self.stream)
-        check(not self.stream or self.name in ("parquet", "images", "csv"), "data.stream",
-              f"false or null for data.name={self.name} (only parquet, images and csv stream)", self.stream)
+        check(not self.stream or self.name in ("parquet", "images", "csv", "npz"), "data.stream",
+              f"false or null for data.name={self.name} (only parquet, images, csv and npz stream)", self.stream)
         check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1", self.shuffle_buffer)
         check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
         check(self.global_batch_size is None or self.global_batch_size >= 1, "data.global_batch_size",

@@ -10,6 +10,8 @@ the model's input (DataMeta.input_shape). Statistics are per element of that vec
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 
 from dtrain.errors import DataError
@@ -112,6 +114,15 @@ def to_xy(batch: dict[str, np.ndarray], *, features: list[str], target: str | No
     if target is not None:
         out["y"] = np.asarray(batch[target], dtype=np.int64 if task == "classification" else np.float32)
     return out
+
+
+def npz_rows(batch: dict[str, np.ndarray], *, columns: list[str]) -> dict[str, np.ndarray]:
+    """read_binary_files' rows (the bytes of one .npz file each) as the rows of the files' arrays named columns."""
+    parts = []
+    for data in batch["bytes"]:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            parts.append([archive[c] for c in columns])
+    return {c: np.concatenate([p[i] for p in parts]) for i, c in enumerate(columns)}
 
 
 def image_rows(batch: dict[str, np.ndarray], *, classes: list[str], root: str,

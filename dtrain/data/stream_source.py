@@ -1,6 +1,7 @@
-"""Files streamed through Ray Data, never loaded whole (docs/streaming.md): data.name parquet, images, or csv with
-data.stream=true. What the driver learns before anything is read beyond metadata (each format's: a Parquet file's
-footer, a CSV file's header and first block, an image's header; the files per split, the columns used, the task),
+"""Files streamed through Ray Data, never loaded whole (docs/streaming.md): data.name parquet, images, or csv and
+npz with data.stream=true. What the driver learns before anything is read beyond metadata (each format's: a Parquet
+file's footer, a CSV file's header and first block, the headers of an .npz file's arrays, an image's header; the
+files per split, the columns used, the task),
 as a StreamSource; and the Parquet writer behind `dtrain data convert`. pyarrow and PIL only: the launcher builds
 the Ray Data pipeline from a StreamSource (dtrain.launch.stream), whose per-batch transforms are
 dtrain.data.stream_batches.
@@ -21,11 +22,12 @@ from dtrain.errors import ConfigError, DataError, first_line
 if TYPE_CHECKING:  # Ray Data's workers need not import torch
     from dtrain.models.base import DataMeta
 
-FORMATS = {"parquet": (".parquet", ".parq"), "csv": (".csv",),
+FORMATS = {"parquet": (".parquet", ".parq"), "csv": (".csv",), "npz": (".npz",),
            "images": (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")}
 """Streamed formats and the file names read from a folder."""
 ALWAYS_STREAMED = ("parquet", "images")
-"""Data sets that only stream; csv streams with data.stream=true (else one local file is loaded into memory)."""
+"""Data sets that only stream; csv and npz stream with data.stream=true (else one local file is loaded into memory)."""
+NAMED = {"parquet": "Parquet", "csv": "CSV", "npz": ".npz"}
 
 
 @dataclass
@@ -37,9 +39,10 @@ class SourceFiles:
     filesystem: Any
     paths: list[str]
     rows: list[int] | None
-    """Rows per file, where the format's metadata tells (Parquet, images); CSV's are counted by Ray Data."""
+    """Rows per file, where the format's metadata tells (Parquet, npz, images); CSV's are counted by Ray Data."""
     schema: Any
-    """The columns (a pyarrow schema; None for images)."""
+    """The columns (a pyarrow schema; an .npz file's arrays with more than one value per row are fixed-shape
+    tensor columns; None for images)."""
     fmt: str = "parquet"
     root: str | None = None
     """The folder the files were found under (filesystem path), when a folder was given."""
@@ -74,10 +77,10 @@ def streams(cfg: Any) -> bool:
     """Whether the job's data streams through Ray Data (data.name, data.stream: see DataConfig.stream)."""
     if cfg.name in ALWAYS_STREAMED or cfg.stream:
         return True
-    if cfg.name == "csv" and cfg.path and (any(c in cfg.path for c in "*?[") or "://" in cfg.path
-                                           or Path(cfg.path).expanduser().is_dir()):
-        raise ConfigError(f"data.path: {cfg.path} is not one local file; set data.stream=true to stream CSV files "
-                          "through Ray Data (data.name=csv alone loads one local file into memory)")
+    if cfg.name in ("csv", "npz") and cfg.path and (any(c in cfg.path for c in "*?[") or "://" in cfg.path
+                                                    or Path(cfg.path).expanduser().is_dir()):
+        raise ConfigError(f"data.path: {cfg.path} is not one local file; set data.stream=true to stream {cfg.name} "
+                          f"files through Ray Data (data.name={cfg.name} alone loads one local file into memory)")
     return False
 
 
@@ -145,14 +148,45 @@ def _csv_meta(f: Any) -> tuple[Any, None]:
     return reader.schema, None
 
 
+def _npz_meta(f: Any) -> tuple[Any, int]:
+    """The arrays of an .npz file (its columns: name, dtype, shape of one row) and its rows, from the arrays'
+    headers; every array has the same number of rows."""
+    import zipfile
+
+    import pyarrow as pa
+
+    fields, rows = [], {}
+    with zipfile.ZipFile(f) as archive:
+        for member in archive.namelist():
+            with archive.open(member) as npy:
+                major, _ = np.lib.format.read_magic(npy)
+                header = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}.get(major)
+                if header is None:
+                    raise ValueError(f"array {member}: .npy format version {major} (expected 1 or 2)")
+                shape, _, dtype = header(npy)
+            name = member.removesuffix(".npy")
+            if not shape:
+                raise ValueError(f"array {name!r} is a scalar, expected one row per sample")
+            if dtype.hasobject or dtype.fields:
+                raise ValueError(f"array {name!r} holds {dtype} values, expected numbers")
+            kind = pa.from_numpy_dtype(dtype)
+            fields.append(pa.field(name, pa.fixed_shape_tensor(kind, shape[1:]) if shape[1:] else kind))
+            rows[name] = shape[0]
+    if len(set(rows.values())) > 1:
+        raise ValueError("its arrays differ in rows (" + ", ".join(f"{k}: {v}" for k, v in rows.items()) + ")")
+    if not rows:
+        raise ValueError("no arrays")
+    return pa.schema(fields), next(iter(rows.values()))
+
+
 def scan(location: str, key: str, fmt: str = "parquet") -> SourceFiles:
     """The files at location and each one's columns (and rows, where the metadata tells); every file must have the
     same columns. DataError naming the file for a missing, empty, corrupt or mismatched one."""
     filesystem, paths, root = open_location(location, key, fmt)
     if not paths:
         raise DataError(f"{key}: {location} holds no {FORMATS[fmt][0] if fmt != 'images' else 'image'} file")
-    read = _parquet_meta if fmt == "parquet" else _csv_meta
-    what = "Parquet" if fmt == "parquet" else "CSV"
+    read = {"parquet": _parquet_meta, "csv": _csv_meta, "npz": _npz_meta}[fmt]
+    what = NAMED[fmt]
     rows, schema, first = [], None, None
     for path in paths:
         try:
@@ -165,15 +199,15 @@ def scan(location: str, key: str, fmt: str = "parquet") -> SourceFiles:
         else:
             schema = _same_columns(schema, file_schema, fmt, f"{key}: {path}", first)
         rows.append(count)
-    return SourceFiles(location, filesystem, paths, rows if fmt == "parquet" else None, schema, fmt, root)
+    return SourceFiles(location, filesystem, paths, None if fmt == "csv" else rows, schema, fmt, root)
 
 
 def _same_columns(schema: Any, other: Any, fmt: str, where: str, first: str) -> Any:
-    """The schema both files share: Parquet's must be equal; CSV's must have the same names, and a column that is
-    a number in one file is a number in the other (an integer and a float column read as float)."""
+    """The schema both files share: Parquet's and npz's must be equal; CSV's must have the same names, and a column
+    that is a number in one file is a number in the other (an integer and a float column read as float)."""
     import pyarrow as pa
 
-    if fmt == "parquet" and not other.equals(schema) or other.names != schema.names:
+    if fmt != "csv" and not other.equals(schema) or other.names != schema.names:
         raise DataError(f"{where}: its columns ({_columns(other)}) differ from {first}'s ({_columns(schema)})")
     merged = []
     for mine, theirs in zip(schema, other, strict=True):
@@ -186,9 +220,20 @@ def _same_columns(schema: Any, other: Any, fmt: str, where: str, first: str) -> 
 
 
 def _numeric(kind: Any) -> bool:
+    """A number per row, or a tensor of numbers (an .npz array)."""
+    import pyarrow as pa
     import pyarrow.types as pat
 
+    if isinstance(kind, pa.FixedShapeTensorType):
+        kind = kind.value_type
     return pat.is_integer(kind) or pat.is_floating(kind) or pat.is_boolean(kind)
+
+
+def _row_shape(kind: Any) -> tuple[int, ...]:
+    """The shape of a column's value in one row: () for a number."""
+    import pyarrow as pa
+
+    return tuple(kind.shape) if isinstance(kind, pa.FixedShapeTensorType) else ()
 
 
 def _columns(schema: Any) -> str:
@@ -211,6 +256,9 @@ def columns_of(files: SourceFiles, features: list[str] | None, target: str | Non
         kind = files.schema.field(name).type
         if not _numeric(kind):
             raise DataError(f"data.features: column {name!r} of {files.location} is {kind}, expected a number")
+    if target is not None and _row_shape(files.schema.field(target).type):
+        raise DataError(f"data.target: {target!r} of {files.location} holds "
+                        f"{_row_shape(files.schema.field(target).type)} values per row, expected one number")
     return features, target
 
 
@@ -220,7 +268,8 @@ def check_same_columns(files: SourceFiles, reference: SourceFiles, features: lis
         if name not in files.schema.names:
             raise DataError(f"{files.location}: no column {name!r} (the training files have it)")
         mine, theirs = files.schema.field(name).type, reference.schema.field(name).type
-        if not _numeric(mine) or name == target and _is_class(mine) != _is_class(theirs):
+        if not _numeric(mine) or _row_shape(mine) != _row_shape(theirs) or \
+                name == target and _is_class(mine) != _is_class(theirs):
             raise DataError(f"{files.location}: column {name!r} is {mine}, the training files' is {theirs}")
 
 
@@ -272,7 +321,10 @@ def describe(cfg: Any) -> StreamSource:
     check_streamable(cfg)
     fmt = cfg.name
     train = scan(cfg.path, "data.path", fmt)
-    features, target = columns_of(train, cfg.features, cfg.target)
+    target = cfg.target
+    if fmt == "npz" and target == "label" and "label" not in train.schema.names and "y" in train.schema.names:
+        target = "y"  # the arrays of an .npz data set are x and y (dtrain.data.files.npz)
+    features, target = columns_of(train, cfg.features, target)
     files: dict[str, SourceFiles | None] = {"train": train, "val": None, "test": None}
     for split in ("val", "test"):
         location = getattr(cfg, f"{split}_path")
@@ -280,7 +332,8 @@ def describe(cfg: Any) -> StreamSource:
             files[split] = scan(location, f"data.{split}_path", fmt)
             check_same_columns(files[split], train, features, target)
     kind = train.schema.field(target).type if target else None
-    shape = (len(features),)
+    shapes = [_row_shape(train.schema.field(f).type) for f in features]
+    shape = shapes[0] if len(shapes) == 1 and shapes[0] else (sum(int(np.prod(s)) for s in shapes),)
     if target is None:
         meta = DataMeta(shape, task="unsupervised")
     elif _is_class(kind):
@@ -293,7 +346,8 @@ def describe(cfg: Any) -> StreamSource:
     if fmt == "csv":  # every file read with the same types (pyarrow infers them per file otherwise)
         types = {f: pa.float64() for f in features} | ({target: kind} if target else {})
         read = {"column_types": types, "columns": [*features, *([target] if target else [])]}
-    return _source(cfg, files, features, target, meta, fmt, read, count_classes=fmt == "csv" and meta.num_classes)
+    return _source(cfg, files, features, target, meta, fmt, read,
+                   count_classes=fmt != "parquet" and bool(meta.num_classes))
 
 
 def _source(cfg: Any, files: dict[str, SourceFiles | None], features: list[str], target: str | None,

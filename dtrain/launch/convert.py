@@ -1,5 +1,5 @@
-"""`dtrain data convert`: a data set dtrain loads in memory, written as Parquet files for data.name=parquet, or as
-PNG images in class folders for data.name=images."""
+"""`dtrain data convert`: a data set dtrain loads in memory, written as Parquet files for data.name=parquet, as .npz
+files for data.name=npz data.stream=true, or as PNG images in class folders for data.name=images."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from dtrain.errors import DtrainError
 
 
 def convert(src: str, dest: Path, overrides: list[str], rows_per_file: int, fmt: str = "parquet") -> str:
-    """The data set SRC (a registered name, or a job file's data section) as Parquet files (or PNG images) under
-    dest: all rows in a seeded random order (streaming shuffles within windows only), or train/ and test/ for a set
-    with its own."""
+    """The data set SRC (a registered name, or a job file's data section) as Parquet files (or .npz files, or PNG
+    images) under dest: all rows in a seeded random order (streaming shuffles within windows only), or train/ and
+    test/ for a set with its own."""
     if Path(src).suffix in (".yaml", ".yml"):
         job = load_job(src, overrides)
     else:
@@ -38,11 +38,27 @@ def convert(src: str, dest: Path, overrides: list[str], rows_per_file: int, fmt:
     for name, (x, y) in parts.items():
         order = np.random.default_rng(cfg.seed).permutation(len(x)) if arrays.shuffle_split else np.arange(len(x))
         y = None if y is None else y.reshape(len(y))[order]
-        files += write_shards(x[order], y, dest / name if name else dest, rows_per_file)
+        write = write_npz_shards if fmt == "npz" else write_shards
+        files += write(x[order], y, dest / name if name else dest, rows_per_file)
         total += len(x)
+    if fmt == "npz":
+        return f"{total:,} rows (arrays x {tuple(arrays.x.shape[1:])}{', y' if arrays.y is not None else ''}) in " \
+               f"{files} .npz file(s) to {dest}"
     d = int(np.prod(arrays.x.shape[1:]))
     return f"{total:,} rows ({d} feature columns f0..f{d - 1}{', label' if arrays.y is not None else ''}) in " \
            f"{files} Parquet file(s) to {dest}"
+
+
+def write_npz_shards(x: np.ndarray, y: np.ndarray | None, dest: Path, rows_per_file: int) -> int:
+    """Write rows as .npz files dest/part-00000.npz, ... (arrays x, with each sample's shape, and y); returns files."""
+    dest.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for count, start in enumerate(range(0, len(x), rows_per_file), start=1):
+        arrays = {"x": x[start:start + rows_per_file]}
+        if y is not None:
+            arrays["y"] = y[start:start + rows_per_file]
+        np.savez(dest / f"part-{count - 1:05d}.npz", **arrays)
+    return count
 
 
 def _image_shape(name: str, shape: tuple[int, ...]) -> tuple[int, int, int]:

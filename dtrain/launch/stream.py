@@ -1,5 +1,5 @@
-"""Files streamed through Ray Data to Ray Train's workers (data.name parquet, images, csv with data.stream=true;
-docs/streaming.md).
+"""Files streamed through Ray Data to Ray Train's workers (data.name parquet, images, csv and npz with
+data.stream=true; docs/streaming.md).
 
 On the driver, `prepare` builds one Ray Data pipeline per split from the files' metadata (dtrain.data.stream_source),
 counts the rows of each split and takes the standardisation statistics in one Ray Data pass (only per-block
@@ -23,6 +23,7 @@ from dtrain.data.stream_batches import (
     combine_moments,
     image_rows,
     keep_split,
+    npz_rows,
     split_moments,
     target_range,
     to_xy,
@@ -65,6 +66,9 @@ def _read(source: StreamSource, files: SourceFiles, columns: list[str], tasks: d
                                       **common)
         return images.map_batches(image_rows, fn_kwargs={"classes": read["classes"], "root": files.root,
                                                          "shape": read["shape"]}, batch_format="numpy", **tasks)
+    if source.fmt == "npz":  # each file whole (np.load needs to seek), its arrays as columns
+        return ray.data.read_binary_files(files.paths, **common).map_batches(
+            npz_rows, fn_kwargs={"columns": columns}, batch_size=1, batch_format="numpy", **tasks)
     if source.fmt == "csv":
         from pyarrow import csv
 

@@ -1,6 +1,7 @@
 """The streamed formats beyond Parquet through Ray (on the session's Ray, in this process): digits written as PNG
 images in class folders by `dtrain data convert --format images`, streamed by Ray Data's read_images to 2 DDP
-workers training the CNN of jobs/cnn_digits.yaml on (1, 8, 8) pixels; CSV files read by Ray Data's read_csv,
+workers training the CNN of jobs/cnn_digits.yaml on (1, 8, 8) pixels; the same images as .npz shards of (1, 8, 8)
+arrays (`--format npz`) training that CNN as they stream; CSV files read by Ray Data's read_csv,
 counted and typed by the pass that takes the statistics, and an image of another size found by that pass (no
 training)."""
 
@@ -43,6 +44,24 @@ def test_digits_as_png_folders_stream_to_2_workers_training_the_cnn(ray_session,
     assert rc == 0, out.err[-3000:]
     summary = json.loads((tmp_path / "images" / "summary.json").read_text())
     print(f"digits as PNG images, CNN, {EPOCHS} epochs: test acc {summary['test']['test/acc']:.4f}")
+    assert summary["world_size"] == 2
+    assert summary["test"]["test/acc"] >= 0.93, summary["test"]
+
+
+def test_digits_as_npz_shards_of_images_stream_to_2_workers_training_the_cnn(ray_session, tmp_path, capfd):
+    data = tmp_path / "digits-npz"
+    assert main(["data", "convert", str(JOBS / "cnn_digits.yaml"), str(data), "--format", "npz",
+                 "--rows-per-file", "400"]) == 0
+    with np.load(data / "part-00000.npz") as shard:
+        assert shard["x"].shape == (400, 1, 8, 8) and shard["y"].shape == (400,)
+    address = ray_session.get_runtime_context().gcs_address
+    rc = main(["train", str(JOBS / "cnn_digits.yaml"), "data.name=npz", "data.stream=true", f"data.path={data}",
+               "data.options={}", f"trainer.max_epochs={EPOCHS}", f"runs_dir={tmp_path}", "name=npz",
+               "logging.wandb.enabled=false", "logging.progress=false", "--address", address])
+    out = capfd.readouterr()
+    assert rc == 0, out.err[-3000:]
+    summary = json.loads((tmp_path / "npz" / "summary.json").read_text())
+    print(f"digits as .npz shards of 8x8 images, CNN, {EPOCHS} epochs: test acc {summary['test']['test/acc']:.4f}")
     assert summary["world_size"] == 2
     assert summary["test"]["test/acc"] >= 0.93, summary["test"]
 

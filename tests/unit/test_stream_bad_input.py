@@ -1,6 +1,6 @@
-"""Bad streamed input (data.name parquet, images, csv with data.stream=true) and `dtrain data`: each one `dtrain:
-error:` line naming the file, key or URI, exit 2, found on the driver from the files' metadata before Ray starts
-(run through dtrain.cli.main in this process, as tests/unit/test_bad_input.py does)."""
+"""Bad streamed input (data.name parquet, images, csv and npz with data.stream=true) and `dtrain data`: each one
+`dtrain: error:` line naming the file, key or URI, exit 2, found on the driver from the files' metadata before Ray
+starts (run through dtrain.cli.main in this process, as tests/unit/test_bad_input.py does)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tests.unit.test_bad_input import _argv, _assert_one_clear_line
 
 PQ = "train JOB data.name=parquet"
 CSV = "train JOB data.name=csv data.stream=true"
+NPZ = "train JOB data.name=npz data.stream=true"
 
 
 def _table(n: int = 40, **extra) -> pa.Table:
@@ -44,6 +45,7 @@ def _write_files(d: Path) -> None:
     (d / "notempty").mkdir()
     (d / "notempty" / "x").write_text("x")
     _write_csv_files(d / "csv")
+    _write_npz_files(d / "npz")
     _write_image_folders(d / "img")
 
 
@@ -75,6 +77,26 @@ def _write_csv_files(d: Path) -> None:
     pacsv.write_csv(_table(words=pa.array(["w"] * 40)), d / "words.csv")
     pacsv.write_csv(_table().drop_columns(["b"]), d / "val_without_b.csv")
     pacsv.write_csv(_table().set_column(2, "label", pa.array(np.full(40, 0.5))), d / "val_float.csv")
+
+
+def _write_npz_files(d: Path) -> None:
+    """.npz files of arrays x (rows, 2, 3) and y: a good folder, and one bad file or folder per case."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 2, 3)).astype(np.float32), np.arange(40) % 2
+    for name, second in {"good": {"x": x, "y": y}, "otherarrays": {"x": x, "z": y},
+                         "othershape": {"x": x.reshape(40, 6), "y": y},
+                         "otherdtype": {"x": x.astype(np.float64), "y": y}, "corrupt": None}.items():
+        (d / name).mkdir(parents=True)
+        np.savez(d / name / "part-0.npz", x=x, y=y)
+        if second is None:
+            (d / name / "part-1.npz").write_bytes(b"PK not really a zip archive")
+        else:
+            np.savez(d / name / "part-1.npz", **second)
+    np.savez(d / "rows.npz", x=x, y=y[:30])
+    np.savez(d / "words.npz", x=x, y=y, w=np.array(["w"] * 40, dtype=object))
+    np.save(d / "plain.npy", x)
+    np.savez(d / "val_other_shape.npz", x=x[:, :, :2], y=y)
+    np.savez(d / "tensor_target.npz", x=x, y=x)
 
 
 # (id, command line after `dtrain` ({d} = the scratch folder), what the one error line must contain)
@@ -130,7 +152,35 @@ CASES = [
     ("csv-glob-without-stream", "train JOB data.name=csv data.path={d}/csv/good/*.csv",
      "data.path: {d}/csv/good/*.csv is not one local file; set data.stream=true"),
     ("stream-an-in-memory-set", "train JOB data.name=digits data.stream=true",
-     "data.stream: expected false or null for data.name=digits (only parquet, images and csv stream)"),
+     "data.stream: expected false or null for data.name=digits (only parquet, images, csv and npz stream)"),
+    ("npz-missing-path", NPZ + " data.path={d}/npz/nope", "data.path: {d}/npz/nope not found"),
+    ("npz-empty-folder", NPZ + " data.path={d}/empty", "data.path: {d}/empty holds no .npz file"),
+    ("npz-file-with-other-arrays", NPZ + " data.path={d}/npz/otherarrays",
+     "data.path: {d}/npz/otherarrays/part-1.npz: its columns (x: extension<arrow.fixed_shape_tensor"),
+    ("npz-file-with-other-shapes", NPZ + " data.path={d}/npz/othershape",
+     "data.path: {d}/npz/othershape/part-1.npz: its columns (x: extension<arrow.fixed_shape_tensor[value_type=float, "
+     "shape=[6]]>, y: int64) differ from"),
+    ("npz-file-with-other-dtypes", NPZ + " data.path={d}/npz/otherdtype",
+     "data.path: {d}/npz/otherdtype/part-1.npz: its columns (x: extension<arrow.fixed_shape_tensor[value_type=double"),
+    ("npz-corrupt-file", NPZ + " data.path={d}/npz/corrupt",
+     "data.path: {d}/npz/corrupt/part-1.npz: not a readable .npz file (File is not a zip file)"),
+    ("npz-arrays-of-other-lengths", NPZ + " data.path={d}/npz/rows.npz",
+     "data.path: {d}/npz/rows.npz: not a readable .npz file (its arrays differ in rows (x: 40, y: 30))"),
+    ("npz-array-of-objects", NPZ + " data.path={d}/npz/words.npz",
+     "data.path: {d}/npz/words.npz: not a readable .npz file (array 'w' holds object values, expected numbers)"),
+    ("npz-a-plain-npy-file", NPZ + " data.path={d}/npz/plain.npy",
+     "data.path: {d}/npz/plain.npy: not a readable .npz file (File is not a zip file)"),
+    ("npz-target-names-no-array", NPZ + " data.path={d}/npz/good data.target=label2",
+     "data.target: no column 'label2' in {d}/npz/good (columns: x, y)"),
+    ("npz-tensor-target", NPZ + " data.path={d}/npz/tensor_target.npz data.features=[x]",
+     "data.target: 'y' of {d}/npz/tensor_target.npz holds (2, 3) values per row, expected one number"),
+    ("npz-val-with-another-shape", NPZ + " data.path={d}/npz/good data.val_path={d}/npz/val_other_shape.npz",
+     "{d}/npz/val_other_shape.npz: column 'x' is extension<arrow.fixed_shape_tensor[value_type=float, shape=[2,2]]>"),
+    ("npz-folder-without-stream", "train JOB data.name=npz data.path={d}/npz/good",
+     "data.path: {d}/npz/good is not one local file; set data.stream=true to stream npz files"),
+    ("inspect-npz-corrupt", "data inspect {d}/npz/corrupt --format npz",
+     "PATH: {d}/npz/corrupt/part-1.npz: not a readable .npz file"),
+    ("convert-to-csv", "data convert iris {d}/out4 --format csv", "data convert: --format parquet, npz or images"),
     ("parquet-without-stream", PQ + " data.path={d}/good data.stream=false",
      "data.stream: expected true or null for data.name=parquet (it only streams)"),
     ("tune-does-not-stream-csv", "tune {tune} data.name=csv data.stream=true data.path={d}/csv/good",

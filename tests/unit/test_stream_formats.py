@@ -1,6 +1,7 @@
-"""The streamed formats beyond Parquet, without Ray: CSV files described from their header and first block, an
-ImageFolder described from its listing and the images' headers, and the per-batch transforms that carry a tensor
-column (images' pixels) through the seeded split, the statistics and the (C, H, W) input of a model."""
+"""The streamed formats beyond Parquet, without Ray: CSV files described from their header and first block, .npz
+files from their arrays' headers (and read as their rows), an ImageFolder described from its listing and the images'
+headers, and the per-batch transforms that carry a tensor column (images' pixels) through the seeded split, the
+statistics and the (C, H, W) input of a model."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dtrain.data.config import DataConfig
 from dtrain.data.stream_batches import (
     combine_moments,
     image_rows,
+    npz_rows,
     split_moments,
     split_of,
     target_range,
@@ -43,6 +45,24 @@ def test_csv_files_are_described_from_their_headers_and_read_with_one_set_of_typ
     assert source.read["column_types"] == {"a": pa.float64(), "b": pa.float64(), "label": pa.int64()}
     regression = describe(DataConfig(name="csv", stream=True, path=str(tmp_path), target="b"))
     assert regression.meta.task == "regression" and not regression.count_classes
+
+
+def test_npz_files_are_described_from_their_arrays_headers_and_read_as_their_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    parts = [(rng.normal(size=(n, 1, 2, 3)).astype(np.float32), np.arange(n) % 4 + (n == 7)) for n in (5, 7)]
+    for i, (x, y) in enumerate(parts):
+        np.savez(tmp_path / f"part-{i}.npz", x=x, y=y)
+    source = describe(DataConfig(name="npz", stream=True, path=str(tmp_path), val_path=str(tmp_path / "part-1.npz")))
+    assert source.fmt == "npz" and source.features == ["x"] and source.target == "y"  # no label array: y
+    assert source.files["train"].rows == [5, 7] and source.counts == {"val": 7}  # train: the seeded split's
+    assert source.meta.input_shape == (1, 2, 3) and source.meta.task == "classification" and source.count_classes
+    two = describe(DataConfig(name="npz", stream=True, path=str(tmp_path), target=None, features=["y", "x"]))
+    assert two.meta.task == "unsupervised" and two.meta.input_shape == (7,)  # flattened side by side
+    batch = {"bytes": np.array([(tmp_path / f"part-{i}.npz").read_bytes() for i in range(2)], dtype=object)}
+    rows = npz_rows(batch, columns=["x", "y"])
+    assert rows["x"].shape == (12, 1, 2, 3) and rows["x"].dtype == np.float32
+    assert np.array_equal(rows["x"], np.concatenate([x for x, _ in parts]))
+    assert np.array_equal(rows["y"], np.concatenate([y for _, y in parts]))
 
 
 def test_a_tensor_column_is_split_standardised_and_shaped_per_element():
