@@ -32,7 +32,7 @@ from dtrain.errors import ConfigError, DtrainError
 from dtrain.launch import cost
 
 PROBE_PREFIX = ".dtrain-preflight-"
-TIMED_STEPS = 4
+TIMED_STEPS = 10
 """Optimizer steps timed after the first (warm-up) one; their median is the step time the projection uses."""
 START_TIMEOUT_S = 60.0
 """Longest wait for the workers' placement (the job's trainer.start_timeout_s when shorter)."""
@@ -395,6 +395,8 @@ def format_report(report: Report, job: DictConfig) -> list[str]:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.2f} s"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:

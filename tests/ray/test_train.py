@@ -200,3 +200,30 @@ def test_preflight_names_problems_found_before_any_worker(ray_session, tmp_path,
         f"dtrain: error: {tmp_path}/no.npz: .npz file not found",
         "dtrain: error: trainer.num_workers: 5 workers x 1.0 CPUs need 5 CPUs, the cluster has 4"], err
     assert "rank" not in out and not (tmp_path / "runs").exists()
+
+
+def test_preflights_projected_time_per_epoch_is_within_30_percent_of_the_run_that_follows(ray_session, tmp_path,
+                                                                                           capsys):
+    """`dtrain preflight` of the `make train` job (wider layers, for epochs of about a second), then the job itself on
+    the same Ray: the epochs the run's
+    metrics.jsonl times (from one epoch's end to the next: its steps, validation and checkpoint) take within 30 % of
+    the s/epoch the preflight printed."""
+    import json
+    import re
+    import statistics
+
+    from dtrain.cli import main
+
+    address = ray_session.get_runtime_context().gcs_address
+    job = [str(JOBS / "mlp_digits.yaml"), "trainer.max_epochs=7", "model.hidden=[1024,1024]", f"runs_dir={tmp_path}",
+           "name=run",
+           "logging.wandb.enabled=false", "logging.progress=false", "--address", address]
+    assert main(["preflight", *job]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    projected = float(re.search(r"projected: 21 steps/epoch, ([0-9.]+) s/epoch, 7 epochs", out).group(1))
+    assert main(["train", *job]) == 0, capsys.readouterr().err
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ends = [e["time"] for e in events if e.get("event") == "epoch"]
+    measured = statistics.median(b - a for a, b in zip(ends, ends[1:], strict=False))
+    print(f"projected {projected:.3f} s/epoch, measured {measured:.3f} s/epoch (median of {len(ends) - 1})")
+    assert abs(measured / projected - 1) <= 0.3, (projected, measured)
