@@ -1,10 +1,9 @@
 """Files streamed through Ray Data, never loaded whole (docs/streaming.md): data.name parquet, images, or csv and
 npz with data.stream=true. What the driver learns before anything is read beyond metadata (each format's: a Parquet
 file's footer, a CSV file's header and first block, the headers of an .npz file's arrays, an image's header; the
-files per split, the columns used, the task),
-as a StreamSource; and the Parquet writer behind `dtrain data convert`. pyarrow and PIL only: the launcher builds
-the Ray Data pipeline from a StreamSource (dtrain.launch.stream), whose per-batch transforms are
-dtrain.data.stream_batches.
+files per split, the columns used, the task), as a StreamSource; and the Parquet writer behind `dtrain data
+convert`. pyarrow and PIL only: the launcher builds the Ray Data pipeline from a StreamSource
+(dtrain.launch.stream), whose per-batch transforms are dtrain.data.stream_batches.
 """
 
 from __future__ import annotations
