@@ -22,6 +22,9 @@ COMMON = ["logging.wandb.enabled=false", "logging.progress=false", "trainer.earl
           "model.hidden=[32]", "model.dropout=0", "data.global_batch_size=64"]
 
 
+EPOCHS = 60
+
+
 def _start(ray_session, run_dir, *overrides):
     address = ray_session.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "dtrain", "train", str(JOBS / "mlp_digits.yaml"), f"runs_dir={run_dir.parent}",
@@ -64,7 +67,9 @@ def test_a_frozen_worker_times_out_and_a_sigterm_checkpoints_both_restart_the_ru
     step boundary and hands over; the run goes on from that step, no sample trained twice or lost)."""
     run_dir, timeout = tmp_path / "frozen", 8
     # an elastic range: Ray Train's elastic scaling places as many as fit (2 here) at each (re)start
-    proc = _start(ray_session, run_dir, "trainer.max_epochs=20", "trainer.num_workers=[1,2]",
+    # 60 epochs (about 15 s of steps on 2 cores): training is still going when the slow process scan below has
+    # found the workers, so the signals land mid-training
+    proc = _start(ray_session, run_dir, f"trainer.max_epochs={EPOCHS}", "trainer.num_workers=[1,2]",
                   f"trainer.collective_timeout_s={timeout}", "trainer.max_failures=2", "checkpoint.every_n_steps=10")
     try:
         workers = _wait_for(lambda: _events(run_dir, "epoch") and _workers(run_dir), 120, "the first epoch")
@@ -90,4 +95,4 @@ def test_a_frozen_worker_times_out_and_a_sigterm_checkpoints_both_restart_the_ru
     assert first["step"] <= hang["step"]
     assert second["step"] == preempted["step"] and second["samples"] == preempted["samples"]  # nothing redone
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 20 * 21 and summary["world_size"] == 2
+    assert summary["steps"] == EPOCHS * 21 and summary["world_size"] == 2
