@@ -118,11 +118,13 @@ def to_xy(batch: dict[str, np.ndarray], *, features: list[str], target: str | No
 
 def npz_rows(batch: dict[str, np.ndarray], *, columns: list[str]) -> dict[str, np.ndarray]:
     """read_binary_files' rows (the bytes of one .npz file each) as the rows of the files' arrays named columns."""
-    parts = []
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
     for data in batch["bytes"]:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            parts.append([archive[c] for c in columns])
-    return {c: np.concatenate([p[i] for p in parts]) for i, c in enumerate(columns)}
+            for c in columns:
+                parts[c].append(archive[c])
+    # one file per batch (map_batches' batch_size=1): its arrays as they are, not copied once more
+    return {c: arrays[0] if len(arrays) == 1 else np.concatenate(arrays) for c, arrays in parts.items()}
 
 
 def image_rows(batch: dict[str, np.ndarray], *, classes: list[str], root: str,

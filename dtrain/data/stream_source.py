@@ -361,18 +361,28 @@ def _source(cfg: Any, files: dict[str, SourceFiles | None], features: list[str],
                         bool(count_classes), read)
 
 
-def write_shards(x: np.ndarray, y: np.ndarray | None, dest: Path, rows_per_file: int, prefix: str = "part") -> int:
-    """Write rows as Parquet files dest/<prefix>-00000.parquet, ... (columns f0..f<d-1>, label); returns files."""
+def write_shards(x: np.ndarray, y: np.ndarray | None, dest: Path, rows_per_file: int, fmt: str = "parquet") -> int:
+    """Write rows as files dest/part-00000.<fmt>, ...: Parquet (columns f0..f<d-1>, label) or .npz (arrays x, with
+    each sample's shape, and y); returns how many files."""
+    dest.mkdir(parents=True, exist_ok=True)
+    write = _write_npz if fmt == "npz" else _write_parquet
+    count = 0
+    for count, start in enumerate(range(0, len(x), rows_per_file), start=1):
+        part_y = None if y is None else y[start:start + rows_per_file]
+        write(x[start:start + rows_per_file], part_y, dest / f"part-{count - 1:05d}.{fmt}")
+    return count
+
+
+def _write_parquet(x: np.ndarray, y: np.ndarray | None, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    dest.mkdir(parents=True, exist_ok=True)
     flat = x.reshape(len(x), -1)
-    count = 0
-    for count, start in enumerate(range(0, len(flat), rows_per_file), start=1):
-        part = flat[start:start + rows_per_file]
-        columns = {f"f{j}": pa.array(np.ascontiguousarray(part[:, j], dtype=np.float32)) for j in range(part.shape[1])}
-        if y is not None:
-            columns["label"] = pa.array(np.ascontiguousarray(y[start:start + rows_per_file]))
-        pq.write_table(pa.table(columns), dest / f"{prefix}-{count - 1:05d}.parquet")
-    return count
+    columns = {f"f{j}": pa.array(np.ascontiguousarray(flat[:, j], dtype=np.float32)) for j in range(flat.shape[1])}
+    if y is not None:
+        columns["label"] = pa.array(np.ascontiguousarray(y))
+    pq.write_table(pa.table(columns), path)
+
+
+def _write_npz(x: np.ndarray, y: np.ndarray | None, path: Path) -> None:
+    np.savez(path, **({"x": x} if y is None else {"x": x, "y": y}))

@@ -38,8 +38,7 @@ def convert(src: str, dest: Path, overrides: list[str], rows_per_file: int, fmt:
     for name, (x, y) in parts.items():
         order = np.random.default_rng(cfg.seed).permutation(len(x)) if arrays.shuffle_split else np.arange(len(x))
         y = None if y is None else y.reshape(len(y))[order]
-        write = write_npz_shards if fmt == "npz" else write_shards
-        files += write(x[order], y, dest / name if name else dest, rows_per_file)
+        files += write_shards(x[order], y, dest / name if name else dest, rows_per_file, fmt)
         total += len(x)
     if fmt == "npz":
         return f"{total:,} rows (arrays x {tuple(arrays.x.shape[1:])}{', y' if arrays.y is not None else ''}) in " \
@@ -47,18 +46,6 @@ def convert(src: str, dest: Path, overrides: list[str], rows_per_file: int, fmt:
     d = int(np.prod(arrays.x.shape[1:]))
     return f"{total:,} rows ({d} feature columns f0..f{d - 1}{', label' if arrays.y is not None else ''}) in " \
            f"{files} Parquet file(s) to {dest}"
-
-
-def write_npz_shards(x: np.ndarray, y: np.ndarray | None, dest: Path, rows_per_file: int) -> int:
-    """Write rows as .npz files dest/part-00000.npz, ... (arrays x, with each sample's shape, and y); returns files."""
-    dest.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for count, start in enumerate(range(0, len(x), rows_per_file), start=1):
-        arrays = {"x": x[start:start + rows_per_file]}
-        if y is not None:
-            arrays["y"] = y[start:start + rows_per_file]
-        np.savez(dest / f"part-{count - 1:05d}.npz", **arrays)
-    return count
 
 
 def _image_shape(name: str, shape: tuple[int, ...]) -> tuple[int, int, int]:
