@@ -194,6 +194,14 @@ def is_worker_start_timeout(err: BaseException) -> bool:
     return find_in_chain(err, lambda e: isinstance(e, WorkerGroupStartupTimeoutError)) is not None
 
 
+def is_report_timeout(err: BaseException) -> bool:
+    """Whether err is Ray Train's barrier in ray.train.report giving up (after COLLECTIVE_TIMEOUT_ENV seconds) on a
+    worker that did not arrive."""
+    from ray.train.v2._internal.exceptions import CollectiveTimeoutError
+
+    return isinstance(err, CollectiveTimeoutError)
+
+
 def train_snapshot_file() -> str:
     """The file in a Train run's folder where Ray Train keeps its list of the run's checkpoints."""
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
@@ -248,6 +256,8 @@ def check() -> None:
         f"{TRAIN_ERROR_LOGGER} logging 'Error in training function'": lambda: (
             "Error in training function" in inspect.getsource(importlib.import_module(TRAIN_ERROR_LOGGER)) or None),
         "TrainController.abort": lambda: TrainController.abort,
+        "ray.train.v2._internal.exceptions.CollectiveTimeoutError": lambda: importlib.import_module(
+            "ray.train.v2._internal.exceptions").CollectiveTimeoutError,
         "ray._private.worker.global_worker_stdstream_dispatcher": lambda: importlib.import_module(
             "ray._private.worker").global_worker_stdstream_dispatcher,
         f"print handler '{PRINT_LOGS_HANDLER}'": lambda: f'"{PRINT_LOGS_HANDLER}"' in inspect.getsource(

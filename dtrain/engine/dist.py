@@ -59,9 +59,10 @@ def mean_across_ranks(values: dict[str, Tensor | float],
 
 
 def is_collective_timeout(err: BaseException) -> bool:
-    """Whether err is a collective that gave up waiting for its peers (gloo's and NCCL's timeouts)."""
+    """Whether err is a collective that gave up waiting for its peers: gloo's and NCCL's timeouts, or a TimeoutError
+    a launcher raises for its own barriers."""
     text = str(err).lower()
-    return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
+    return isinstance(err, TimeoutError) or isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
 def absent_ranks(tag: str, wait_s: float = 3.0) -> list[int] | None:
@@ -83,8 +84,10 @@ class StopVote:
     the previous boundary: the answer comes one step later and the loop never waits on it. One rank alone reads its
     own flag (no collective)."""
 
-    def __init__(self) -> None:
-        self.group = dist.new_group(backend="gloo") if world_size() > 1 else None
+    def __init__(self, timeout_s: float) -> None:
+        # its own timeout: a group's default is not the default group's but torch's 30 minutes
+        self.group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+                      if world_size() > 1 else None)
         # Host memory that gloo reduces in place, read and written through numpy: the vote never touches a device
         # (and no tensor read-back is counted against the step, tests/unit/test_hot_path.py).
         self.host = np.zeros(1, dtype=np.float32)

@@ -124,7 +124,7 @@ def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopCon
     guard = NonFiniteGuard(state, cfg.max_nonfinite_steps, min(cfg.log_every_n_steps, 1024))
     steps_per_epoch = train.steps_per_epoch()
     best_weights: dict[str, torch.Tensor] | None = None  # the monitored best epoch's, in the final stage
-    vote = dist.StopVote()
+    vote = dist.StopVote(cfg.collective_timeout_s)
     while state.stage < len(stages) and not state.stopped:
         stage = stages[state.stage]
         model.set_stage(stage)

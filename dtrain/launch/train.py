@@ -31,12 +31,29 @@ from dtrain.storage import RunStore, is_uri, join, probe, staging_dir
 from dtrain.tracking import CONFIG_FILE, METRICS_FILE
 
 
+def report(metrics: dict[str, Any], folder: Path | None, wait_for_upload: bool) -> None:
+    """ray.train.report from a worker: metrics, and the checkpoint folder if any (Ray removes it once uploaded).
+    The upload runs in the background unless wait_for_upload (dtrain tune: its schedulers act on each report before
+    the trial trains on). A report is a barrier of all workers: when one does not arrive within Ray's collective
+    timeout, this raises TimeoutError, which the training loop reports as a hang."""
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    mode = CheckpointUploadMode.SYNC if wait_for_upload else CheckpointUploadMode.ASYNC
+    try:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None,
+                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
+    except Exception as err:
+        if ray_compat.is_report_timeout(err):
+            raise TimeoutError(f"ray.train.report: {getattr(err, 'cause', err)}") from err  # the cause: its message
+        raise
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: report through ray.train, resume from ray.train.get_checkpoint()."""
     import ray
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint, CheckpointUploadMode
 
     from dtrain.launch.project import use_paths
     from dtrain.launch.worker import run_worker
@@ -47,11 +64,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Metrics alone go to Ray only when a controller callback consumes them (dtrain tune): dtrain train logs
         # them itself, and each ray.train.report is a round trip through Ray's actors at every epoch end.
         if folder is not None or config.get("report_metrics"):
-            # The upload to storage runs in the background too (Ray removes the folder once it is uploaded), except
-            # under dtrain tune, whose schedulers act on each report before the trial trains on.
-            mode = CheckpointUploadMode.SYNC if config.get("report_metrics") else CheckpointUploadMode.ASYNC
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None,
-                             checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
+            report(metrics, folder, wait_for_upload=bool(config.get("report_metrics")))
 
     ray_compat.quiet_train_worker_logs(drop=_is_user_error_traceback)
     # loaded once, by the driver; read in place from Ray's shared object store

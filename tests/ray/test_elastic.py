@@ -83,6 +83,10 @@ def test_a_frozen_worker_times_out_and_a_sigterm_checkpoints_both_restart_the_ru
         again[1].send_signal(signal.SIGTERM)
         (preempted,) = _wait_for(lambda: _events(run_dir, "preempted"), 60, "the SIGTERM's checkpoint")
         out, err = proc.communicate(timeout=240)
+    except AssertionError as failed:  # what the run did and printed, for a failure seen once in a while
+        proc.kill()
+        events = [e.get("event") for e in read_metrics(run_dir) if e.get("event") not in (None, "epoch")]
+        raise AssertionError(f"{failed}; events {events}; stderr:\n{proc.communicate()[1][-4000:]}") from failed
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -84,3 +84,26 @@ def test_mlp_without_hidden_layers_is_a_linear_softmax_model_that_trains(tmp_pat
                                               "trainer.max_epochs=15"])
     summary = run_worker(to_dict(job), tmp_path / "linear", LocalPublisher(tmp_path), torch.device("cpu"))
     assert summary["test"]["test/acc"] >= 0.9  # multinomial logistic regression on digits: ~0.95
+
+
+def test_a_report_barrier_that_times_out_reaches_the_loop_as_a_collective_timeout(monkeypatch):
+    """ray.train.report is a barrier of all workers: when rank 1 freezes just before a checkpoint's report, rank 0
+    waits there, not in a gloo collective, and Ray's barrier gives up after trainer.collective_timeout_s. The loop
+    must see that as a collective timeout (its one line naming the step and the absent rank), as it sees gloo's."""
+    import ray.train
+    from ray.exceptions import RayTaskError
+    from ray.train.v2._internal.exceptions import BroadcastCollectiveTimeoutError
+
+    from dtrain.engine.dist import is_collective_timeout
+
+    cause = BroadcastCollectiveTimeoutError(time_elapsed=8.0, missing_ranks=[1], timeout_s=8.0)
+    raised = RayTaskError("broadcast_from_rank_zero", "Traceback: ...", cause).as_instanceof_cause()
+
+    def report(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(ray.train, "report", report)
+    with pytest.raises(Exception) as caught:
+        launch.report({"step": 10}, None, wait_for_upload=False)
+    assert is_collective_timeout(caught.value)
+    assert "ranks have not joined the collective operation: [1]" in str(caught.value)
