@@ -20,7 +20,7 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check dtrain tests benchmarks
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check dtrain tests benchmarks

@@ -1,4 +1,4 @@
-"""The private APIs of other libraries dtrain relies on, one module per library (ray, deepspeed, torch).
+"""The private APIs of other libraries dtrain relies on, one module per library (ray, deepspeed, torch, sklearn).
 
 Nothing else in dtrain touches an underscored name, an internal module or an undocumented attribute of Ray,
 DeepSpeed or PyTorch: it goes through here, so an upgrade that moves one breaks one file, and each module's

@@ -20,7 +20,7 @@ LAYERS = [
     ("launch", [r"dtrain\.launch(\..*)?", r"dtrain\.report", r"dtrain\.compat\.ray"]),
     ("config/tracking", [r"dtrain\.config", r"dtrain\.tracking(\..*)?"]),
     ("engine", [r"dtrain\.engine(\..*)?", r"dtrain\.compat\.(torch|deepspeed)"]),
-    ("data", [r"dtrain\.data(\..*)?"]),
+    ("data", [r"dtrain\.data(\..*)?", r"dtrain\.compat\.sklearn"]),
     ("models", [r"dtrain\.models(\..*)?"]),
     ("base", [r"dtrain", r"dtrain\.errors", r"dtrain\.storage", r"dtrain\.compat"]),
 ]

@@ -1,5 +1,5 @@
 """Each library's private APIs that dtrain relies on still exist in the installed versions; when an upgrade moves
-one, its compat module's check names it (dtrain/compat/{torch,deepspeed,ray}.py)."""
+one, its compat module's check names it (dtrain/compat/{torch,deepspeed,ray,sklearn}.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from dtrain.compat import CompatError
 
 
-@pytest.mark.parametrize("library", ["torch", "deepspeed", "ray"])
+@pytest.mark.parametrize("library", ["torch", "deepspeed", "ray", "sklearn"])
 def test_private_apis_dtrain_uses_are_there(library):
     importlib.import_module(f"dtrain.compat.{library}").check()
 
@@ -27,3 +27,11 @@ def test_a_moved_symbol_is_named(library, module, cls, attr, named, monkeypatch)
     monkeypatch.delattr(getattr(owner, cls) if cls else owner, attr)
     with pytest.raises(CompatError, match=rf"private APIs moved: .*{named.replace('.', '[.]')}"):
         importlib.import_module(f"dtrain.compat.{library}").check()
+
+
+def test_a_moved_bundled_data_file_is_named(monkeypatch, tmp_path):
+    from dtrain.compat import sklearn
+
+    monkeypatch.setattr(sklearn, "data_file", lambda name: tmp_path / name)
+    with pytest.raises(CompatError, match=r"private APIs moved: sklearn/datasets/data/digits[.]csv[.]gz \(None\)"):
+        sklearn.check()

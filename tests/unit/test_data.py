@@ -31,8 +31,14 @@ def test_every_issue_data_set_is_registered():
 @pytest.mark.parametrize("name,n,features,classes", [("digits", 1797, 64, 10), ("breast_cancer", 569, 30, 2),
                                                       ("iris", 150, 4, 3), ("wine", 178, 13, 3)])
 def test_bundled_sklearn_sets(name, n, features, classes):
+    """Read from scikit-learn's files without importing it: the arrays its own loaders return, value for value."""
+    import sklearn.datasets
+
     a = load_arrays(_data(name))
     assert a.x.shape == (n, features) and a.num_classes == classes and set(np.unique(a.y)) == set(range(classes))
+    theirs = getattr(sklearn.datasets, f"load_{name}")()
+    assert a.x.dtype == np.float32 and np.array_equal(a.x, theirs.data.astype(np.float32))
+    assert a.y.dtype == np.int64 and np.array_equal(a.y, theirs.target)
 
 
 def test_digits_as_images_for_the_cnn():
