@@ -31,8 +31,9 @@ def test_tune_nests_one_mlflow_run_per_trial_under_the_search(ray_session, mlflo
                         "logging.tensorboard.enabled": "true", "logging.tensorboard.dir": str(tmp_path / "tb"),
                         "data.name": "parquet", "data.path": str(data)})
     base["tune"] = {"metric": "val/acc", "mode": "max", "search_alg": "optuna", "num_samples": 2,
-                    "max_concurrent_trials": 2, "trial_cpus": 1,  # 2 x (1 + 1 worker): every CPU, which the
-                    # streams' reads then share
+                    # 2 trials x 1 worker leave 2 of the session's 4 CPUs to the streams' reads (the reads that
+                    # share the workers' CPUs: tests/ray/test_stream.py, and stream_tasks in tests/ray/test_tune.py)
+                    "max_concurrent_trials": 2, "trial_cpus": 0,
                     "space": {"optim.lr": "loguniform(1e-3, 3e-2)", "model.hidden": "choice([[8], [16, 8]])",
                               "data.batch_size": "choice([32, 64])"}}
     rows, _ = run_search(load_job(None, base=base))
