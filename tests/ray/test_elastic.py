@@ -1,6 +1,7 @@
 """Elastic training through Ray and the real command line: a worker that freezes (SIGSTOP) ends its run's collective
-after trainer.collective_timeout_s with one line naming the step and the rank; a worker asked to stop (SIGTERM)
-checkpoints at the next step boundary; after each, Ray restarts the run from its checkpoint."""
+after trainer.collective_timeout_s with one line naming the step and the rank, and Ray restarts the run from its
+checkpoint. (A worker asked to stop, SIGTERM, checkpoints at the next step boundary and Ray restarts the group:
+tests/ray/test_stream.py, bitwise, and tests/distributed/test_elastic.py.)"""
 
 from __future__ import annotations
 
@@ -61,27 +62,22 @@ def _events(run_dir, kind):
     return [e for e in read_metrics(run_dir) if e.get("event") == kind]
 
 
-def test_a_frozen_worker_times_out_and_a_sigterm_checkpoints_both_restart_the_run(ray_session, tmp_path):
-    """One run, two interruptions: rank 1 SIGSTOPped (the collective times out, one line names the step and the rank,
-    Ray restarts from the checkpoint), then rank 1 of the new group SIGTERMed (every rank checkpoints at the next
-    step boundary and hands over; the run goes on from that step, no sample trained twice or lost)."""
+def test_a_frozen_worker_times_out_with_one_line_and_ray_restarts_the_run(ray_session, tmp_path):
+    """Rank 1 SIGSTOPped: the collective times out, one line names the step and the rank, Ray restarts the group
+    (an elastic range: as many workers as fit, 2 here) from the checkpoint, and the run ends with every step."""
     run_dir, timeout = tmp_path / "frozen", 8
-    # an elastic range: Ray Train's elastic scaling places as many as fit (2 here) at each (re)start
     # 60 epochs (about 15 s of steps on 2 cores): training is still going when the slow process scan below has
-    # found the workers, so the signals land mid-training
+    # found the workers, so the signal lands mid-training
     proc = _start(ray_session, run_dir, f"trainer.max_epochs={EPOCHS}", "trainer.num_workers=[1,2]",
-                  f"trainer.collective_timeout_s={timeout}", "trainer.max_failures=2", "checkpoint.every_n_steps=10")
+                  f"trainer.collective_timeout_s={timeout}", "trainer.max_failures=1", "checkpoint.every_n_steps=10")
     try:
         workers = _wait_for(lambda: _events(run_dir, "epoch") and _workers(run_dir), 120, "the first epoch")
         workers[1].send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
         (hang,) = _wait_for(lambda: _events(run_dir, "hang"), timeout + 60, "the collective's timeout")
         noticed = time.monotonic() - stopped
-        _wait_for(lambda: _events(run_dir, "resume"), 120, "the restart")
+        (resume,) = _wait_for(lambda: _events(run_dir, "resume"), 120, "the restart")
         restarted = time.monotonic() - stopped
-        again = _wait_for(lambda: _workers(run_dir), 60, "the new workers")
-        again[1].send_signal(signal.SIGTERM)
-        (preempted,) = _wait_for(lambda: _events(run_dir, "preempted"), 60, "the SIGTERM's checkpoint")
         out, err = proc.communicate(timeout=240)
     except AssertionError as failed:  # what the run did and printed, for a failure seen once in a while
         proc.kill()
@@ -95,8 +91,6 @@ def test_a_frozen_worker_times_out_and_a_sigterm_checkpoints_both_restart_the_ru
     assert f"after step {hang['step']} did not complete within {timeout} s on rank 0: rank 1 did not arrive" in (
         hang["message"]) and hang["absent_ranks"] == [1]
     assert noticed < timeout + 20  # the timeout, the roll call at the store (3 s), and a loaded machine's delays
-    first, second = _events(run_dir, "resume")
-    assert first["step"] <= hang["step"]
-    assert second["step"] == preempted["step"] and second["samples"] == preempted["samples"]  # nothing redone
+    assert 0 < resume["step"] <= hang["step"]  # from a checkpoint taken before the hang
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == EPOCHS * 21 and summary["world_size"] == 2
