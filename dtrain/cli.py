@@ -406,8 +406,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with overrides after an option (`dtrain train runs/x --resume trainer.num_workers=1`)
+    counted as overrides too: argparse fills the positional list before the option and leaves the rest over."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     terminated = _stop_on_sigterm()
     try:
         if getattr(args, "job", None) is not None:  # the job may name the user's own code by import path

@@ -244,3 +244,16 @@ def test_every_case_is_run_under_its_own_name():
     names = [c[0] for c in CASES]
     assert len(names) == len(set(names)), [n for n in names if names.count(n) > 1]
     assert (IN_SUBPROCESS | NEEDS_NO_GPU) - set(names) == set()
+
+
+def test_overrides_after_an_option_are_overrides_and_anything_else_is_refused(capsys):
+    """The documented resume at another worker count, `dtrain train runs/x --resume trainer.num_workers=1`: argparse
+    leaves what follows --resume over; it is the overrides. A stray word there is still a usage error (exit 2)."""
+    from dtrain.cli import parse_args
+
+    args = parse_args(["train", "runs/x", "a=1", "--resume", "trainer.num_workers=1", "trainer.max_epochs=3"])
+    assert args.job == "runs/x" and args.resume
+    assert args.overrides == ["a=1", "trainer.num_workers=1", "trainer.max_epochs=3"]
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["train", "runs/x", "--resume", "stray"])
+    assert exit_.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
