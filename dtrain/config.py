@@ -84,10 +84,7 @@ class TrainerBase:
         compile_options(self.compile)
         checkpoint_layers(self.activation_checkpointing)
         check(self.strategy in STRATEGIES, "trainer.strategy", "one of " + ", ".join(STRATEGIES), self.strategy)
-        bounds = worker_bounds(self.num_workers)  # checks the value
-        check(bounds is None or bounds[0] == bounds[1] or self.strategy != "deepspeed", "trainer.num_workers",
-              "a number under trainer.strategy=deepspeed (its checkpoints load at the worker count that wrote them; "
-              "an elastic range needs ddp or fsdp)", self.num_workers)
+        worker_bounds(self.num_workers)  # checks the value
         check(str(self.use_gpu).lower() in ("auto", "true", "false"), "trainer.use_gpu", "auto, true or false",
               self.use_gpu)
         check(self.precision in PRECISIONS, "trainer.precision", "one of " + ", ".join(PRECISIONS), self.precision)

@@ -6,6 +6,7 @@ Nothing here imports deepspeed at module import time: the strategy imports this 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -83,6 +84,29 @@ def forget_process_groups() -> None:
             setattr(groups, name, None)
 
 
+def to_universal(src: Path, dest: Path) -> None:
+    """DeepSpeed's universal checkpoint: convert one tag's ZeRO checkpoint folder src (shards written at one world
+    size) into dest, which loads at any world size. This is DeepSpeed's `ds_to_universal` script, called through its
+    main() with the arguments its command line would parse; `inject_missing_state` adds the per-model information
+    that Megatron-style models save themselves and plain modules do not."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(src), output_folder=str(dest), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints each file it writes
+        ds_to_universal.main(args)
+
+
+def load_universal(engine: Any, enabled: bool) -> None:
+    """Make engine.load_checkpoint read a universal checkpoint (the `checkpoint.load_universal` config key, which
+    the engine reads into its config when it is built; dtrain learns only at resume which kind it loads)."""
+    engine._config.load_universal_checkpoint = enabled
+
+
 def check() -> None:
     """CompatError naming each private DeepSpeed API above that no longer exists."""
     import importlib
@@ -110,6 +134,12 @@ def check() -> None:
         "ZeRO-3 parameter attributes ds_tensor/ds_numel/ds_id": lambda: all(
             f"param.{a}" in inspect.getsource(Init) for a in ("ds_tensor", "ds_numel", "ds_id")) or None,
         "deepspeed.runtime.config.DeepSpeedConfig": config_parser,
+        "deepspeed.checkpoint.ds_to_universal.main(args) reading the arguments to_universal passes": lambda: all(
+            f"args.{a}" in inspect.getsource(importlib.import_module("deepspeed.checkpoint.ds_to_universal"))
+            for a in ("input_folder", "output_folder", "num_extract_workers", "num_merge_workers",
+                      "keep_temp_folder", "strict", "inject_missing_state")) or None,
+        "DeepSpeedEngine._config.load_universal_checkpoint": lambda: (
+            "self._config.load_universal_checkpoint" in inspect.getsource(DeepSpeedEngine) or None),
         "deepspeed.utils.groups process-group caches": lambda: all(
             hasattr(importlib.import_module("deepspeed.utils.groups"), n) for n in _GROUP_CACHES) or None,
     })

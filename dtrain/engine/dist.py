@@ -26,6 +26,12 @@ def world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for alone)."""
+    if is_dist():
+        dist.barrier()
+
+
 def all_reduce_sum(t: Tensor) -> Tensor:
     """Sum t across ranks (in place) and return it."""
     if is_dist():

@@ -116,7 +116,7 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1:
+    if world > 1 or job["trainer"]["strategy"] == "deepspeed":  # DeepSpeed needs a process group even alone
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=job["trainer"]["collective_timeout_s"]))
     try:

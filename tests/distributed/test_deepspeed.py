@@ -27,9 +27,10 @@ pytestmark = pytest.mark.slow
 # 1294 training samples / (32 x 2 ranks) = 21 micro-batches per epoch, accumulated in pairs: 11 steps per epoch, the
 # last one from a single micro-batch (the loop owns the windows; DeepSpeed must sum exactly what it is given).
 # A 256-wide hidden layer so that the sharded state is mostly weights (19k parameters), not padding. Checkpoints
-# every epoch; the resume test restarts from epoch 1.
+# every epoch; the resume tests restart from epoch 1, one at another worker count (the global batch is fixed).
 BASE = {"model.hidden": "[256]", "trainer.max_epochs": 2, "trainer.log_every_n_steps": 1, "trainer.grad_clip": 1.0,
-        "trainer.grad_accum": 2, "optim.lr": 0.003, "optim.scheduler": "cosine", "optim.warmup_steps": 3}
+        "trainer.grad_accum": 2, "data.global_batch_size": 128, "optim.lr": 0.003, "optim.scheduler": "cosine",
+        "optim.warmup_steps": 3}
 STEPS = 22
 
 
@@ -156,6 +157,25 @@ def test_resume_continues_the_same_run(runs):
     assert [s["train/loss"] for s in again] == pytest.approx([s["train/loss"] for s in before], rel=1e-6)
     assert [s["lr"] for s in again] == pytest.approx([s["lr"] for s in before], rel=1e-9)
     assert summary["test"]["test/acc"] == pytest.approx(full["summary"]["test"]["test/acc"], abs=1e-9)
+
+
+def test_resume_at_another_world_size_goes_through_a_universal_checkpoint(runs):
+    """The ZeRO-3 run's epoch-1 checkpoint, its optimizer state sharded for 2 ranks, resumed by 1 rank: DeepSpeed's
+    universal checkpoint (converted on resume, then removed) regroups it, and with the global batch fixed epoch 2
+    takes the same steps at the same learning rates to the same test loss, up to float32 reduction order."""
+    import tempfile
+    from pathlib import Path
+
+    full = runs("zero3")
+    resumed = runs.root / "zero3-at-1"
+    shutil.copytree(full["dir"] / "checkpoints" / "step_00000011", resumed / "checkpoints" / "step_00000011")
+    summary = spawn_workers(full["job"], resumed, world=1, resume=True)
+    assert [e["step"] for e in read_metrics(resumed) if e["event"] == "resume"] == [11]
+    assert summary["world_size"] == 1 and summary["steps"] == STEPS
+    again, before = _steps(resumed), _steps(full["dir"])[11:]
+    assert [s["lr"] for s in again] == pytest.approx([s["lr"] for s in before], rel=1e-9)
+    assert summary["test"]["test/loss"] == pytest.approx(full["summary"]["test"]["test/loss"], rel=1e-6)
+    assert not list(Path(tempfile.gettempdir()).glob("dtrain-universal-*"))
 
 
 def _config(**over) -> dict:

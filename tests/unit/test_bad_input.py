@@ -84,8 +84,6 @@ CASES = [
      "trainer.num_workers: expected [min, max] with min <= max, got [3, 2]"),
     ("elastic-min-below-one", "config JOB trainer.num_workers=[0,2] data.global_batch_size=60",
      "trainer.num_workers: expected [min, max] with min >= 1, got [0, 2]"),
-    ("elastic-deepspeed", "config JOB trainer.num_workers=[1,2] data.global_batch_size=60 trainer.strategy=deepspeed",
-     "trainer.num_workers: expected a number under trainer.strategy=deepspeed"),
     ("elastic-without-global-batch", "config JOB trainer.num_workers=[1,2]",
      "data.global_batch_size: expected a number with an elastic trainer.num_workers [1, 2]"),
     ("elastic-global-batch-not-split", "train JOB trainer.num_workers=[4,6] data.global_batch_size=7",

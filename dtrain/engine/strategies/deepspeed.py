@@ -5,8 +5,12 @@ windows. deepspeed itself is imported in setup(), when the strategy is used."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,6 +21,7 @@ from torch import Tensor, nn
 from dtrain.compat import deepspeed as ds_compat
 from dtrain.compat.torch import persistent_buffers
 from dtrain.engine import dist
+from dtrain.engine.checkpoint import read_manifest
 from dtrain.engine.optim import build_optimizer, build_scheduler, retarget, trainable
 from dtrain.engine.strategies.base import StepResult, StrategySetup
 from dtrain.engine.strategies.deepspeed_config import DeepSpeedOptions, deepspeed_config
@@ -156,7 +161,21 @@ class DeepSpeedStrategy:
         if not path.is_dir():
             raise ConfigError(f"{folder}: not a DeepSpeed checkpoint (no {CHECKPOINT_DIR}/ folder); resume it with "
                               "the strategy that wrote it")
-        loaded, _ = self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True,
+        manifest = read_manifest(folder) or {}
+        partitioned = any((path / TAG).glob("*optim_states.pt"))  # ZeRO 1-3 or bf16: per-rank optimizer shards
+        if manifest.get("world", dist.world_size()) == dist.world_size() or not partitioned:
+            self._load(path, TAG)
+            return
+        # Shards cut for another world size: DeepSpeed's universal checkpoint (per parameter) loads at this one.
+        with _universal(path / TAG, manifest) as universal:
+            ds_compat.load_universal(self.engine, True)
+            try:
+                self._load(universal.parent, universal.name)
+            finally:
+                ds_compat.load_universal(self.engine, False)
+
+    def _load(self, path: Path, tag: str) -> None:
+        loaded, _ = self.engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
         if loaded is None:
             raise ConfigError(f"{path}: DeepSpeed could not load the checkpoint")
@@ -214,6 +233,33 @@ class DeepSpeedStrategy:
             return norm
 
         ds_compat.replace_fp32_clipping(engine, clip_and_measure)
+
+
+@contextlib.contextmanager
+def _universal(tag_folder: Path, manifest: dict[str, Any]) -> Iterator[Path]:
+    """tag_folder converted to a universal checkpoint once per node, by its local rank 0, into the node's temp
+    folder under a name taken from the checkpoint's manifest (the same on every node, whichever local copy of the
+    checkpoint each rank reads); every rank of the node reads it, and it is removed once all have."""
+    key = hashlib.sha1(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    dest = Path(tempfile.gettempdir()) / f"dtrain-universal-{key}" / tag_folder.name
+    converts = int(os.environ.get("LOCAL_RANK", dist.rank())) == 0
+    failure: BaseException | None = None
+    if converts:
+        shutil.rmtree(dest.parent, ignore_errors=True)
+        try:
+            ds_compat.to_universal(tag_folder, dest)
+        except Exception as err:  # noqa: BLE001 - raised below, after the other ranks are released
+            failure = err
+    dist.barrier()
+    try:
+        if failure is not None or not dest.is_dir():
+            raise ConfigError(f"{tag_folder}: DeepSpeed's conversion to a universal checkpoint (to resume at "
+                              f"{dist.world_size()} workers) failed: {first_line(failure) if failure else 'no output'}")
+        yield dest
+    finally:
+        dist.barrier()
+        if converts:
+            shutil.rmtree(dest.parent, ignore_errors=True)
 
 
 def _quiet_deepspeed() -> None:
