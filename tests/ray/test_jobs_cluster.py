@@ -110,20 +110,34 @@ def _use_token(monkeypatch, cluster: Cluster) -> None:
     monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)
 
 
-def test_submit_follow_ships_the_users_project_and_succeeds_with_workers_on_two_nodes(cluster, monkeypatch, capsys):
-    """The job file's project (examples/user_project: the mynets package, its own loss and data loader) travels as
-    the job's working_dir with dtrain beside it (nothing else on the cluster can import mynets); its 2 workers land
-    on the 2 nodes; dtrain's, Ray's and the CLI's views of the job agree. (A job file from outside any project is
-    staged beside the code: tests/unit/test_submit_client.py, and the stop test below submits one.)"""
+def test_submit_preflight_follow_ships_the_users_project_and_succeeds_with_workers_on_two_nodes(
+        cluster, tmp_path, monkeypatch, capsys):
+    """`dtrain submit --preflight --follow`: the preflight runs on the cluster first (the job's 2 workers placed on
+    the 2 nodes, a few real steps, all-reduce, checkpoint round trip in runs_dir; a table row per rank, the
+    projection and its cost; nothing left in runs_dir), then the job. The job file's project
+    (examples/user_project: the mynets package, its own loss and data loader) travels as the job's working_dir
+    with dtrain beside it (nothing else on the cluster can import mynets); its 2 workers land on the 2 nodes;
+    dtrain's, Ray's and the CLI's views of the job agree. (A job file from outside any project is staged beside
+    the code: tests/unit/test_submit_client.py, and the stop test below submits one.)"""
     from dtrain.cli import main
     from dtrain.launch import submit
+    from dtrain.launch.preflight import PROBE_PREFIX
 
-    spec = ROOT / "examples/user_project/jobs/smallnet_spirals.yaml"
+    spec, runs = ROOT / "examples/user_project/jobs/smallnet_spirals.yaml", tmp_path / "runs"
     run = dtrain(["submit", str(spec), "trainer.max_epochs=15", "logging.progress=false", "name=two-nodes",
-                  "--address", cluster.address, "--follow"], cluster.env)
+                  f"runs_dir={runs}", "cost.per_cpu_hour=0.5", "--preflight", "--address", cluster.address,
+                  "--follow"], cluster.env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    job_id = run.stdout.splitlines()[0].strip()
-    assert job_id.startswith("raysubmit_")
+    rows = _rows(run.stdout)
+    assert [r[0] for r in rows] == ["0", "1"] and rows[0][1] != rows[1][1], run.stdout  # one worker per node
+    assert "[dtrain] preflight passed: 2 workers" in run.stdout
+    per_epoch, epoch_s, steps = re.search(r"projected: (\d+) steps/epoch, ([0-9.]+) s/epoch, 15 epochs \((\d+) steps\)",
+                                          run.stdout).groups()
+    assert int(steps) == 15 * int(per_epoch) and float(epoch_s) > 0, run.stdout
+    cpu_hours, money = re.search(r"projected cost: 0 GPU-hours, (\S+) CPU-hours .*, cost (\S+)", run.stdout).groups()
+    assert float(money) == pytest.approx(0.5 * float(cpu_hours), rel=1e-3)
+    assert not list(runs.glob(f"{PROBE_PREFIX}*")) and (runs / "two-nodes" / "summary.json").is_file()
+    job_id = re.search(r"^(raysubmit_\S+)$", run.stdout, re.MULTILINE).group(1)
     # The followed logs carry the cluster-side `dtrain train` output, final test metrics included.
     acc = float(re.search(r"\[dtrain\] test/acc = ([0-9.]+)", run.stdout).group(1))
     assert acc > 0.8, run.stdout[-2000:]  # a linear model gets about 0.6 on the spirals
@@ -232,25 +246,6 @@ cost: {per_cpu_hour: 0.5}
 def _rows(stdout: str) -> list[list[str]]:
     """The per-rank rows of preflight's table: rank, node, device, ..."""
     return [line.split() for line in stdout.splitlines() if re.match(r"\s+\d+\s+\S+/\S+\s+cpu\s", line)]
-
-
-def test_preflight_passes_with_a_worker_on_each_node_and_leaves_nothing(cluster, tmp_path):
-    """`dtrain preflight --address`: the job's 2 workers placed on the 2 nodes, a few real steps, all-reduce,
-    checkpoint round trip in runs_dir; a table row per rank, the projection and its cost; nothing left in runs_dir."""
-    spec, runs = tmp_path / "pf.yaml", tmp_path / "runs"
-    spec.write_text(PREFLIGHT_SPEC)
-    run = dtrain(["preflight", str(spec), f"runs_dir={runs}", "--memory-limit", "2GiB", "--address", cluster.gcs],
-                 {**cluster.env, "RAY_AUTH_MODE": "token"})
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    rows = _rows(run.stdout)
-    assert [r[0] for r in rows] == ["0", "1"] and rows[0][1] != rows[1][1], run.stdout  # one worker per node
-    assert "[dtrain] preflight passed: 2 workers" in run.stdout and "dtrain: error" not in run.stderr
-    per_epoch, epoch_s, steps = re.search(r"projected: (\d+) steps/epoch, ([0-9.]+) s/epoch, 4 epochs \((\d+) steps\)",
-                                          run.stdout).groups()
-    assert int(steps) == 4 * int(per_epoch) and float(epoch_s) > 0, run.stdout
-    cpu_hours, money = re.search(r"projected cost: 0 GPU-hours, (\S+) CPU-hours .*, cost (\S+)", run.stdout).groups()
-    assert float(money) == pytest.approx(0.5 * float(cpu_hours), rel=1e-3)
-    assert not runs.exists()  # the probe folder is gone, and so is runs_dir, which the preflight created
 
 
 def test_submit_preflight_names_each_problem_and_submits_nothing(cluster, tmp_path, monkeypatch):
