@@ -17,15 +17,17 @@ from dtrain.launch.net import free_port
 
 @contextlib.contextmanager
 def running_mlflow_server(root: Path, timeout_s: float = 90) -> Iterator[str]:
-    """Start `mlflow server` with its database and artifacts in root; yields its URI; stops it (and its children:
-    uvicorn, the job runner) on exit."""
+    """Start `mlflow server` with its database and artifacts in root; yields its URI; stops it (and its children)
+    on exit."""
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", str(root / "artifacts")]
     with open(root / "server.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
-                                env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
+                                env={**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+                                     # no job runner (its consumer processes run MLflow's own jobs, not tracking)
+                                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         try:
             uri = f"http://127.0.0.1:{port}"
             _wait_healthy(proc, uri, root, timeout_s)
