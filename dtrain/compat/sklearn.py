@@ -32,17 +32,13 @@ def load(name: str) -> tuple[np.ndarray, np.ndarray]:
     headerless gzipped CSV whose last column is the target; the others have a header row (samples, features, class
     names) and one row per sample, target last."""
     path = data_file(name)
-    if name.endswith(".gz"):
-        with gzip.open(path, "rt") as f:
-            table = np.loadtxt(f, delimiter=",")
-        return table[:, :-1], table[:, -1].astype(np.int64)
-    with path.open(encoding="utf-8") as f:
-        rows = csv.reader(f)
-        samples, features = (int(v) for v in next(rows)[:2])
-        table = np.array([[float(v) for v in row] for row in rows])
-    if table.shape != (samples, features + 1):
+    gzipped = name.endswith(".gz")
+    with (gzip.open(path, "rt") if gzipped else path.open(encoding="utf-8")) as f:
+        header = None if gzipped else next(csv.reader([f.readline()]))
+        table = np.loadtxt(f, delimiter=",", ndmin=2)
+    if header is not None and table.shape != (int(header[0]), int(header[1]) + 1):
         raise ValueError(f"{path}: {table.shape[0]} rows of {table.shape[1]} values, its header says "
-                         f"{samples} of {features + 1}")
+                         f"{header[0]} of {int(header[1]) + 1}")
     return table[:, :-1], table[:, -1].astype(np.int64)
 
 
