@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 from dtrain.engine.callbacks import Callback
@@ -25,25 +26,33 @@ class SystemMonitor(Callback):
 
         self.interval_s = interval_s
         self.process = psutil.Process(os.getpid())
-        self.process.cpu_percent(None)  # the first reading starts psutil's interval
         self.gpu = _nvml_handle()
         self.keys = ["cpu_percent", "rss_mb"] + (["gpu_util_percent", "gpu_mem_mb"] if self.gpu else [])
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._reset()
-        self._sample()  # a window that ends before the first tick still has a value
+        # A window that ends before the first tick reports the process's CPU % since it started. (A psutil reading
+        # right after the one that starts its interval divides a 10 ms clock tick by microseconds: 0 or 6000 %.)
+        times = self.process.cpu_times()
+        since_start = (times.user + times.system) / max(time.time() - self.process.create_time(), 1e-3) * 100
+        self.process.cpu_percent(None)  # starts psutil's interval for the first tick
+        self.latest = self._read(since_start)
         self._thread = threading.Thread(target=self._run, name="dtrain-sysmetrics", daemon=True)
         self._thread.start()
 
     def _reset(self) -> None:
         self.sums, self.peaks, self.n = dict.fromkeys(self.keys, 0.0), dict.fromkeys(self.keys, 0.0), 0
 
-    def _sample(self) -> None:
-        values = {"cpu_percent": self.process.cpu_percent(None), "rss_mb": self.process.memory_info().rss / 2**20}
+    def _read(self, cpu_percent: float) -> dict[str, float]:
+        values = {"cpu_percent": cpu_percent, "rss_mb": self.process.memory_info().rss / 2**20}
         if self.gpu:
             import pynvml
 
             values["gpu_util_percent"] = float(pynvml.nvmlDeviceGetUtilizationRates(self.gpu).gpu)
             values["gpu_mem_mb"] = pynvml.nvmlDeviceGetMemoryInfo(self.gpu).used / 2**20
+        return values
+
+    def _sample(self) -> None:
+        values = self._read(self.process.cpu_percent(None))
         with self._lock:
             for key, value in values.items():
                 self.sums[key] += value

@@ -49,3 +49,35 @@ def test_system_metrics_and_time_split_reach_rank_zero(tmp_path):
     assert "![time_split](time_split.png)" in report and "![system](system.png)" in report
     assert (tmp_path / "report" / "system.png").stat().st_size > 10_000
 
+
+
+def test_a_window_that_ends_before_the_first_tick_reports_a_real_cpu_percent():
+    """A window shorter than the sampling interval reports the CPU % since the process started, never a reading
+    taken microseconds after the one that starts psutil's interval (a 10 ms clock tick over microseconds: up to
+    6000 % on a busy 2-core machine)."""
+    import os
+    import threading
+
+    from dtrain.launch.sysmetrics import SystemMonitor
+
+    stop = threading.Event()
+
+    def busy() -> None:  # a second thread of this process using CPU, as the training thread does (numpy's matrix
+        # product releases the GIL, so the monitors below are not slowed down by it)
+        import numpy as np
+
+        a = np.ones((256, 256))
+        while not stop.is_set():
+            a @ a
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    try:
+        readings = []
+        for _ in range(300):
+            with SystemMonitor(interval_s=60.0) as monitor:
+                readings.append(monitor.log_values()["sys/cpu_percent"])
+    finally:
+        stop.set()
+        thread.join()
+    assert 0 < min(readings) and max(readings) <= 100 * os.cpu_count(), (min(readings), max(readings))
