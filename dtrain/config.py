@@ -77,6 +77,9 @@ class TrainerBase:
     naming the step and the ranks that did not arrive (a peer stopped, hung or its node gone); Ray then restarts
     from the latest checkpoint as max_failures allows. The process group's timeout (Ray's TorchConfig.timeout_s).
     Longer than the slowest step and checkpoint write."""
+    resize_check_s: float = 60.0
+    """With an elastic trainer.num_workers: seconds between Ray Train's checks for room to grow the worker group
+    (nodes that joined); growing restarts the group from the newest checkpoint. Ray's default."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
@@ -99,6 +102,7 @@ class TrainerBase:
         check(self.collective_timeout_s >= 1, "trainer.collective_timeout_s", "a number of seconds >= 1",
               self.collective_timeout_s)
         check(self.start_timeout_s > 0, "trainer.start_timeout_s", "a number of seconds > 0", self.start_timeout_s)
+        check(self.resize_check_s > 0, "trainer.resize_check_s", "a number of seconds > 0", self.resize_check_s)
         self._check_profile()
         # the strategy's own checks of its section against these settings (e.g. raw DeepSpeed keys that contradict
         # them), when the job loads

@@ -22,7 +22,8 @@ class TrainingError(DtrainError):
 
 
 class Preempted(TrainingError):
-    """A worker was asked to stop (SIGTERM): the run checkpointed at a step boundary and hands over."""
+    """A worker was asked to stop (SIGTERM, or its node is being preempted): the run checkpointed at a step boundary
+    and hands over."""
 
 
 def first_line(err: BaseException) -> str:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Start a Ray cluster on this machine, bound to 127.0.0.1: one head plus $WORKERS worker nodes.
+# `up.sh --add N` adds N worker nodes to the cluster already running (a node joining an elastic run).
 # Each node is a `ray start --block` process whose pid goes to $STATE/*.pid; down.sh stops exactly those.
 # Token auth is on (RAY_AUTH_MODE=token); the token comes from RAY_AUTH_TOKEN or ~/.ray/auth_token (made if absent).
 set -euo pipefail
@@ -13,8 +14,14 @@ GCS_PORT="${GCS_PORT:-6390}"            # not Ray's defaults (6379, 8265), so a 
 DASHBOARD_PORT="${DASHBOARD_PORT:-8275}"
 PORT_BASE="${PORT_BASE:-21000}"         # node i uses PORT_BASE + 100*i .. + 99 (agents, metrics, worker ports)
 
+ADD=0
+if [ "${1:-}" = "--add" ]; then ADD="${2:-1}"; fi
+
 [ -x "$RAY" ] || { echo "up.sh: $RAY not found; run \`make install\` or set RAY=/path/to/ray" >&2; exit 2; }
-if compgen -G "$STATE/*.pid" > /dev/null; then
+if [ "$ADD" -gt 0 ] && [ ! -f "$STATE/head.pid" ]; then
+    echo "up.sh: no cluster recorded in $STATE to add nodes to; run cluster/local/up.sh first" >&2; exit 2
+fi
+if [ "$ADD" -eq 0 ] && compgen -G "$STATE/*.pid" > /dev/null; then
     echo "up.sh: a cluster is already recorded in $STATE; run cluster/local/down.sh first" >&2; exit 2
 fi
 mkdir -p "$STATE"
@@ -47,6 +54,20 @@ start_node() {  # start_node NAME INDEX ARGS...: start one node in the backgroun
     tail -n 20 "$STATE/$name.log" >&2
     exit 1
 }
+
+if [ "$ADD" -gt 0 ]; then  # new nodes take the next indices (and port blocks); a stopped node's are not reused
+    last=0
+    for log in "$STATE"/worker*.log; do
+        [ -e "$log" ] || continue
+        i="${log##*/worker}"; i="${i%.log}"
+        [ "$i" -gt "$last" ] && last="$i"
+    done
+    for i in $(seq $((last + 1)) $((last + ADD))); do
+        start_node "worker$i" "$i" --address "127.0.0.1:$GCS_PORT"
+    done
+    echo "Added $ADD worker node(s) to the local Ray cluster in $STATE"
+    exit 0
+fi
 
 start_node head 0 --head --port "$GCS_PORT" --include-dashboard true --dashboard-host 127.0.0.1 \
     --dashboard-port "$DASHBOARD_PORT" --ray-client-server-port $((PORT_BASE + 6))

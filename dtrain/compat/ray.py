@@ -42,6 +42,13 @@ def quiet_train_worker_logs(drop: Callable[[logging.LogRecord], bool]) -> None:
     logging.getLogger(TRAIN_ERROR_LOGGER).addFilter(lambda record: not drop(record))
 
 
+def preemption_notice() -> Any:
+    """In a Ray Train worker: Ray's notice that a node of this worker group is being drained for preemption (a spot
+    reclaim, a SIGTERM to a node's `ray start`), or None. Ray Train's PreemptionWatcher hands it to every worker; this
+    reads the worker's own copy, without the cross-worker barrier of the public ray.train.get_preemption_info()."""
+    return importlib.import_module(TRAIN_CONTEXT_MODULE).get_train_context().preemption_context.preemption_info
+
+
 UPLOAD_LOGGERS = ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk")
 """Loggers that log every file of a working_dir that `ray job submit` packs and uploads."""
 
@@ -255,6 +262,10 @@ def check() -> None:
         TRAIN_CONTEXT_MODULE: lambda: importlib.util.find_spec(TRAIN_CONTEXT_MODULE),
         f"{TRAIN_ERROR_LOGGER} logging 'Error in training function'": lambda: (
             "Error in training function" in inspect.getsource(importlib.import_module(TRAIN_ERROR_LOGGER)) or None),
+        f"{TRAIN_CONTEXT_MODULE}.get_train_context().preemption_context.preemption_info": lambda: (
+            "preemption_info" in inspect.signature(importlib.import_module(
+                "ray.train.v2._internal.execution.preemption").PreemptionContext).parameters
+            and importlib.import_module(TRAIN_CONTEXT_MODULE).get_train_context),
         "TrainController.abort": lambda: TrainController.abort,
         "ray.train.v2._internal.exceptions.CollectiveTimeoutError": lambda: importlib.import_module(
             "ray.train.v2._internal.exceptions").CollectiveTimeoutError,

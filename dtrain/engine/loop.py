@@ -136,7 +136,7 @@ def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopCon
             _resume(strategy, state, ctx, stage.lr or cfg.lr)
         done_in_stage = state.epoch * steps_per_epoch + state.epoch_samples // train.plan.global_batch
         ctx.log({"event": "stage", "stage": stage.name, "first_step": state.step - done_in_stage, "epochs": epochs,
-                 "steps_per_epoch": steps_per_epoch, "global_batch": train.plan.global_batch})
+                 "steps_per_epoch": steps_per_epoch, "global_batch": train.plan.global_batch, "workers": ctx.world})
         while state.epoch < epochs and not state.stopped:
             train.set_epoch(state.stage * 10_000 + state.epoch)
             train_metrics = _train_epoch(cfg, wrapped, train, strategy, state, ctx, guard, writer, vote)
@@ -294,8 +294,9 @@ def _checkpoint_and_hand_over(strategy: Strategy, state: TrainState, ctx: RunCon
     writer.start(strategy, state, {"epoch": state.epoch, "step": state.step})
     writer.finish()
     ctx.log({"event": "preempted", "step": state.step, "samples": state.samples})
-    raise Preempted(f"training stopped at step {state.step}: a worker was asked to stop (SIGTERM); its checkpoint "
-                    "is written, and the run resumes from it (trainer.max_failures, or --resume)")
+    raise Preempted(f"training stopped at step {state.step}: a worker was asked to stop (SIGTERM, or its node's "
+                    "preemption notice); its checkpoint is written, and the run resumes from it (trainer.max_failures, "
+                    "or --resume)")
 
 
 def _keep_global_batch(state: TrainState, global_batch: int, retarget: bool) -> None:

@@ -23,10 +23,11 @@ from dtrain.config import to_dict, worker_bounds
 from dtrain.data.base import DataBundle
 from dtrain.data.sharding import check_global_batch
 from dtrain.data.stream_source import StreamSource
-from dtrain.errors import ConfigError, DtrainError, find_in_chain
+from dtrain.errors import ConfigError, DtrainError, find_in_chain, first_line
 from dtrain.launch import cost, local_head, net
 from dtrain.launch.progress import ProgressFollower
 from dtrain.launch.project import shipped_paths
+from dtrain.launch.sigterm import stop_on_preemption_notice
 from dtrain.storage import RunStore, is_uri, join, probe, staging_dir
 from dtrain.tracking import CONFIG_FILE, METRICS_FILE
 
@@ -51,14 +52,21 @@ def report(metrics: dict[str, Any], folder: Path | None, wait_for_upload: bool) 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: report through ray.train, resume from ray.train.get_checkpoint()."""
+    import ray.train
+
+    from dtrain.launch.project import use_paths
+
+    use_paths(config.get("sys_path", ()))  # the user's code (models by import path), as the driver found it
+    with stop_on_preemption_notice(ray.train.get_context().get_world_rank()):
+        _train(config)
+
+
+def _train(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
 
-    from dtrain.launch.project import use_paths
     from dtrain.launch.worker import run_worker
-
-    use_paths(config.get("sys_path", ()))  # the user's code (models by import path), as the driver found it
 
     def publish(metrics: dict[str, Any], folder: Path | None) -> None:
         # Metrics alone go to Ray only when a controller callback consumes them (dtrain tune): dtrain train logs
@@ -216,8 +224,20 @@ def _start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str,
     if head:
         print(f"[dtrain] using the local Ray head at {head} (`dtrain up`; `dtrain down` stops it)", flush=True)
     if address or head:
-        ray_compat.connect(address or head, loopback_only=net.loopback_only(address or head), token_auth=bool(head),
-                           logging_level=logging.WARNING, runtime_env=runtime_env)
+        target = address or head
+        # a token in the environment is sent whatever RAY_AUTH_MODE says (without it Ray retries for 20 s, then fails)
+        token = bool(head) or any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"))
+        host, _, port = target.rpartition(":")
+        if port.isdigit() and not net.answers(host, int(port)):  # Ray itself would retry for minutes
+            raise DtrainError(f"--address {target}: nothing answers there; start the cluster (`make cluster-up`, "
+                              "`ray start --head`) or check the address")
+        try:
+            ray_compat.connect(target, loopback_only=net.loopback_only(target), token_auth=token,
+                               logging_level=logging.WARNING, runtime_env=runtime_env)
+        except ConnectionError as err:
+            raise DtrainError(f"--address {target}: no Ray cluster accepted the connection ({first_line(err)}); "
+                              "check the address, and for a cluster with token authentication set "
+                              "RAY_AUTH_TOKEN") from None
         return
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
@@ -474,13 +494,21 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
         # the process group's timeout (gloo, NCCL): a collective a peer never joins fails instead of waiting
         torch_config=TorchConfig(timeout_s=math.ceil(job.trainer.collective_timeout_s)),
         run_config=RunConfig(name=job.name, **storage,
-                             # controller failures are the workers' placement timing out: fail at the first one
+                             # controller failures are the workers' placement timing out: fail at the first one,
+                             # unless elastic: after a node died Ray tries the old size until it knows the node is
+                             # gone, and the next try places the workers that fit
                              failure_config=FailureConfig(max_failures=job.trainer.max_failures,
-                                                          controller_failure_limit=0),
+                                                          controller_failure_limit=job.trainer.max_failures
+                                                          if _elastic(job) else 0),
                              checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
                              callbacks=callbacks, logging_config=LoggingConfig(log_level="WARNING")),
         **streams,
     )
+
+
+def _elastic(job: DictConfig) -> bool:
+    bounds = worker_bounds(job.trainer.num_workers)
+    return bounds is not None and bounds[0] != bounds[1]
 
 
 def scaling_config(job: DictConfig, workers: int, use_gpu: bool, elastic: bool = True) -> Any:
@@ -488,9 +516,11 @@ def scaling_config(job: DictConfig, workers: int, use_gpu: bool, elastic: bool =
     Ray Train's elastic range (it starts once min fit and resizes within the range, restarting the group)."""
     from ray.train import ScalingConfig
 
-    bounds = worker_bounds(job.trainer.num_workers)
-    count = tuple(bounds) if elastic and bounds is not None and bounds[0] != bounds[1] else workers
-    return ScalingConfig(num_workers=count, use_gpu=use_gpu, resources_per_worker={"CPU": job.trainer.cpus_per_worker})
+    placed = {"use_gpu": use_gpu, "resources_per_worker": {"CPU": job.trainer.cpus_per_worker}}
+    if elastic and _elastic(job):
+        return ScalingConfig(num_workers=tuple(worker_bounds(job.trainer.num_workers)),
+                             elastic_resize_monitor_interval_s=job.trainer.resize_check_s, **placed)
+    return ScalingConfig(num_workers=workers, **placed)
 
 
 def _fit(trainer: Any, job: DictConfig, run_dir: Path | RunStore, workers: int, local: bool) -> None:

@@ -255,3 +255,12 @@ def test_overrides_after_an_option_are_overrides_and_anything_else_is_refused(ca
     with pytest.raises(SystemExit) as exit_:
         parse_args(["train", "runs/x", "--resume", "stray"])
     assert exit_.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+def test_an_address_where_nothing_answers_is_one_line_at_once(scratch):
+    """`--address HOST:PORT` with no cluster there: Ray's own connect retries for minutes, then raises a traceback.
+    (A real process: in this one a Ray may already be connected.)"""
+    case = ("dead-address", "train JOB --address 127.0.0.1:9", "--address 127.0.0.1:9: nothing answers there")
+    proc = subprocess.run([sys.executable, "-m", "dtrain", *_argv(case, scratch)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "WANDB_MODE": "disabled", "RAY_ADDRESS": ""})
+    _assert_one_clear_line(case, proc.returncode, proc.stderr, scratch)
