@@ -42,6 +42,26 @@ def quiet_train_worker_logs(drop: Callable[[logging.LogRecord], bool]) -> None:
     logging.getLogger(TRAIN_ERROR_LOGGER).addFilter(lambda record: not drop(record))
 
 
+DATASETS_CALLBACK = "ray.train.v2._internal.callbacks.datasets.DatasetsCallback"
+"""Ray Train's callback that starts a DatasetManager actor for every run, with Ray datasets or without."""
+
+
+def torch_trainer(*args: Any, **kwargs: Any) -> Any:
+    """ray.train.torch.TorchTrainer(*args, **kwargs); without Ray datasets, minus the DatasetManager actor Ray Train
+    would start anyway (a process of its own for the run, a few CPU-seconds while the workers start)."""
+    from ray.train.torch import TorchTrainer
+
+    module, _, name = DATASETS_CALLBACK.rpartition(".")
+    datasets_callback = getattr(importlib.import_module(module), name)
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, datasets_callback)]
+
+    return Trainer(*args, **kwargs)
+
+
 def preemption_notice() -> Any:
     """In a Ray Train worker: Ray's notice that a node of this worker group is being drained for preemption (a spot
     reclaim, a SIGTERM to a node's `ray start`), or None. Ray Train's PreemptionWatcher hands it to every worker; this
@@ -266,6 +286,10 @@ def check() -> None:
             "preemption_info" in inspect.signature(importlib.import_module(
                 "ray.train.v2._internal.execution.preemption").PreemptionContext).parameters
             and importlib.import_module(TRAIN_CONTEXT_MODULE).get_train_context),
+        f"{DATASETS_CALLBACK}, DataParallelTrainer._create_default_callbacks": lambda: (
+            importlib.import_module(DATASETS_CALLBACK.rpartition(".")[0])
+            and importlib.import_module("ray.train.v2.api.data_parallel_trainer").DataParallelTrainer
+            ._create_default_callbacks),
         "TrainController.abort": lambda: TrainController.abort,
         "ray.train.v2._internal.exceptions.CollectiveTimeoutError": lambda: importlib.import_module(
             "ray.train.v2._internal.exceptions").CollectiveTimeoutError,

@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from dtrain.compat import ray as ray_compat
 from dtrain.config import to_dict
 from dtrain.engine.callbacks import Callback
 from dtrain.errors import ConfigError, DtrainError
@@ -117,7 +118,6 @@ def _probe(job: DictConfig, data: Any, workers: int, use_gpu: bool, probe_dir: P
     """Run probe_loop_per_worker on the job's workers; (rows, tracker lines, problems)."""
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
     from dtrain.launch.project import shipped_paths
@@ -128,7 +128,7 @@ def _probe(job: DictConfig, data: Any, workers: int, use_gpu: bool, probe_dir: P
     probe_job.trainer.start_timeout_s = min(float(job.trainer.start_timeout_s), START_TIMEOUT_S)
     storage = Path(tempfile.mkdtemp(prefix="dtrain-preflight-ray-"))  # Ray Train's own records: nothing to keep
     findings = Queue(maxsize=1, actor_options={"num_cpus": 0})  # rank 0 hands every rank's findings back here
-    trainer = TorchTrainer(
+    trainer = ray_compat.torch_trainer(
         probe_loop_per_worker,
         train_loop_config={"job": to_dict(job), "data": ray.put(to_object_store(data)), "probe_dir": str(probe_dir),
                            "memory_limit": memory_limit, "sys_path": shipped_paths(), "findings": findings},

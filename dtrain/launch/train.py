@@ -465,7 +465,7 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
              stream_tasks: dict[str, Any] | None = None) -> Any:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     store = run_dir if isinstance(run_dir, RunStore) else None
     streams, stream_info, shipped = {}, None, None
@@ -483,7 +483,7 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
         storage = {"storage_path": posixpath.dirname(store.path), "storage_filesystem": store.fs}
     else:
         storage = {"storage_path": str(run_dir.parent)}
-    return TorchTrainer(
+    return ray_compat.torch_trainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(job), "run_dir": str(run_dir), "store": store,
                            "init_checkpoint": init_checkpoint,

@@ -341,7 +341,8 @@ def test_an_elastic_run_shrinks_when_a_node_dies_grows_when_one_joins_and_checkp
         return bool(segs) and segs[-1]["workers"] == workers and events[-1].get("event") in ("step", "epoch")
 
     try:
-        wait_for("step on 2 workers", lambda: trained_at(2) and len(stages()) == 1)
+        wait_for("a checkpoint on 2 workers", lambda: trained_at(2) and len(stages()) == 1 and any(
+            run_dir.glob("checkpoint_*/manifest_rank1.json")))
         _kill_tree(int((state / "worker1.pid").read_text()))  # node 1 gone: no drain, no goodbye
         killed = time.monotonic()
         wait_for("a restart on 1 worker after the node died",
@@ -366,6 +367,7 @@ def test_an_elastic_run_shrinks_when_a_node_dies_grows_when_one_joins_and_checkp
     assert 1 in [s["workers"] for s in segs[1:-1]], segs
     # every restart resumed from a checkpoint the run wrote; the drain's one is of the step the vote agreed on
     resumes = [e for e in events if e.get("event") == "resume"]
+    assert len(resumes) == len(segs) - 1 and resumes[0]["step"] % 21 == 0 < resumes[0]["step"], resumes  # epochs'
     preempted = next(e for e in events if e.get("event") == "preempted")
     assert resumes[-1]["step"] == preempted["step"] and resumes[-1]["samples"] == preempted["samples"]
     summary = json.loads((run_dir / "summary.json").read_text())
