@@ -2,6 +2,7 @@
 
     dtrain train   `dtrain train jobs/mlp_digits.yaml` (embedded local Ray, 2 workers, W&B off): a cold start
     dtrain warm    the same with a head kept by `dtrain up` (started once before the repeats, not timed)
+    preflight warm `dtrain preflight jobs/mlp_digits.yaml` on that head: seconds to its verdict (the whole command)
     hand ddp       a hand-written torch.multiprocessing DDP script (benchmarks/hand_ddp.py), 2 gloo processes
     deepspeed      `dtrain train jobs/mlp_digits_deepspeed.yaml` (ZeRO-2, bf16) as on a fresh machine: an empty
                    TORCH_EXTENSIONS_DIR, so any op DeepSpeed JIT-compiles is compiled within the measurement
@@ -65,6 +66,14 @@ def dtrain_warm(tmp: Path) -> tuple[float, float]:
     return dtrain_train(tmp, env={**os.environ, "DTRAIN_LOCAL_HEAD_DIR": str(HEAD_DIR)})
 
 
+def preflight_warm(tmp: Path) -> tuple[float, float]:
+    """`dtrain preflight` of the job on the `dtrain up` head: seconds from the command to its verdict (both values)."""
+    started = time.time()
+    _run([str(BIN / "dtrain"), "preflight", str(ROOT / "jobs" / "mlp_digits.yaml"), f"runs_dir={tmp}",
+          "logging.wandb.enabled=false"], tmp, {**os.environ, "DTRAIN_LOCAL_HEAD_DIR": str(HEAD_DIR)})
+    return time.time() - started, time.time() - started
+
+
 def hand_ddp(tmp: Path) -> tuple[float, float]:
     started = time.time()
     stamp = tmp / "first_step"
@@ -96,8 +105,8 @@ def imports(tmp: Path) -> tuple[float, float]:
     return timed("import dtrain.cli"), timed("import dtrain.cli, dtrain.launch.train, ray, ray.train.torch")
 
 
-RUNS = {"dtrain train": dtrain_train, "dtrain warm": dtrain_warm, "hand ddp": hand_ddp,
-        "deepspeed": deepspeed_fresh, "ray plain": ray_plain, "engine": engine,
+RUNS = {"dtrain train": dtrain_train, "dtrain warm": dtrain_warm, "preflight warm": preflight_warm,
+        "hand ddp": hand_ddp, "deepspeed": deepspeed_fresh, "ray plain": ray_plain, "engine": engine,
         "import": imports}
 
 
@@ -105,12 +114,13 @@ def run(names: list[str], repeats: int) -> dict[str, Any]:
     """Interleaved fresh-process runs; median seconds to the first step and to the end of the 1-epoch run."""
     raw: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     head_env = {**os.environ, "DTRAIN_LOCAL_HEAD_DIR": str(HEAD_DIR)}
-    if "dtrain warm" in names:
+    warm = {"dtrain warm", "preflight warm"} & set(names)
+    if warm:
         _run([str(BIN / "dtrain"), "up"], ROOT, head_env)
     try:
         _repeat(names, repeats, raw)
     finally:
-        if "dtrain warm" in names:
+        if warm:
             _run([str(BIN / "dtrain"), "down"], ROOT, head_env)
     return {"raw": raw, "first_step_s": {n: median([a for a, _ in v]) for n, v in raw.items()},
             "total_s": {n: median([b for _, b in v]) for n, v in raw.items()},
