@@ -279,6 +279,21 @@ def test_submit_preflight_names_each_problem_and_submits_nothing(cluster, tmp_pa
     assert [j.metadata["dtrain_command"] for j in doomed] == ["preflight"]
 
 
+def test_submit_preflight_names_too_many_workers_and_a_broken_data_path_before_any_worker(cluster, tmp_path):
+    """The preflight's driver-side checks, on the cluster: 3 workers of 1 CPU on 2 nodes of 1 CPU, and a data file
+    that is not there: one line each, exit 2, nothing placed, the job not submitted."""
+    spec = tmp_path / "pf.yaml"
+    spec.write_text(PREFLIGHT_SPEC)
+    run = dtrain(["submit", str(spec), "trainer.num_workers=3", "data.name=npz", f"data.path={tmp_path}/no.npz",
+                  "name=doomed2", "--preflight", "--address", cluster.address], cluster.env)
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    errors = [line for line in run.stdout.splitlines() if line.startswith("dtrain: error: ")]
+    assert errors == [f"dtrain: error: {tmp_path}/no.npz: .npz file not found",
+                      "dtrain: error: trainer.num_workers: 3 workers x 1.0 CPUs need 3 CPUs, the cluster has 2"], errors
+    assert not _rows(run.stdout), run.stdout  # no worker ran
+    assert "the job was not submitted" in run.stderr.strip().splitlines()[-1]
+
+
 ELASTIC_SPEC = """\
 name: elastic
 model: {name: mlp, hidden: [1024, 1024]}
