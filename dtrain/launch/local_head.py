@@ -41,8 +41,8 @@ def running_address() -> str | None:
         return None
     if not _alive(pid):
         return None
-    host, _, port = address.rpartition(":")
-    return address if port.isdigit() and net.answers(host, int(port)) else None
+    parts = net.host_port(address)
+    return address if parts is not None and net.answers(*parts) else None
 
 
 def up(num_cpus: int | None = None, num_gpus: int | None = None) -> str:

@@ -22,11 +22,18 @@ def answers(host: str, port: int, timeout: float = 2.0) -> bool:
         return False
 
 
+def host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a plain HOST:PORT address; None for anything else (`auto`, `ray://...`)."""
+    host, _, port = address.rpartition(":")
+    return (host, int(port)) if host and "://" not in host and port.isdigit() else None
+
+
 def loopback_only(address: str) -> bool:
     """Whether address (host:port on loopback) answers there but not on the host's outward address, where Ray
     would first send a connection (a cluster started by `dtrain up` or an embedded Ray)."""
-    host, _, port = address.rpartition(":")
-    if host not in ("127.0.0.1", "localhost") or not port.isdigit():
+    parts = host_port(address)
+    if parts is None or parts[0] not in ("127.0.0.1", "localhost"):
         return False
+    host, port = parts
     outward = ray_compat.outward_address(host)
-    return answers("127.0.0.1", int(port)) and (outward == "127.0.0.1" or not answers(outward, int(port)))
+    return answers("127.0.0.1", port) and (outward == "127.0.0.1" or not answers(outward, port))

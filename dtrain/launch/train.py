@@ -227,8 +227,8 @@ def _start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str,
         target = address or head
         # a token in the environment is sent whatever RAY_AUTH_MODE says (without it Ray retries for 20 s, then fails)
         token = bool(head) or any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"))
-        host, _, port = target.rpartition(":")
-        if "://" not in host and port.isdigit() and not net.answers(host, int(port)):  # Ray would retry for minutes
+        parts = net.host_port(target)
+        if parts is not None and not net.answers(*parts):  # Ray itself would retry for minutes
             raise DtrainError(f"--address {target}: nothing answers there; start the cluster (`make cluster-up`, "
                               "`ray start --head`) or check the address")
         try:
