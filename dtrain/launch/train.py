@@ -499,16 +499,17 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
                              # gone, and the next try places the workers that fit
                              failure_config=FailureConfig(max_failures=job.trainer.max_failures,
                                                           controller_failure_limit=job.trainer.max_failures
-                                                          if _elastic(job) else 0),
+                                                          if _elastic_range(job) else 0),
                              checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep),
                              callbacks=callbacks, logging_config=LoggingConfig(log_level="WARNING")),
         **streams,
     )
 
 
-def _elastic(job: DictConfig) -> bool:
+def _elastic_range(job: DictConfig) -> tuple[int, int] | None:
+    """(min, max) of an elastic trainer.num_workers; None for a fixed count."""
     bounds = worker_bounds(job.trainer.num_workers)
-    return bounds is not None and bounds[0] != bounds[1]
+    return bounds if bounds is not None and bounds[0] != bounds[1] else None
 
 
 def scaling_config(job: DictConfig, workers: int, use_gpu: bool, elastic: bool = True) -> Any:
@@ -517,9 +518,9 @@ def scaling_config(job: DictConfig, workers: int, use_gpu: bool, elastic: bool =
     from ray.train import ScalingConfig
 
     placed = {"use_gpu": use_gpu, "resources_per_worker": {"CPU": job.trainer.cpus_per_worker}}
-    if elastic and _elastic(job):
-        return ScalingConfig(num_workers=tuple(worker_bounds(job.trainer.num_workers)),
-                             elastic_resize_monitor_interval_s=job.trainer.resize_check_s, **placed)
+    if elastic and (bounds := _elastic_range(job)):
+        return ScalingConfig(num_workers=tuple(bounds), elastic_resize_monitor_interval_s=job.trainer.resize_check_s,
+                             **placed)
     return ScalingConfig(num_workers=workers, **placed)
 
 

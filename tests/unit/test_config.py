@@ -78,8 +78,10 @@ def test_ray_train_controller_polls_fast_for_few_workers_and_slower_for_many(mon
 def test_an_elastic_worker_range_becomes_ray_trains_elastic_scaling():
     from dtrain.launch.train import local_workers, scaling_config
 
-    elastic = load_job(JOBS / "mlp_digits.yaml", ["trainer.num_workers=[1,3]", "data.global_batch_size=60"])
+    elastic = load_job(JOBS / "mlp_digits.yaml", ["trainer.num_workers=[1,3]", "data.global_batch_size=60",
+                                                 "trainer.resize_check_s=7"])
     assert scaling_config(elastic, 1, False).num_workers == (1, 3)
+    assert scaling_config(elastic, 1, False).elastic_resize_monitor_interval_s == 7
     assert scaling_config(elastic, 1, False, elastic=False).num_workers == 1  # dtrain preflight places the min
     assert local_workers(elastic) == 1  # what must fit before the run starts
     fixed = load_job(JOBS / "mlp_digits.yaml", ["trainer.num_workers=[2,2]", "data.global_batch_size=60"])
