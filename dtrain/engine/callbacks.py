@@ -1,4 +1,4 @@
-"""Callbacks: code run inside every training process at two points of the loop, installed by whoever launches the
+"""Callbacks: code run inside every training process at three points of the loop, installed by whoever launches the
 run (trainer.callbacks in a job, or the `callbacks` argument of the launchers), never by branches in the loop.
 
 Tests use them to kill a rank at a chosen step; benchmarks to measure what each rank holds. A callback must be
@@ -24,6 +24,10 @@ class Callback:
 
     def on_step_end(self, state: TrainState, rank: int) -> None:
         """After each optimizer step (state.step is the step just done)."""
+
+    def on_epoch_end(self, state: TrainState, rank: int) -> None:
+        """When the training thread is done with an epoch's end: validation, logging, and its checkpoint started
+        (written in the background unless checkpoint.background is off)."""
 
     def log_values(self) -> dict[str, float]:
         """Host values this rank adds to a logged step, gathered per rank to rank 0 in the loop's own collective

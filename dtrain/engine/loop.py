@@ -153,6 +153,8 @@ def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopCon
             else:
                 writer.finish()  # a mid-epoch checkpoint first: what is published stays in order
                 ctx.publish(metrics, None)
+            for callback in ctx.callbacks:
+                callback.on_epoch_end(state, ctx.rank)
             if cfg.max_steps and state.step >= cfg.max_steps:
                 state.stopped, state.stop_reason = True, f"max_steps={cfg.max_steps} reached"
         if state.stopped and "early stopping" in state.stop_reason and state.stage < len(stages) - 1:

@@ -33,7 +33,7 @@ from dtrain.errors import ConfigError, DtrainError
 from dtrain.launch import cost
 
 PROBE_PREFIX = ".dtrain-preflight-"
-TIMED_STEPS = 10
+TIMED_STEPS = 20
 """Optimizer steps timed after the first (warm-up) one; their median is the step time the projection uses."""
 START_TIMEOUT_S = 60.0
 """Longest wait for the workers' placement (the job's trainer.start_timeout_s when shorter)."""
@@ -196,7 +196,7 @@ def probe_rank(job: Any, job_dict: dict[str, Any], device: Any, data: Any, probe
     timer = StepTimer(device)
     saver = ProbeCheckpoint(probe_dir / "checkpoint", rank, node, device, problems)
     loop = dataclasses.replace(worker.loop, max_epochs=1, max_steps=min(TIMED_STEPS + 1, steps_per_epoch),
-                               checkpoint_every_n_epochs=1, checkpoint_every_n_steps=0, checkpoint_background=False,
+                               checkpoint_every_n_epochs=1, checkpoint_every_n_steps=0,
                                early_stopping=EarlyStoppingConfig())
     try:
         fit(worker.model, worker.loaders, worker.strategy, loop,
@@ -221,7 +221,7 @@ def probe_rank(job: Any, job_dict: dict[str, Any], device: Any, data: Any, probe
         with contextlib.suppress(OSError):
             folder.rmdir()
     row = {"rank": rank, "node": node, "device": str(device), "peak_memory_bytes": peak,
-           "steps_per_epoch": steps_per_epoch, **timer.times(saver.published_at)}
+           "steps_per_epoch": steps_per_epoch, **timer.times()}
     return {"row": row, "trackers": trackers, "problems": problems}
 
 
@@ -229,7 +229,7 @@ class StepTimer(Callback):
     """Engine callback: when the set-up and each optimizer step ended, and the peak memory after the steps."""
 
     def __init__(self, device: Any) -> None:
-        self.device, self.ends, self.peak = device, [], 0
+        self.device, self.ends, self.peak, self.epoch_end = device, [], 0, 0.0
 
     def on_setup(self, strategy: Any, model: Any, rank: int) -> None:
         self.ends.append(time.perf_counter())
@@ -238,14 +238,18 @@ class StepTimer(Callback):
         self.ends.append(time.perf_counter())
         self.peak = peak_memory(self.device)
 
-    def times(self, epoch_end: float) -> dict[str, float]:
+    def on_epoch_end(self, state: Any, rank: int) -> None:
+        self.epoch_end = time.perf_counter()
+
+    def times(self) -> dict[str, float]:
         """first_step_s (warm-up included), step_s (median of the later steps, or the first one alone) and
-        epoch_end_s (from the last step to epoch_end: validation and the checkpoint)."""
+        epoch_end_s (from the last step until the training thread goes on: validation and the checkpoint's part on
+        that thread, the whole write when the job writes checkpoints in the foreground)."""
         laps = [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)]
         if not laps:
             return {}
         return {"first_step_s": laps[0], "step_s": statistics.median(laps[1:]) if len(laps) > 1 else laps[0],
-                "epoch_end_s": max(0.0, epoch_end - self.ends[-1])}
+                "epoch_end_s": max(0.0, self.epoch_end - self.ends[-1])}
 
 
 def peak_memory(device: Any) -> int:
@@ -265,12 +269,11 @@ class ProbeCheckpoint:
 
     def __init__(self, folder: Path, rank: int, node: str, device: Any, problems: list[str]) -> None:
         self.folder, self.rank, self.node, self.device, self.problems = folder, rank, node, device, problems
-        self.written, self.published_at = False, 0.0
+        self.written = False
 
     def publish(self, metrics: dict[str, Any], local: Path | None) -> None:
         if local is None:
             return
-        self.published_at = time.perf_counter()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             shutil.copytree(local, self.folder, dirs_exist_ok=True)
