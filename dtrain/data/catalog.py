@@ -94,13 +94,18 @@ def _split(arrays: Arrays, cfg: Any) -> dict[str, tuple[np.ndarray, np.ndarray |
     n_test = int(round(n * cfg.test_fraction))
     n_val = int(round((n - n_test) * cfg.val_fraction))
     n_train = n - n_test - n_val
-    # Each split keeps its samples in their file order (the loader shuffles every epoch anyway), so the training
-    # rows can be moved to the front of the array in place instead of copied: no second copy of the data set.
+    # Each split keeps its samples in their file order (the loader shuffles every epoch anyway), so the array is
+    # rearranged in place into [train | val | test], each split a view of it: no second copy of the data set stays.
     parts = {"train": np.sort(order[:n_train]), "val": np.sort(order[n_train:n_train + n_val]),
              "test": np.sort(order[n_train + n_val:])}
-    out = {k: (arrays.x[idx], _maybe(arrays.y, idx)) for k, idx in parts.items() if k != "train"}
+    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
     x = _writable_float32(arrays.x)
-    return {"train": (_take_rows_to_front(x, parts["train"]), _maybe(arrays.y, parts["train"])), **out}
+    held_out = {k: x[parts[k]] for k in ("val", "test")}  # copies, while the training rows move to the front
+    _take_rows_to_front(x, parts["train"])
+    for k, rows in held_out.items():
+        x[slice(*bounds[k])] = rows
+    del held_out
+    return {k: (x[slice(*b)], _maybe(arrays.y, parts[k])) for k, b in bounds.items()}
 
 
 def _take_rows_to_front(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
