@@ -224,3 +224,21 @@ tune: {metric: val/acc, mode: max, scheduler: pbt, perturbation_interval: 2, qua
 
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hyperopt_runs_a_real_two_trial_search(ray_session, tmp_path):
+    """search_alg hyperopt, one trial at a time: the first trial is its random start, the second its TPE suggestion
+    after the first result; each trial trains the values it drew (its config.yaml), inside the space."""
+    job = _job(tmp_path, "hyperopt", {"search_alg": "hyperopt", "num_samples": 2, "max_concurrent_trials": 1,
+                                      "seed": 5, "space": {"optim.lr": "loguniform(0.001, 0.05)",
+                                                           "model.dropout": "choice([0.0, 0.2])"}},
+               **{"trainer.max_epochs": 2})
+    rows, _ = run_search(job)
+    assert len(rows) == 2 and all(r["status"] == "ok" and r["epochs"] == 2 for r in rows), rows
+    drawn = {(r["optim.lr"], r["model.dropout"]) for r in rows}
+    assert len(drawn) == 2, rows
+    for row in rows:
+        assert 0.001 <= row["optim.lr"] <= 0.05 and row["model.dropout"] in (0.0, 0.2)
+        ran = load_job(Path(row["run_dir"]) / "config.yaml")
+        assert (ran.optim.lr, ran.model.dropout) == pytest.approx((row["optim.lr"], row["model.dropout"]))
+        assert 0 < row["val/acc"] <= 1
