@@ -175,6 +175,34 @@ def test_submit_preflight_follow_ships_the_users_project_and_succeeds_with_worke
     assert f"Job '{job_id}' succeeded" in plain, plain[-2000:]
 
 
+def test_submit_to_a_bucket_runs_on_two_nodes_that_share_no_folder_and_leaves_the_whole_record_there(
+        cluster, s3, spec, tmp_path, monkeypatch):
+    """`dtrain submit ... runs_dir=s3://...` on the 2-node cluster, whose nodes have their own temp folders and share
+    no run directory: the job succeeds with a worker on each node, and its whole record (config, metrics, summary
+    with cost, report, the offline W&B run, checkpoints sealed by both ranks) is in the bucket afterwards."""
+    import uuid
+
+    from dtrain.launch import submit
+    from tests.ray.test_objstore import download
+
+    prefix = f"dtrain-test/{uuid.uuid4().hex[:8]}/runs"
+    run = dtrain(["submit", str(spec), f"runs_dir=s3://{prefix}", "name=bucket", "logging.wandb.enabled=true",
+                  "--address", cluster.address, "--follow"], cluster.env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    job_id = re.search(r"^(raysubmit_\S+)$", run.stdout, re.MULTILINE).group(1)
+    _use_token(monkeypatch, cluster)
+    nodes = submit.worker_nodes(submit.connect(cluster.address), job_id)
+    assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
+    files = download(s3, f"{prefix}/bucket", tmp_path / "bucket")
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "cost.jsonl", "report/report.md"):
+        assert name in files, sorted(files)
+    summary = json.loads(files["summary.json"])
+    assert summary["epochs"] == 2 and summary["cost"]["cpu_hours"] > 0, summary
+    assert any(n.startswith("wandb/") and n.endswith(".wandb") for n in files), sorted(files)
+    newest = max(n.split("/")[0] for n in files if n.startswith("checkpoint_") and "/" in n)
+    assert {f"{newest}/manifest_rank0.json", f"{newest}/manifest_rank1.json", f"{newest}/model.pt"} <= set(files)
+
+
 def test_stop_long_job(cluster, spec, monkeypatch, capsys):
     from dtrain.cli import main
     from dtrain.launch import submit
