@@ -12,12 +12,20 @@ from urllib.parse import urlparse
 from omegaconf import OmegaConf
 
 from dtrain.errors import DtrainError
-from dtrain.storage import RunStore, is_uri, join, split
+from dtrain.storage import RunStore, is_uri, join, read_text, split
 
 
 def _load(job_path: str, overrides: list[str]):
     from dtrain.config import load_job
 
+    if is_uri(job_path):  # a job file in object storage (a search's best.yaml, a run's config.yaml)
+        folder, name = split(job_path)
+        text = RunStore(folder, key="job").read_bytes(name)
+        if text is None:
+            raise DtrainError(f"{job_path}: job file not found")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / name).write_bytes(text)
+            return _load(str(Path(tmp) / name), overrides)
     job = load_job(job_path, overrides)
     if not job.name:
         job.name = f"{Path(job_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -49,12 +57,9 @@ def _load_run(folder: str, job_file: str, overrides: list[str]):
     """The job of the run (or search) folder given to --resume: a local path or a URI in object storage."""
     what, hint = ("run", "runs/<name>") if job_file == "config.yaml" else ("search", "runs/<search>")
     if is_uri(folder):
-        text = RunStore(folder, key=f"{what} directory").read_bytes(job_file)
-        if text is None:
+        if RunStore(folder, key=f"{what} directory").read_bytes(job_file) is None:
             raise DtrainError(f"{folder}: not a {what} directory (no {job_file}); --resume takes {hint}")
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / job_file).write_bytes(text)
-            job = _load(str(Path(tmp) / job_file), overrides)
+        job = _load(str(join(folder, job_file)), overrides)
         job.runs_dir, job.name = split(folder)
         return job
     if not (Path(folder) / job_file).is_file():
@@ -176,11 +181,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _check_buildable(job, args.address)
     check_trackers(job)
     rows, tune_cfg = run_search(job, address=args.address, resume=args.resume)
-    search_dir = Path(job.runs_dir).resolve() / job.name
+    search_dir = join(job.runs_dir if is_uri(job.runs_dir) else Path(job.runs_dir).resolve(), job.name)
+    best = join(search_dir, BEST_FILE)
     print_table(rows, tune_cfg.metric)
-    print(f"[dtrain] results: {search_dir / RESULTS_FILE}")
-    if (search_dir / BEST_FILE).exists():
-        print(f"[dtrain] best job: {search_dir / BEST_FILE}  (run it with: dtrain train {search_dir / BEST_FILE})")
+    print(f"[dtrain] results: {join(search_dir, RESULTS_FILE)}")
+    if read_text(RunStore(str(search_dir)) if is_uri(search_dir) else search_dir, BEST_FILE) is not None:
+        print(f"[dtrain] best job: {best}  (run it with: dtrain train {best})")
     return 0
 
 

@@ -133,6 +133,30 @@ class RunStore:
             pass  # object stores have no empty folders to remove
 
 
+def read_text(folder: str | Path | RunStore, name: str) -> str | None:
+    """The text of file name in a local folder or a store, or None if there is none."""
+    if isinstance(folder, RunStore):
+        data = folder.read_bytes(name)
+        return None if data is None else data.decode()
+    path = Path(folder) / name
+    return path.read_text() if path.is_file() else None
+
+
+def write_text(folder: Path | RunStore, name: str, text: str) -> None:
+    """Write file name in a local folder or a store, whole."""
+    if isinstance(folder, RunStore):
+        folder.write_bytes(name, text.encode())
+    else:
+        (Path(folder) / name).write_text(text)
+
+
+def subfolders(folder: Path | RunStore, prefix: str) -> list[Path | RunStore]:
+    """The folders directly in a local folder or a store whose name starts with prefix, by name."""
+    if isinstance(folder, RunStore):
+        return [folder.child(name) for name in folder.folders(prefix)]
+    return sorted(p for p in Path(folder).glob(f"{prefix}*") if p.is_dir()) if Path(folder).is_dir() else []
+
+
 def open_uri(uri: str, key: str = "runs_dir") -> tuple[Any, str]:
     """(pyarrow filesystem, path inside it) for uri; ConfigError naming key for a URI nothing opens or one that
     holds credentials (which would end up in config.yaml)."""

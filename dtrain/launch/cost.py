@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtrain.storage import RunStore
+from dtrain.storage import RunStore, read_text, write_text
 from dtrain.tracking import METRICS_FILE, SUMMARY_FILE
 
 COST_FILE = "cost.jsonl"
@@ -68,26 +68,10 @@ class Segment:
     def _append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"
         if isinstance(self.run_dir, RunStore):  # objects are written whole
-            _write(self.run_dir, COST_FILE, (_read(self.run_dir, COST_FILE) or "") + line)
+            write_text(self.run_dir, COST_FILE, (read_text(self.run_dir, COST_FILE) or "") + line)
         elif self.run_dir.is_dir():
             with open(self.run_dir / COST_FILE, "a") as f:
                 f.write(line)
-
-
-def _read(run_dir: str | Path | RunStore, name: str) -> str | None:
-    """The run folder's file name as text, or None if there is none."""
-    if isinstance(run_dir, RunStore):
-        data = run_dir.read_bytes(name)
-        return None if data is None else data.decode()
-    path = Path(run_dir) / name
-    return path.read_text() if path.is_file() else None
-
-
-def _write(run_dir: Path | RunStore, name: str, text: str) -> None:
-    if isinstance(run_dir, RunStore):
-        run_dir.write_bytes(name, text.encode())
-    else:
-        (Path(run_dir) / name).write_text(text)
 
 
 def _mtime(run_dir: str | Path | RunStore, name: str) -> float:
@@ -101,7 +85,7 @@ def _mtime(run_dir: str | Path | RunStore, name: str) -> float:
 def run_cost(run_dir: str | Path | RunStore, rates: dict[str, Any] | None = None) -> dict[str, float] | None:
     """The run's totals over every recorded segment (None when none was recorded): worker/CPU/GPU-hours, the
     seconds the worker groups lived, segments, and cost when rates are set."""
-    text = _read(run_dir, COST_FILE)
+    text = read_text(run_dir, COST_FILE)
     if text is None:
         return None
     starts: dict[float, dict[str, Any]] = {}
@@ -126,13 +110,13 @@ def run_cost(run_dir: str | Path | RunStore, rates: dict[str, Any] | None = None
 
 def add_to_summary(run_dir: Path | RunStore, cost: dict[str, float] | None) -> dict[str, Any]:
     """Write cost into the run's summary.json (under "cost") when both exist; returns the summary."""
-    text = _read(run_dir, SUMMARY_FILE)
+    text = read_text(run_dir, SUMMARY_FILE)
     if text is None:
         return {}
     summary = json.loads(text)
     if cost is not None:
         summary["cost"] = cost
-        _write(run_dir, SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        write_text(run_dir, SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
 

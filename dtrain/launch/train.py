@@ -103,7 +103,8 @@ def _train_with_store(config: dict[str, Any], publish: Any, data: DataBundle | N
     """A worker of a run whose folder is in object storage: it starts from the newest intact checkpoint in the store
     (each candidate downloaded and verified, newest first), if there is one: a fresh run's store has none, a
     restarted or resumed one has its own (Ray's latest registered checkpoint can lag behind the uploads, or be
-    missing). rank 0's files are staged in a local folder and copied to the store (storage.Mirror)."""
+    missing); else from init_checkpoint (a URI: dtrain tune's PBT hands a trial another trial's checkpoint). rank 0's
+    files are staged in a local folder and copied to the store (storage.Mirror)."""
     import ray.train
     import ray.train.torch
 
@@ -119,10 +120,14 @@ def _train_with_store(config: dict[str, Any], publish: Any, data: DataBundle | N
             if config.get("resume"):
                 raise
             resume_dir = None  # restarted before any checkpoint was complete: from the start again
+        retarget = resume_dir is None and bool(config.get("init_checkpoint"))  # a fresh run seeded (PBT's exploit)
+        if retarget:
+            resume_dir = RunStore(config["init_checkpoint"]).download("", Path(tmp) / "init")
         run_dir = staging_dir(store) if rank == 0 else Path(tmp) / "run"
         try:
             run_worker(config["job"], run_dir, publish, ray.train.torch.get_device(), resume_dir, data,
-                       callbacks=config.get("callbacks") or [], store=store if rank == 0 else None)
+                       retarget=retarget, callbacks=config.get("callbacks") or [],
+                       store=store if rank == 0 else None)
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 import re
 import shutil
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -29,9 +31,9 @@ from dtrain.data.stream_source import describe
 from dtrain.errors import ConfigError, DtrainError
 from dtrain.launch.project import shipped_paths
 from dtrain.launch.search_space import Param, TuneConfig, apply_params, check_against_job, read_tune_section
-from dtrain.storage import is_uri
+from dtrain.storage import RunStore, is_uri, join, probe, read_text, subfolders, write_text
 from dtrain.tracking import SUMMARY_FILE
-from dtrain.tracking.mlflow_sink import end_search_run, start_search_run
+from dtrain.tracking.mlflow_sink import MLFLOW_ID_FILE, end_search_run, start_search_run
 
 JOB_FILE = "job.yaml"
 RESULTS_FILE = "results.csv"
@@ -40,7 +42,7 @@ COST_FILE = "cost.json"
 
 
 class ForwardReports(UserCallback):
-    """Runs in the Ray Train controller: hands each report (rank 0's metrics, checkpoint path) to the trial."""
+    """Runs in the Ray Train controller: hands each report (rank 0's metrics, checkpoint) to the trial."""
 
     def __init__(self, queue: Any) -> None:
         self.queue, self.sent_handle = queue, False
@@ -48,7 +50,7 @@ class ForwardReports(UserCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         import ray
 
-        item = {"metrics": dict(metrics[0]), "checkpoint": checkpoint.path if checkpoint else None}
+        item = {"metrics": dict(metrics[0]), "checkpoint": checkpoint}  # its path and filesystem (a bucket's)
         if not self.sent_handle:  # the trial aborts the run through it when Tune stops the trial
             item["controller"] = ray.get_runtime_context().current_actor
             self.sent_handle = True
@@ -65,15 +67,15 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     use_paths(setup.get("sys_path", ()))  # before the job names the user's code
     trial_id = tune.get_context().get_trial_id()
-    trial_dir = Path(setup["search_dir"]) / "trials" / trial_id
-    segment = sum(1 for p in trial_dir.glob("run*") if p.is_dir()) if trial_dir.exists() else 0
+    trial_dir = _location(join(setup["search_dir"], "trials", trial_id))
+    segment = len(subfolders(trial_dir, "run"))
     job = build_job(OmegaConf.create(trial_job(setup["base"], setup["params"], config, setup["search_name"],
                                                trial_id)))
     job.runs_dir, job.name = str(trial_dir), f"run{segment}"
     # data.name=parquet: this trial's files, from their metadata (a searched data.* key may change them), streamed
     data = describe(to_objects(job).data) if job.data.name == "parquet" else None
-    init = _initial_checkpoint(trial_dir / f"init{segment}")
-    meter = _trial_meter(job, [trial_dir / f"run{k}" for k in range(segment)])
+    init = _initial_checkpoint(trial_dir, f"init{segment}")
+    meter = _trial_meter(job, [_at(trial_dir, f"run{k}") for k in range(segment)])
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     outcome: dict[str, Any] = {}
 
@@ -94,7 +96,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         raise outcome["error"]
 
 
-def _trial_meter(job: DictConfig, earlier: list[Path]) -> Any:
+def _trial_meter(job: DictConfig, earlier: list[Path | RunStore]) -> Any:
     """A function giving the trial's cumulative cost so far (its earlier segments' recorded cost, plus this one's
     worker group held since now), under budget.TRIAL_KEYS, as each result carries it for tune.budget."""
     import time
@@ -118,7 +120,6 @@ def _forward(queue: Any, metric: str, meter: Any = dict) -> None:
     """Report queued epoch results to Tune until the run ends; if Tune stops the trial, abort the Train run.
     meter: the trial's cost so far, added to every result."""
     from ray import tune
-    from ray.tune import Checkpoint
 
     controller = None
     try:
@@ -126,8 +127,7 @@ def _forward(queue: Any, metric: str, meter: Any = dict) -> None:
             controller = item.get("controller", controller)
             if metric not in item["metrics"]:  # mid-epoch checkpoints carry no validation metrics
                 continue
-            path = item["checkpoint"]
-            tune.report(item["metrics"] | meter(), checkpoint=Checkpoint.from_directory(path) if path else None)
+            tune.report(item["metrics"] | meter(), checkpoint=item["checkpoint"])
     except BaseException:  # Tune stops a trial by raising SystemExit out of tune.report
         if controller is not None:
             abort_train_run(controller)
@@ -155,17 +155,33 @@ def trial_job(base: dict, params: dict[str, Param], sample: dict[str, Any], sear
     return job
 
 
-def _initial_checkpoint(folder: Path) -> str | None:
-    """Tune's checkpoint for this trial (PBT exploit, or resume), copied to folder."""
+def _initial_checkpoint(trial_dir: Path | RunStore, name: str) -> str | None:
+    """Tune's checkpoint for this trial (PBT exploit, or resume), copied to trial_dir/name (uploaded, for a trial in
+    a bucket); its location, for the Train run to start from."""
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
+    if isinstance(trial_dir, RunStore):
+        with tempfile.TemporaryDirectory(prefix="dtrain-init-") as tmp:
+            trial_dir.child(name).delete()
+            trial_dir.upload(Path(checkpoint.to_directory(str(Path(tmp) / name))), name)
+        return str(join(str(trial_dir), name))
+    folder = trial_dir / name
     if folder.exists():
         shutil.rmtree(folder)
     checkpoint.to_directory(str(folder))  # the worker applies this trial's optimizer settings to it
     return str(folder)
+
+
+def _location(where: str | Path) -> Path | RunStore:
+    """A search's or trial's folder: local, or in a bucket."""
+    return RunStore(str(where)) if is_uri(where) else Path(where)
+
+
+def _at(folder: Path | RunStore, name: str) -> Path | RunStore:
+    return folder.child(name) if isinstance(folder, RunStore) else folder / name
 
 
 def plan_concurrency(jobs: list[dict], cfg: TuneConfig) -> tuple[int, dict[str, float], str]:
@@ -244,24 +260,17 @@ def run_search(job: DictConfig, *, address: str | None = None,
     the result rows (best first) and the validated tune section."""
     from ray import tune
 
-    from dtrain.launch.train import init_ray, release_unused, usable_folder
+    from dtrain.launch.train import init_ray, release_unused
 
     cfg, params, base, jobs = prepare(job)
-    if is_uri(job.runs_dir):
-        raise ConfigError(f"runs_dir: dtrain tune takes a local or shared folder; {job.runs_dir} is object storage, "
-                          "which only dtrain train and dtrain submit use so far (docs/storage.md)")
-    search_dir = usable_folder(Path(job.runs_dir).expanduser(), "runs_dir") / job.name
-    if not resume:
-        try:
-            search_dir.mkdir()  # claimed at once: two searches started together with one name cannot share it
-        except FileExistsError:
-            raise ConfigError(f"name: search directory {search_dir} already exists; pass --resume to continue it "
-                              "or choose another name=") from None
-        OmegaConf.save(job, search_dir / JOB_FILE)
+    search_dir = _claim(job, resume)
     try:
         init_ray(address)
         concurrency, resources, note = plan_concurrency([base, *jobs], cfg)
-        parent = start_search_run(base, search_dir)  # MLflow's parent run of the trials (None when off)
+        # MLflow's parent run of the trials (None when off), continued by a resumed search
+        parent = start_search_run(base, (read_text(search_dir, MLFLOW_ID_FILE) or "").strip())
+        if parent:
+            write_text(search_dir, MLFLOW_ID_FILE, parent + "\n")
     except BaseException:
         if not resume:
             release_unused(search_dir, "trials")
@@ -273,10 +282,15 @@ def run_search(job: DictConfig, *, address: str | None = None,
              "search_name": job.name, "sys_path": shipped_paths(),
              "stream_tasks": stream_tasks([base, *jobs], cfg, concurrency) if job.data.name == "parquet" else None}
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
+    # Tune keeps its state and the trials' checkpoints in the search folder, through the bucket's filesystem if any
+    if isinstance(search_dir, RunStore):
+        where, storage = search_dir.path, {"storage_filesystem": search_dir.fs}
+    else:
+        where, storage = str(search_dir), {}
     if resume:
-        if not tune.Tuner.can_restore(str(search_dir)):
+        if not tune.Tuner.can_restore(where, **storage):
             raise ConfigError(f"{search_dir}: no Tune state to resume from (the search never started)")
-        tuner = tune.Tuner.restore(str(search_dir), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(where, trainable, resume_unfinished=True, resume_errored=True, **storage)
     else:
         tuner = tune.Tuner(
             trainable, param_space={key: p.domain(grid=cfg.search_alg == "grid") for key, p in params.items()},
@@ -286,7 +300,7 @@ def run_search(job: DictConfig, *, address: str | None = None,
                 scheduler=_scheduler(cfg, params, job), search_alg=_budgeted(_search_alg(cfg, concurrency), cfg,
                                                                              concurrency),
                 time_budget_s=cfg.time_budget_s, trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=search_dir.name, storage_path=str(search_dir.parent), verbose=1,
+            run_config=tune.RunConfig(name=job.name, storage_path=posixpath.dirname(where), verbose=1, **storage,
                                       stop=_budget_stopper(cfg),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=_keep(cfg))),
         )
@@ -306,6 +320,29 @@ def run_search(job: DictConfig, *, address: str | None = None,
               f"continue it with: dtrain tune {search_dir} --resume", flush=True)
         raise KeyboardInterrupt
     return rows, cfg
+
+
+def _claim(job: DictConfig, resume: bool) -> Path | RunStore:
+    """The search's folder (local, or in a bucket after a probe write there), claimed for a new search: its job file
+    is written at once, so two searches started with one name cannot share it."""
+    from dtrain.launch.train import usable_folder
+
+    if is_uri(job.runs_dir):
+        search_dir: Path | RunStore = probe(str(job.runs_dir)).child(job.name)
+        exists = search_dir.exists(JOB_FILE)
+    else:
+        search_dir = usable_folder(Path(job.runs_dir).expanduser(), "runs_dir") / job.name
+        try:
+            search_dir.mkdir(exist_ok=resume)
+            exists = False
+        except FileExistsError:
+            exists = True
+    if exists and not resume:
+        raise ConfigError(f"name: search directory {search_dir} already exists; pass --resume to continue it "
+                          "or choose another name=")
+    if not resume:
+        write_text(search_dir, JOB_FILE, OmegaConf.to_yaml(job))
+    return search_dir
 
 
 def _budgeted(search_alg: Any, cfg: TuneConfig, concurrency: int) -> Any:
@@ -384,15 +421,16 @@ def _first_error(grid: Any) -> DtrainError:
     return DtrainError(f"tune: every trial failed; the first error: {first}")
 
 
-def result_rows(grid: Any, cfg: TuneConfig, params: dict[str, Param], search_dir: Path) -> list[dict[str, Any]]:
+def result_rows(grid: Any, cfg: TuneConfig, params: dict[str, Param],
+                search_dir: Path | RunStore) -> list[dict[str, Any]]:
     """One row per trial: id, status, epochs reported, best and last metric, sampled values, run dir; best first."""
     rows = []
     for result in grid:
-        trial = Path(result.path).name
+        trial = posixpath.basename(str(result.path).rstrip("/"))
         frame = result.metrics_dataframe
         history = frame[cfg.metric].dropna().tolist() if frame is not None and cfg.metric in frame else []
         pick = max if cfg.mode == "max" else min
-        runs = sorted((search_dir / "trials" / trial).glob("run*"), key=lambda p: int(p.name[3:] or 0))
+        runs = _runs(_at(_at(search_dir, "trials"), trial))
         status = "error" if result.error else "ok" if result.config is not None else "pending"
         rows.append({"trial": trial, "status": status, "epochs": len(history),
                      cfg.metric: pick(history) if history else math.nan,
@@ -408,45 +446,53 @@ def result_rows(grid: Any, cfg: TuneConfig, params: dict[str, Param], search_dir
                                        if not math.isnan(r[cfg.metric]) else 0))
 
 
-def _test_metrics(run_dir: Path | None) -> dict[str, Any]:
+def _runs(trial_dir: Path | RunStore) -> list[Path | RunStore]:
+    """A trial's Train runs (one per segment: run0, run1, ... after PBT exploits and resumes), in order."""
+    return sorted(subfolders(trial_dir, "run"), key=lambda p: int(posixpath.basename(str(p))[3:] or 0))
+
+
+def _test_metrics(run_dir: Path | RunStore | None) -> dict[str, Any]:
     """A finished trial's test metrics (of the weights its run reports, see summary.json's evaluated) and the epoch
     those weights are from; nothing for a trial the scheduler stopped (its run never reached the test split)."""
     try:
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if run_dir else {}
+        summary = json.loads(read_text(run_dir, SUMMARY_FILE) or "{}") if run_dir is not None else {}
     except (OSError, ValueError):
         return {}
     evaluated = summary.get("evaluated", {})
     return {**summary.get("test", {}), **({"test epoch": evaluated["epoch"]} if "epoch" in evaluated else {})}
 
 
-def with_costs(rows: list[dict[str, Any]], search_dir: Path, rates: dict[str, Any] | None) -> list[dict[str, Any]]:
+def with_costs(rows: list[dict[str, Any]], search_dir: Path | RunStore,
+               rates: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Each row with its trial's GPU-hours, CPU-hours (and cost, when priced) over all its segments, before
     run_dir; the search's total goes to COST_FILE and the console."""
     from dtrain.launch.cost import describe, run_cost, sum_costs
 
     out, costs = [], []
     for row in rows:
-        trial_cost = sum_costs([run_cost(p, rates) for p in (search_dir / "trials" / row["trial"]).glob("run*")])
+        trial_cost = sum_costs([run_cost(p, rates) for p in _runs(_at(_at(search_dir, "trials"), row["trial"]))])
         costs.append(trial_cost)
         extra = {k: trial_cost.get(k, 0.0) for k in ("gpu_hours", "cpu_hours", "cost") if k != "cost" or
                  "cost" in trial_cost}
         out.append({k: v for k, v in row.items() if k != "run_dir"} | extra | {"run_dir": row["run_dir"]})
     total = sum_costs(costs)
-    (search_dir / COST_FILE).write_text(json.dumps(total, indent=2) + "\n")
+    write_text(search_dir, COST_FILE, json.dumps(total, indent=2) + "\n")
     print(f"[dtrain] tune: total over {len(rows)} trials: {describe(total)}", flush=True)
     return out
 
 
 def write_outputs(rows: list[dict[str, Any]], job: dict, cfg: TuneConfig, params: dict[str, Param],
-                  search_dir: Path) -> None:
+                  search_dir: Path | RunStore) -> None:
     """results.csv (every trial, best first) and best.yaml (the job with the best values, ready for dtrain train)."""
     import csv
+    import io
 
-    with open(search_dir / RESULTS_FILE, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()})
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["trial"])
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()})
+    write_text(search_dir, RESULTS_FILE, table.getvalue())
     ok = [r for r in rows if r["status"] == "ok" and not math.isnan(r[cfg.metric])]
     if not ok:
         return
@@ -455,8 +501,8 @@ def write_outputs(rows: list[dict[str, Any]], job: dict, cfg: TuneConfig, params
     spec.pop("tune", None)
     spec["name"] = None  # `dtrain train best.yaml` names the run itself
     header = (f"# Best of search {job['name']}: trial {best['trial']}, {cfg.metric} = {best[cfg.metric]:.6g} "
-              f"({cfg.mode}).\n# Run it with: dtrain train {search_dir / BEST_FILE}\n")
-    (search_dir / BEST_FILE).write_text(header + OmegaConf.to_yaml(OmegaConf.create(spec)))
+              f"({cfg.mode}).\n# Run it with: dtrain train {join(str(search_dir), BEST_FILE)}\n")
+    write_text(search_dir, BEST_FILE, header + OmegaConf.to_yaml(OmegaConf.create(spec)))
 
 
 def print_table(rows: list[dict[str, Any]], metric: str) -> None:

@@ -181,23 +181,19 @@ def _param_text(value: Any) -> str:
     return text[:_MAX_PARAM_LEN]
 
 
-def start_search_run(job: dict[str, Any], search_dir: Path) -> str | None:
-    """dtrain tune: the parent MLflow run of a search (its trials nest under it), kept in the search dir so that a
-    resumed search continues it; None when MLflow is off."""
+def start_search_run(job: dict[str, Any], kept: str = "") -> str | None:
+    """dtrain tune: the parent MLflow run of a search (its trials nest under it); kept: the id a resumed search
+    recorded (MLFLOW_ID_FILE in its folder), which it continues. None when MLflow is off."""
     cfg = mlflow_settings(job)
     if cfg is None:
         return None
     client, experiment = connect(cfg)
-    path = search_dir / MLFLOW_ID_FILE
-    run_id = kept_id(path)
     with _quick_requests():
-        if run_id:
-            client.update_run(run_id, status="RUNNING")
-        else:
-            run_id = client.create_run(experiment, run_name=job.get("name"),
-                                       tags={"dtrain.search": str(job.get("name"))}).info.run_id
-            path.write_text(run_id + "\n")
-    return run_id
+        if kept:
+            client.update_run(kept, status="RUNNING")
+            return kept
+        return client.create_run(experiment, run_name=job.get("name"),
+                                 tags={"dtrain.search": str(job.get("name"))}).info.run_id
 
 
 def end_search_run(job: dict[str, Any], run_id: str | None, failed: bool) -> None:

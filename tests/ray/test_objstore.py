@@ -209,3 +209,73 @@ def test_runs_dir_without_write_permission_or_with_unknown_credentials(locked_s3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"dtrain: error: runs_dir: cannot write to s3://locked/runs: {words}")
     assert secret not in err[0]
+
+
+PBT_JOB = """\
+model: {name: mlp, hidden: [16]}
+data: {name: digits, batch_size: 64}
+optim: {lr: 0.003, scheduler: none, warmup_steps: 0}
+trainer: {num_workers: 1, max_epochs: 12, log_every_n_steps: 7}
+logging: {wandb: {enabled: "false"}, progress: false}
+tune: {metric: val/acc, mode: max, scheduler: pbt, perturbation_interval: 2, quantile_fraction: 0.5, num_samples: 2,
+       seed: 3, space: {optim.lr: "loguniform(0.001, 0.03)"}}
+"""
+
+
+def test_a_pbt_search_in_a_bucket_hands_over_checkpoints_resumes_and_its_best_job_trains(s3, ray_session, tmp_path,
+                                                                                      capsys):
+    """`dtrain tune` with runs_dir in the bucket, PBT, 2 trials at once. Everything is in the bucket: Tune's state,
+    job.yaml, results.csv, best.yaml, cost.json, every trial's runs. For each exploit Tune logged (pbt_global.txt):
+    the taker's next segment starts from weights bitwise equal to one of the donor's checkpoints, at the donor's
+    step, and every step it logs uses the taker's own perturbed lr (its config.yaml), not the donor's.
+    `dtrain tune URI --resume` gives the same table; `dtrain train URI/best.yaml` trains the best values."""
+    import csv
+    import io
+
+    prefix = f"dtrain-test/{uuid.uuid4().hex[:8]}/runs"
+    job = tmp_path / "pbt.yaml"
+    job.write_text(PBT_JOB)
+    assert main(["tune", str(job), f"runs_dir=s3://{prefix}", "name=pbt"]) == 0, capsys.readouterr().err[-3000:]
+    out = capsys.readouterr().out
+    assert f"[dtrain] results: s3://{prefix}/pbt/results.csv" in out, out[-2000:]
+    files = download(s3, f"{prefix}/pbt", tmp_path / "pbt")
+    for name in ("job.yaml", "results.csv", "best.yaml", "cost.json", "pbt_global.txt", "tuner.pkl"):
+        assert name in files, sorted(files)
+    rows = list(csv.DictReader(io.StringIO(files["results.csv"].decode())))
+    assert len(rows) == 2 and all(r["status"] == "ok" and float(r["cpu_hours"]) > 0 for r in rows), rows
+    assert all(r["run_dir"].startswith(f"s3://{prefix}/pbt/trials/") for r in rows), rows
+
+    search = tmp_path / "pbt"
+    exploits = [json.loads(line) for line in files["pbt_global.txt"].decode().splitlines() if line.strip()]
+    assert exploits, "PBT exploited no trial"
+
+    def trial_id(name: str) -> str:  # Tune's trial name starts with its index; dtrain names trial folders by id
+        return next(p.name for p in (search / "trials").iterdir() if p.name.endswith(f"_{int(name.split('_')[0]):05d}"))
+
+    for taker_name, donor_name, _, _, donor_config, new_config in exploits:
+        taker, donor = trial_id(taker_name), trial_id(donor_name)
+        assert taker != donor and new_config["optim.lr"] != donor_config["optim.lr"]  # explored
+        donor_weights = [safe_load(c / "model.pt")["model"] for c in (search / donor).glob("checkpoint_*")]
+        # the taker's segment after this exploit: it started from one of the donor's checkpoints, with the new lr
+        runs = [search / "trials" / taker / f"run{i.name[len('init'):]}" for i in (search / "trials" / taker).glob(
+            "init*") if any(_same(safe_load(i / "model.pt")["model"], w) for w in donor_weights)]
+        runs = [r for r in runs if load_job(r / "config.yaml").optim.lr == pytest.approx(new_config["optim.lr"])]
+        assert runs, f"no segment of {taker} started from {donor}'s weights with lr {new_config['optim.lr']}"
+        events = read_metrics(runs[0])
+        resume = next((e for e in events if e.get("event") == "resume"), None)
+        init = runs[0].parent / f"init{runs[0].name[len('run'):]}"
+        assert resume is not None and resume["step"] == safe_load(init / "train_state.pt")["step"] > 0, resume
+        lrs = [e["lr"] for e in events if e.get("event") == "step"]  # what the optimizer used at each logged step
+        assert lrs and all(lr == pytest.approx(new_config["optim.lr"], rel=1e-6) for lr in lrs), (lrs, new_config)
+
+    assert main(["tune", f"s3://{prefix}/pbt", "--resume"]) == 0, capsys.readouterr().err[-3000:]
+    again = list(csv.DictReader(io.StringIO(download(s3, f"{prefix}/pbt", tmp_path / "again")["results.csv"].decode())))
+    assert [(r["trial"], r["epochs"]) for r in again] == [(r["trial"], r["epochs"]) for r in rows]
+    assert main(["train", f"s3://{prefix}/pbt/best.yaml", f"runs_dir={tmp_path / 'runs'}", "name=best",
+                 "trainer.max_epochs=2"]) == 0
+    trained = load_job(tmp_path / "runs" / "best" / "config.yaml")
+    assert trained.optim.lr == pytest.approx(float(rows[0]["optim.lr"])) and trained.tune is None
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

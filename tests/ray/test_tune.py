@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def test_asha_stops_bad_trials_early_and_best_yaml_trains(ray_session, tmp_path)
 
 
 # A search algorithm (optuna, list-valued choices) drawing two trials: tests/tracking/test_trackers_ray.py, whose
-# search is also the MLflow nesting check.
+# search is also the MLflow nesting check. PBT's exploit, end to end, in a bucket: tests/ray/test_objstore.py.
 
 
 def test_trials_that_cannot_fit_the_cluster_fail_before_starting(ray_session, tmp_path):
@@ -151,12 +152,12 @@ def test_budget_ends_the_search_at_its_limit_and_results_carry_costs(ray_session
     from dtrain.cli import main
     from dtrain.launch.tune import COST_FILE
 
-    budget = 12 / 3600  # 12 s of one CPU: less than one trial of 40 epochs
+    budget = 12 / 3600  # 12 s of one CPU: less than one trial of 100 epochs (40 took 10.4 s on an idle dev machine)
     job = tmp_path / "budget.yaml"
     job.write_text(f"""\
 model: {{name: mlp, hidden: [16]}}
 data: {{name: digits, batch_size: 64}}
-trainer: {{num_workers: 1, max_epochs: 40, log_every_n_steps: 1000}}
+trainer: {{num_workers: 1, max_epochs: 100, log_every_n_steps: 1000}}
 logging: {{wandb: {{enabled: "false"}}, progress: false}}
 cost: {{per_cpu_hour: 2.0}}
 tune: {{metric: val/acc, mode: max, search_alg: grid, max_concurrent_trials: 1,
@@ -167,63 +168,14 @@ tune: {{metric: val/acc, mode: max, search_alg: grid, max_concurrent_trials: 1,
     assert "[dtrain] tune: budget reached (cpu_hours" in out, out[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "budget" / "results.csv")))
     ran = [r for r in rows if int(r["epochs"]) > 0]
-    assert len(ran) == 1 and int(ran[0]["epochs"]) < 40, rows  # ended at the limit; the others never trained
+    assert len(ran) == 1 and int(ran[0]["epochs"]) < 100, rows  # ended at the limit; the others never trained
     assert float(ran[0]["cpu_hours"]) > 0 and float(ran[0]["cost"]) == pytest.approx(2 * float(ran[0]["cpu_hours"]))
     total = json.loads((tmp_path / "budget" / COST_FILE).read_text())
     assert total["cpu_hours"] == pytest.approx(sum(float(r["cpu_hours"]) for r in rows))
-    # the search reached the budget (the recorded worker-group lifetime includes ending the trial's workers)
-    assert total["cpu_hours"] >= budget
-
-
-def test_pbt_exploit_continues_from_the_donors_weights_with_its_own_perturbed_lr(ray_session, tmp_path, capsys):
-    """`dtrain tune` with scheduler pbt, 2 trials at once: Tune's log of exploits (pbt_global.txt) names a trial that
-    took another's checkpoint; that trial's next segment started from exactly the donor's weights and step, and its
-    optimizer steps with the trial's own perturbed lr (not the donor's), as its config.yaml records it."""
-    from dtrain.cli import main
-    from dtrain.engine.checkpoint import safe_load
-
-    job = tmp_path / "pbt.yaml"
-    job.write_text("""\
-model: {name: mlp, hidden: [16]}
-data: {name: digits, batch_size: 64}
-optim: {lr: 0.003, scheduler: none, warmup_steps: 0}
-trainer: {num_workers: 1, max_epochs: 12, log_every_n_steps: 7}
-logging: {wandb: {enabled: "false"}, progress: false}
-tune: {metric: val/acc, mode: max, scheduler: pbt, perturbation_interval: 2, quantile_fraction: 0.5, num_samples: 2,
-       seed: 3, space: {optim.lr: "loguniform(0.001, 0.03)"}}
-""")
-    assert main(["tune", str(job), f"runs_dir={tmp_path}", "name=pbt"]) == 0, capsys.readouterr().err[-3000:]
-    search = tmp_path / "pbt"
-    exploits = [json.loads(line) for line in (search / "pbt_global.txt").read_text().splitlines() if line.strip()]
-    assert exploits, "PBT exploited no trial"
-    taker_name, donor_name, _, _, donor_config, new_config = exploits[0]
-
-    def trial_id(name: str) -> str:  # Tune's trial name starts with its index; dtrain names trial folders by id
-        index = int(name.split("_")[0])
-        return next(p.name for p in (search / "trials").iterdir() if p.name.endswith(f"_{index:05d}"))
-
-    taker, donor = trial_id(taker_name), trial_id(donor_name)
-    assert taker != donor and new_config["optim.lr"] != donor_config["optim.lr"]  # explored: perturbed or resampled
-    # The taker's segment after the exploit started from a checkpoint of the donor's: the same weights, bitwise.
-    donor_weights = [safe_load(c / "model.pt")["model"] for c in (search / donor).glob("checkpoint_*")]
-    inits = sorted((search / "trials" / taker).glob("init*"))
-    init = next((i for i in inits if any(_same(safe_load(i / "model.pt")["model"], w) for w in donor_weights)), None)
-    assert init is not None, f"none of {taker}'s starting checkpoints {inits} holds {donor}'s weights"
-    start = safe_load(init / "train_state.pt")["step"]
-    run = search / "trials" / taker / f"run{init.name[len('init'):]}"
-    events = read_metrics(run)
-    resume = next((e for e in events if e.get("event") == "resume"), None)
-    assert resume is not None, f"{run} did not start from {init}"
-    assert resume["step"] == start > 0, (resume, start)  # the donor's step count goes on
-    # its own lr, in the optimizer: the config it was given, and the rate every logged step of the segment used
-    lrs = [e["lr"] for e in events if e.get("event") == "step"]
-    config_lr = load_job(run / "config.yaml").optim.lr
-    assert config_lr == pytest.approx(new_config["optim.lr"], rel=1e-9), (config_lr, new_config)
-    assert lrs and all(lr == pytest.approx(config_lr, rel=1e-6) for lr in lrs), (lrs, config_lr)
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Stopped at the budget: the spend the trials reported reached it (counted from each trial's start, so never
+    # under the real one), and the worker group's recorded lifetime is the budget give or take its start and end.
+    reached = float(re.search(r"budget reached \(cpu_hours ([0-9.e-]+) of", out).group(1))
+    assert reached >= budget and 0.7 * budget <= total["cpu_hours"] <= 1.3 * budget, (reached, total, budget)
 
 
 def test_hyperopt_runs_a_real_two_trial_search(ray_session, tmp_path):
