@@ -401,6 +401,8 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
                            stream_tasks=stream_tasks)
         with cost.Segment(run_dir, worker_group(job, workers, use_gpu)):
             _fit(trainer, job, run_dir, workers, local=address is None)
+        if resume and isinstance(run_dir, RunStore) and job.checkpoint.keep:
+            _drop_older_checkpoints(run_dir, job.checkpoint.keep)
     except BaseException:
         if not resume:
             release_unused(run_dir)  # a run that never trained leaves no folder behind to block its name
@@ -440,6 +442,14 @@ def claim_run_dir(job: DictConfig, resume: bool) -> Path | RunStore:
                           "another name=") from None
     OmegaConf.save(job, run_dir / CONFIG_FILE)
     return run_dir
+
+
+def _drop_older_checkpoints(store: RunStore, keep: int) -> None:
+    """After a resumed run in a bucket ended: Ray's keep-count covered only this segment's checkpoints (its list of
+    the earlier ones was dropped), so the folders older than the newest `keep` go now. They are older than every
+    checkpoint this segment finished uploading, broken ones (cut-off uploads) included."""
+    for name in store.folders("checkpoint_")[:-keep]:  # Ray names them by time: oldest first
+        store.child(name).delete()
 
 
 def usable_folder(path: Path, key: str) -> Path:

@@ -127,9 +127,12 @@ def test_the_whole_record_is_in_the_bucket_and_no_credential_in_it(record, tmp_p
     # the worker-hours of both segments (the killed-and-restarted fit, then the resume), recorded in the bucket
     assert "cost.jsonl" in files and summary["cost"]["segments"] == 2 and summary["cost"]["cpu_hours"] > 0
     assert any(n.startswith("wandb/") and n.endswith(".wandb") for n in files), sorted(files)
-    # (the killed run may have left folders whose upload was cut off: they never count as checkpoints)
-    newest = max(n.split("/")[0] for n in files if n.startswith("checkpoint_") and "/" in n)
-    assert {f"{newest}/manifest_rank0.json", f"{newest}/manifest_rank1.json", f"{newest}/model.pt"} <= set(files)
+    # checkpoint.keep=4 over both segments: the resumed run's end dropped the folders from before it (the truncated
+    # one and any whose upload the killed rank cut off), which Ray's keep-count of the new segment does not cover
+    folders = sorted({n.split("/")[0] for n in files if n.startswith("checkpoint_") and "/" in n})
+    assert len(folders) == 4, folders
+    for folder in folders:
+        assert {f"{folder}/manifest_rank0.json", f"{folder}/manifest_rank1.json", f"{folder}/model.pt"} <= set(files)
     for name, data in files.items():
         for secret in (FAKE_AWS["AWS_SECRET_ACCESS_KEY"], FAKE_AWS["AWS_ACCESS_KEY_ID"]):
             assert secret.encode() not in data, name
