@@ -248,6 +248,9 @@ def test_a_pbt_search_in_a_bucket_hands_over_checkpoints_resumes_and_its_best_jo
     assert len(rows) == 2 and all(r["status"] == "ok" and float(r["cpu_hours"]) > 0 for r in rows), rows
     assert all(r["run_dir"].startswith(f"s3://{prefix}/pbt/trials/") for r in rows), rows
 
+    for name, data in files.items():  # Tune's state and pickles included
+        for secret in (FAKE_AWS["AWS_SECRET_ACCESS_KEY"], FAKE_AWS["AWS_ACCESS_KEY_ID"]):
+            assert secret.encode() not in data, name
     search = tmp_path / "pbt"
     exploits = [json.loads(line) for line in files["pbt_global.txt"].decode().splitlines() if line.strip()]
     assert exploits, "PBT exploited no trial"
