@@ -423,7 +423,8 @@ def _first_error(grid: Any) -> DtrainError:
 
 def result_rows(grid: Any, cfg: TuneConfig, params: dict[str, Param],
                 search_dir: Path | RunStore) -> list[dict[str, Any]]:
-    """One row per trial: id, status, epochs reported, best and last metric, sampled values, run dir; best first."""
+    """One row per trial: id, status, epochs reported, best and last metric, sampled values, run dir; best first,
+    ties in trial order."""
     rows = []
     for result in grid:
         trial = posixpath.basename(str(result.path).rstrip("/"))
@@ -442,8 +443,8 @@ def result_rows(grid: Any, cfg: TuneConfig, params: dict[str, Param],
     rows = [{**{k: v for k, v in row.items() if k != "run_dir"}, **{k: row.get(k, math.nan) for k in tested},
              "run_dir": row["run_dir"]} for row in rows]
     sign = -1 if cfg.mode == "max" else 1
-    return sorted(rows, key=lambda r: (math.isnan(r[cfg.metric]), sign * r[cfg.metric]
-                                       if not math.isnan(r[cfg.metric]) else 0))
+    return sorted(rows, key=lambda r: (math.isnan(r[cfg.metric]), sign * r[cfg.metric]  # ties: trial order, so a
+                                       if not math.isnan(r[cfg.metric]) else 0, r["trial"]))  # resume keeps it
 
 
 def _runs(trial_dir: Path | RunStore) -> list[Path | RunStore]:

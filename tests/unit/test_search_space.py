@@ -130,3 +130,23 @@ def test_each_trial_is_its_own_wandb_run_grouped_by_search():
     wandb = build_job(OmegaConf.create(job)).logging.wandb
     assert (wandb.group, wandb.name, wandb.id) == ("search:one", "abc_00001", "search-one-abc_00001")
     assert "tune" not in job
+
+
+def test_the_results_table_is_best_first_and_ties_keep_trial_order_whatever_order_tune_returns_them(tmp_path):
+    """A resumed search gives the same table: Tune's result grid may list trials in another order."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from dtrain.launch.search_space import TuneConfig
+    from dtrain.launch.tune import result_rows
+
+    def result(trial: str, accs: list[float]) -> SimpleNamespace:
+        return SimpleNamespace(path=str(tmp_path / trial), metrics_dataframe=pd.DataFrame({"val/acc": accs}),
+                               error=None, config={})
+
+    grid = [result("t_00002", [0.5, 0.9]), result("t_00001", [0.9]), result("t_00000", [0.7, 0.8, 0.3])]
+    cfg = TuneConfig(metric="val/acc", mode="max")
+    for order in (grid, grid[::-1]):
+        rows = result_rows(order, cfg, {}, tmp_path)
+        assert [(r["trial"], r["epochs"]) for r in rows] == [("t_00001", 1), ("t_00002", 2), ("t_00000", 3)]
