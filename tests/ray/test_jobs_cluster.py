@@ -430,7 +430,10 @@ def test_an_elastic_run_shrinks_when_a_node_dies_grows_when_one_joins_and_checkp
         shrink_s = time.monotonic() - killed
         wait_for("two epochs on 1 worker", lambda: len(epochs_since(stages()[-1])) >= 2)
         gate.touch()  # held on 1 worker until the run has grown
-        add = subprocess.run(["bash", str(UP), "--add", "1"], env=cluster.up_env, capture_output=True, text=True,
+        # the joining node drains for up to 30 s on SIGTERM (a spot notice; the fixture's nodes drain for 1 s so
+        # that teardown is quick, too short for a checkpoint on a loaded machine)
+        add = subprocess.run(["bash", str(UP), "--add", "1"], env={**cluster.up_env,
+                             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "30"}, capture_output=True, text=True,
                              timeout=120)
         assert add.returncode == 0, add.stderr
         wait_for("a restart on 2 workers after a node joined", lambda: len(stages()) >= 3)
