@@ -382,7 +382,7 @@ def test_an_elastic_run_shrinks_when_a_node_dies_grows_when_one_joins_and_checkp
     the run has grown, so how fast the cluster changes does not decide which phases the run sees before it ends."""
     import yaml
 
-    from dtrain.engine.checkpoint import safe_load
+    from dtrain.engine.checkpoint import checkpoint_problem, safe_load
     from dtrain.launch.spawn import spawn_workers
     from dtrain.tracking import read_metrics
 
@@ -421,8 +421,8 @@ def test_an_elastic_run_shrinks_when_a_node_dies_grows_when_one_joins_and_checkp
         return bool(segs) and segs[-1]["workers"] == workers and events[-1].get("event") in ("step", "epoch")
 
     try:
-        wait_for("a checkpoint on 2 workers", lambda: trained_at(2) and len(stages()) == 1 and any(
-            run_dir.glob("checkpoint_*/manifest_rank1.json")))
+        wait_for("an intact checkpoint on 2 workers", lambda: trained_at(2) and len(stages()) == 1 and any(
+            checkpoint_problem(c) is None for c in run_dir.glob("checkpoint_*")))  # every rank's files sealed
         _kill_tree(int((state / "worker1.pid").read_text()))  # node 1 gone: no drain, no goodbye
         killed = time.monotonic()
         wait_for("a restart on 1 worker after the node died",
