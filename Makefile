@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install train test test-all lint bench cluster-up cluster-down clean
+.PHONY: install train test test-all lint bench catalog cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -42,6 +42,11 @@ $(BENCH_STAMP): $(STAMP)
 # BENCH_ARGS="--quick" checks that everything runs; "--sections overhead,zero" picks some.
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# The README's catalog table: every shipped catalog job run by `dtrain train`, beside its tuned peer (about 10 min).
+# CATALOG_ARGS="--rows rbm_digits,som_digits" reruns some rows.
+catalog: $(STAMP)
+	$(BIN)/python -m benchmarks.catalog $(CATALOG_ARGS)
 
 clean:
 	rm -rf runs wandb .pytest_cache

@@ -1,25 +1,19 @@
-"""Quality of the supervised catalog (perceptron, mlp, cnn, rnn, lstm), each trained from its shipped job file
-through the real engine and compared with a peer on the very same split: scikit-learn's Perceptron and
-MLPClassifier, the 0.167 baseline of the adding problem, and the persistence forecast of the sunspot series.
+"""What the supervised catalog's options do (the catalog's own figures: test_catalog.py): Fourier features,
+the gradient-descent variants, and the same job files under DeepSpeed.
 
-The job files run 2 DDP workers; here one worker takes the same global batch (the sharded loader makes the two
-equivalent, tested in tests/distributed), trained in this process to keep the suite fast. Shortened runs then
-show the same job files under DeepSpeed (2 spawned workers) and through Ray Train.
+Here one worker takes the job's global batch (the sharded loader makes the two equivalent, tested in
+tests/distributed), trained in this process to keep the suite fast; the DeepSpeed runs use 2 spawned workers.
 """
 
 from __future__ import annotations
 
-import warnings
-
-import numpy as np
 import pytest
 import torch
 
 from dtrain.config import load_job, to_dict, to_objects
 from dtrain.data import load_data
-from dtrain.data.generated import ADDING_BASELINE_MSE
 from dtrain.data.series import persistence_mse
-from dtrain.launch.spawn import LocalPublisher, latest_checkpoint, spawn_workers
+from dtrain.launch.spawn import LocalPublisher, spawn_workers
 from dtrain.launch.worker import run_worker
 from tests.helpers import JOBS
 
@@ -43,92 +37,6 @@ def _train(job, tmp_path) -> dict:
         return run_worker(to_dict(job), tmp_path, LocalPublisher(tmp_path), torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
-
-
-def _split(job) -> tuple[np.ndarray, ...]:
-    """The train and test arrays (flattened, standardised) that the engine trained and tested on."""
-    bundle = load_data(to_objects(job).data)
-    flat = [t.numpy().reshape(len(t), -1) if t.dim() > 1 else t.numpy() for t in (*bundle.train, *bundle.test)]
-    return tuple(flat)
-
-
-def test_perceptron_beats_sklearn_perceptron_on_breast_cancer(tmp_path):
-    from sklearn.linear_model import Perceptron
-
-    job = _one_worker("perceptron_breast_cancer.yaml", tmp_path)
-    acc = _train(job, tmp_path)["test"]["test/acc"]
-    x, y, x_test, y_test = _split(job)
-    peer = Perceptron(random_state=0).fit(x, y).score(x_test, y_test)
-    print(f"perceptron breast_cancer: test acc {acc:.4f} vs sklearn Perceptron {peer:.4f}")
-    assert acc >= peer and acc >= 0.94
-
-
-def test_perceptron_cannot_fit_xor_but_mlp_can(tmp_path):
-    linear = _train(_one_worker("perceptron_xor.yaml", tmp_path / "p"), tmp_path / "p")
-    mlp = _train(_one_worker("mlp_xor.yaml", tmp_path / "m"), tmp_path / "m")
-    print(f"xor: perceptron train/test acc {linear['final']['train/acc']:.3f}/{linear['test']['test/acc']:.3f}, "
-          f"mlp {mlp['final']['train/acc']:.3f}/{mlp['test']['test/acc']:.3f}")
-    assert linear["test"]["test/acc"] <= 0.75 and linear["final"]["train/acc"] <= 0.75
-    assert mlp["test"]["test/acc"] == 1.0
-
-
-def test_mlp_matches_sklearn_mlp_on_digits(tmp_path):
-    from sklearn.neural_network import MLPClassifier
-
-    job = _one_worker("mlp_digits_long.yaml", tmp_path)
-    acc = _train(job, tmp_path)["test"]["test/acc"]
-    x, y, x_test, y_test = _split(job)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sklearn's convergence warning at its default 200 iterations
-        peer = MLPClassifier(random_state=0).fit(x, y).score(x_test, y_test)
-    print(f"mlp digits: test acc {acc:.4f} vs sklearn MLPClassifier {peer:.4f}")
-    assert acc >= peer
-
-
-def test_cnn_reaches_0985_on_digits(tmp_path):
-    summary = _train(_one_worker("cnn_digits.yaml", tmp_path), tmp_path)
-    print(f"cnn digits: test acc {summary['test']['test/acc']:.4f}")
-    assert summary["test"]["test/acc"] >= 0.985
-
-
-def _input_gradient_ratio(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """|d output / d first input| over |d output / d last input|: how much of the start of a sequence reaches
-    the output through backpropagation (near 0: vanished)."""
-    x = x.clone().requires_grad_(True)
-    model.predict(x).sum().backward()
-    per_step = x.grad.abs().sum(dim=(0, 2))
-    return float(per_step[0] / per_step[-1])
-
-
-def test_lstm_solves_adding_problem_where_rnn_stays_at_baseline(tmp_path):
-    from dtrain.models import build_model
-
-    mse, ratio = {}, {}
-    for cell in ("rnn", "lstm"):
-        job = _one_worker(f"{cell}_adding.yaml", tmp_path / cell)
-        job.checkpoint.every_n_epochs = job.trainer.max_epochs  # keep the final weights
-        mse[cell] = _train(job, tmp_path / cell)["test"]["test/mse"]
-        cfg = to_objects(job)
-        bundle = load_data(cfg.data)
-        model = build_model(cfg.model, bundle.meta)
-        model.load_state_dict(torch.load(latest_checkpoint(tmp_path / cell) / "model.pt", weights_only=True)["model"])
-        ratio[cell] = _input_gradient_ratio(model, bundle.test[0][:500])
-    print(f"adding (length 50): test mse rnn {mse['rnn']:.4f}, lstm {mse['lstm']:.4f} (baseline "
-          f"{ADDING_BASELINE_MSE:.4f}); trained gradient first/last step: rnn {ratio['rnn']:.1e}, "
-          f"lstm {ratio['lstm']:.1e}")
-    assert mse["lstm"] < 0.1 * ADDING_BASELINE_MSE  # solved
-    assert mse["rnn"] > 0.85 * ADDING_BASELINE_MSE  # still at the predict-the-mean baseline
-    assert ratio["rnn"] < 1e-3 < ratio["lstm"]  # why: the RNN's gradient vanishes over the 50 steps
-
-
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
-def test_sunspot_forecast_beats_persistence(cell, tmp_path):
-    job = _one_worker(f"{cell}_sunspots.yaml", tmp_path)
-    mse = _train(job, tmp_path)["test"]["test/mse"]
-    bundle = load_data(to_objects(job).data)  # unstandardised windows: the last input is last year's value
-    baseline = persistence_mse(bundle.test[0].numpy(), bundle.test[1].numpy())
-    print(f"{cell} sunspots: test mse {mse:.4f} vs persistence {baseline:.4f}")
-    assert mse < 0.6 * baseline
 
 
 def test_fourier_features_solve_the_periodic_task(tmp_path):

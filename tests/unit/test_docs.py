@@ -44,3 +44,14 @@ def test_the_check_sees_a_renamed_test_and_a_missing_result_file(tmp_path):
     doc.write_text("`tests/unit/test_docs.py::test_gone` and `benchmarks/results/dev/nothing.json` and "
                    "`tests/unit/test_docs.py::test_every_path_and_test_a_doc_names_exists`")
     assert missing(doc) == ["tests/unit/test_docs.py::test_gone", "benchmarks/results/dev/nothing.json"]
+
+
+def test_the_readmes_catalog_table_is_the_rendering_of_the_recorded_runs():
+    """`make catalog` writes both; a hand edit of either shows here."""
+    import json
+
+    from benchmarks.catalog import BEGIN, END, RESULT, render
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert table == render(json.loads(RESULT.read_text()))
