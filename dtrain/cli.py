@@ -93,6 +93,10 @@ def _check_buildable(job, address: str | None = None):
         data = _check_stream(obj)
     else:
         data = load_data(obj.data)
+        if obj.trainer.linear_probe:
+            from dtrain.launch.probe import check_probe
+
+            check_probe(data)
         n_train = len(data.train[0])
         if obj.data.global_batch_size is not None and obj.data.global_batch_size > n_train:
             raise DtrainError(f"data.global_batch_size: {obj.data.global_batch_size} is larger than the training "

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dtrain.data.config import DataConfig
 from dtrain.data.sharding import check_global_batch
+from dtrain.data.stream_source import streams
 from dtrain.engine.loop import EarlyStoppingConfig
 from dtrain.engine.optim import OptimConfig
 from dtrain.engine.precision import DTYPES
@@ -80,6 +81,10 @@ class TrainerBase:
     resize_check_s: float = 60.0
     """With an elastic trainer.num_workers: seconds between Ray Train's checks for room to grow the worker group
     (nodes that joined); growing restarts the group from the newest checkpoint. Ray's default."""
+    linear_probe: bool = False
+    """After training, report test/probe_acc: a logistic regression fitted on the model's features (its predict)
+    of the training split, C chosen on the validation split (in-memory data with class labels; see
+    dtrain.launch.probe). The downstream score of a model trained without labels (an RBM)."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
@@ -279,6 +284,8 @@ class JobConfig:
     def __post_init__(self) -> None:
         check(self.name is None or bool(RUN_NAME.fullmatch(self.name)) and self.name not in (".", ".."), "name",
               "a plain run name (letters, digits, '.', '_', '-'; no '/'), the folder under runs_dir", self.name)
+        check(not self.trainer.linear_probe or not streams(self.data), "trainer.linear_probe",
+              "false with streamed data (the probe fits on the whole training split, held in memory)", True)
         bounds = worker_bounds(self.trainer.num_workers)
         check(self.data.global_batch_size is not None or bounds is None or bounds[0] == bounds[1],
               "data.global_batch_size", f"a number with an elastic trainer.num_workers {list(bounds or ())} (the "

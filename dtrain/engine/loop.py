@@ -83,6 +83,9 @@ class RunContext:
     export: Callable[[dict[str, torch.Tensor]], None] | None = None
     """Called by every rank at the end with the full float32 weights the test metrics were computed with (rank 0's
     launcher writes them to the run folder); None: nothing is gathered."""
+    probe: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None
+    """Called by rank 0 at the end with those weights (export must be set); returns more test metrics (the
+    launcher's linear probe)."""
 
 
 def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConfig,
@@ -166,7 +169,10 @@ def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopCon
     evaluated = _use_best_weights(cfg.early_stopping, state, strategy, best_weights, len(stages) - 1)
     test_metrics = evaluate(wrapped, loaders.test, strategy, "test")
     if ctx.export is not None:
-        ctx.export(best_weights if evaluated["weights"] == "best" else strategy.full_state_dict())
+        weights = best_weights if evaluated["weights"] == "best" else strategy.full_state_dict()
+        ctx.export(weights)
+        if ctx.probe is not None and ctx.rank == 0:
+            test_metrics = {**test_metrics, **ctx.probe(weights)}
     wall = time.perf_counter() - started
     summary = {"final": {**state.history.get("last", {}), **test_metrics}, "best": state.history.get("best", {}),
                "test": test_metrics, "evaluated": evaluated, "epochs": state.epochs_done, "steps": state.step,

@@ -24,6 +24,7 @@ from dtrain.engine.precision import Precision
 from dtrain.engine.prepare import checkpoint_layers, compile_options
 from dtrain.engine.profile import Profiler
 from dtrain.engine.strategies import Strategy, StrategySetup, build_strategy
+from dtrain.launch.probe import check_probe, linear_probe
 from dtrain.launch.sysmetrics import SystemMonitor
 from dtrain.models import CatalogModel, build_model
 from dtrain.storage import Mirror, RunStore
@@ -41,6 +42,7 @@ class Worker:
     loaders: Loaders
     strategy: Strategy
     loop: LoopConfig
+    data: DataBundle | StreamData
 
 
 def build_worker(job: Any, device: torch.device, data: DataBundle | StreamData | None = None) -> Worker:
@@ -48,6 +50,8 @@ def build_worker(job: Any, device: torch.device, data: DataBundle | StreamData |
     data: the job's data if the launcher loaded it already (else it is loaded here), or its streams."""
     rank, world, t = dist.rank(), dist.world_size(), job.trainer
     data = data if data is not None else load_data(job.data)  # seeded by data.seed: the same split everywhere
+    if t.linear_probe:
+        check_probe(data)
     n_train = data.n_train if isinstance(data, StreamData) else len(data.train[0])
     plan = batch_plan(job.optim.descent, job.data.batch_size, n_train, world, t.grad_accum,
                       job.data.global_batch_size)
@@ -69,7 +73,7 @@ def build_worker(job: Any, device: torch.device, data: DataBundle | StreamData |
         loaders = stream_loaders(data, plan, rank, device, t.seed)
     else:
         loaders = in_memory_loaders(data, plan, rank, device, t.seed)
-    return Worker(model, loaders, strategy, loop)
+    return Worker(model, loaders, strategy, loop, data)
 
 
 def run_worker(job_dict: dict[str, Any], run_dir: str | Path, publish: Publish, device: torch.device,
@@ -88,8 +92,9 @@ def run_worker(job_dict: dict[str, Any], run_dir: str | Path, publish: Publish, 
     monitor = SystemMonitor(system.interval_s) if system.enabled else None
     installed = [*callbacks, *([Profiler(job.trainer.profile, run_dir)] if job.trainer.profile.enabled else []),
                  *([monitor] if monitor else [])]
+    probe = functools.partial(linear_probe, job.model, worker.data) if job.trainer.linear_probe else None
     ctx = RunContext(rank, dist.world_size(), publish, tracker.log if tracker else _ignore, resume_dir, retarget,
-                     installed, export=functools.partial(_export, Path(run_dir), rank))
+                     installed, export=functools.partial(_export, Path(run_dir), rank), probe=probe)
     # the tracker marks its runs failed if fit raises; the monitor's thread stops either way
     with tracker or contextlib.nullcontext(), monitor or contextlib.nullcontext():
         return fit(worker.model, worker.loaders, worker.strategy, worker.loop, ctx)
