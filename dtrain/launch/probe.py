@@ -1,7 +1,7 @@
 """trainer.linear_probe: how well a model's features classify. After training, a logistic regression is fitted on
 the features the model gives (its predict) of the training split, its inverse L2 strength C chosen on the validation
-split, and its accuracy on the test split is reported as test/probe_acc: for models trained without labels (an RBM,
-an autoencoder's code), the downstream score comes from the run itself."""
+split, and its accuracy on the test split is reported as test/probe_acc: for a model trained without labels (an RBM's
+hidden units), the downstream score comes from the run itself. Rank 0 fits it, with scikit-learn."""
 
 from __future__ import annotations
 
