@@ -258,6 +258,7 @@ def test_a_pbt_search_in_a_bucket_hands_over_checkpoints_resumes_and_its_best_jo
     def trial_id(name: str) -> str:  # Tune's trial name starts with its index; dtrain names trial folders by id
         return next(p.name for p in (search / "trials").iterdir() if p.name.endswith(f"_{int(name.split('_')[0]):05d}"))
 
+    trained = 0  # exploits whose segment trained steps with the new lr
     for taker_name, donor_name, _, _, donor_config, new_config in exploits:
         taker, donor = trial_id(taker_name), trial_id(donor_name)
         assert taker != donor and new_config["optim.lr"] != donor_config["optim.lr"]  # explored
@@ -272,7 +273,13 @@ def test_a_pbt_search_in_a_bucket_hands_over_checkpoints_resumes_and_its_best_jo
         init = runs[0].parent / f"init{runs[0].name[len('run'):]}"
         assert resume is not None and resume["step"] == safe_load(init / "train_state.pt")["step"] > 0, resume
         lrs = [e["lr"] for e in events if e.get("event") == "step"]  # what the optimizer used at each logged step
+        stage = next(e for e in events if e.get("event") == "stage")
+        if resume["step"] == stage["epochs"] * stage["steps_per_epoch"]:  # exploited at the last perturbation:
+            assert lrs == []  # the segment starts at the end, with no step left to train
+            continue
         assert lrs and all(lr == pytest.approx(new_config["optim.lr"], rel=1e-6) for lr in lrs), (lrs, new_config)
+        trained += 1
+    assert trained, f"no exploit left a step to train: {exploits}"
 
     assert main(["tune", f"s3://{prefix}/pbt", "--resume"]) == 0, capsys.readouterr().err[-3000:]
     again = list(csv.DictReader(io.StringIO(download(s3, f"{prefix}/pbt", tmp_path / "again")["results.csv"].decode())))
