@@ -2,12 +2,13 @@
 (`python -m benchmarks.catalog [--rows perceptron_breast_cancer,...]`).
 
 Each row runs `dtrain train jobs/<file>` as a user would (the job's own worker count; an embedded Ray, or the head
-`dtrain up` keeps), reads what the run reports (summary.json, and for the RBM the downstream score of the weights it
-exported), and fits the row's peer on the very split the run trained and tested on. A peer's settings are chosen on
-that split's validation part from a small grid, then it is scored on the test part. The figures go to
-benchmarks/results/catalog.json and the table to the README, between its catalog markers, so the table is what the
-latest runs gave. tests/quality/test_catalog.py trains the same job files and asserts these figures within each
-row's tolerance; tests/unit/test_docs.py asserts that the README's table is this file's rendering of catalog.json.
+`dtrain up` keeps), reads what the run reports (summary.json; the exported model.pt for the SOM's errors and the
+adding problem's gradients), and fits the row's peer on the very split the run trained and tested on. A peer's
+settings are chosen on that split's validation part from a small grid, then it is scored on the test part. The
+figures go to benchmarks/results/catalog.json and the table to the README, between its catalog markers, so the
+table is what the latest runs gave. tests/quality/test_catalog.py trains the same job files and asserts these
+figures within each row's tolerance; tests/unit/test_docs.py asserts that the README's table is this file's
+rendering of catalog.json.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class Row:
     """A figure the main one should reach, when there is no peer."""
 
 
-def test_metric(name: str) -> Callable[[Run], dict[str, float]]:
+def summary_metric(name: str) -> Callable[[Run], dict[str, float]]:
     def measure(run: Run) -> dict[str, float]:
         return {name.split("/")[-1]: float(run.summary["test"][name])}
     return measure
@@ -226,18 +227,18 @@ def persistence_peer(run: Run) -> dict[str, Any]:
     return {"name": "persistence", "settings": {}, "mse": persistence_mse(x.numpy(), y.numpy())}
 
 
-ACC, MSE = {"acc": 0.012}, {"mse": 0.1}
+ACC = {"acc": 0.012}
 ROWS = [
-    Row("perceptron", "perceptron_breast_cancer.yaml", "breast cancer", test_metric("test/acc"), "acc {acc:.3f}",
+    Row("perceptron", "perceptron_breast_cancer.yaml", "breast cancer", summary_metric("test/acc"), "acc {acc:.3f}",
         ACC, peer=perceptron_peer),
-    Row("perceptron", "perceptron_xor.yaml", "XOR", test_metric("test/acc"),
+    Row("perceptron", "perceptron_xor.yaml", "XOR", summary_metric("test/acc"),
         "acc {acc:.2f}: a linear model cannot fit XOR", {"acc": 0.1}, reference="chance 0.5"),
-    Row("mlp", "mlp_xor.yaml", "XOR", test_metric("test/acc"), "acc {acc:.3f}", {"acc": 0.0},
+    Row("mlp", "mlp_xor.yaml", "XOR", summary_metric("test/acc"), "acc {acc:.3f}", {"acc": 0.0},
         reference="perfect 1.000"),
-    Row("mlp", "mlp_digits_long.yaml", "digits", test_metric("test/acc"), "acc {acc:.3f}", ACC, peer=mlp_peer),
-    Row("mlp", "mlp_digits.yaml", "digits (`make train`)", test_metric("test/acc"), "acc {acc:.3f}", ACC,
+    Row("mlp", "mlp_digits_long.yaml", "digits", summary_metric("test/acc"), "acc {acc:.3f}", ACC, peer=mlp_peer),
+    Row("mlp", "mlp_digits.yaml", "digits (`make train`)", summary_metric("test/acc"), "acc {acc:.3f}", ACC,
         reference="target 0.97", target=0.97),
-    Row("cnn", "cnn_digits.yaml", "digits as 1x8x8 images", test_metric("test/acc"), "acc {acc:.3f}", ACC,
+    Row("cnn", "cnn_digits.yaml", "digits as 1x8x8 images", summary_metric("test/acc"), "acc {acc:.3f}", ACC,
         reference="target 0.985", target=0.985),
     Row("rnn", "rnn_adding.yaml", "adding problem, length 50", adding_measure,
         "MSE {mse:.3f}, the predict-the-mean baseline: gradients vanish (first/last input {grad_ratio:.0e})",
@@ -245,18 +246,18 @@ ROWS = [
     Row("lstm", "lstm_adding.yaml", "adding problem, length 50", adding_measure,
         "MSE {mse:.4f}: solved (first/last input {grad_ratio:.2f})", {"mse": 0.005, "grad_ratio": 1.0},
         better="min", peer=adding_peer),
-    Row("lstm", "lstm_sunspots.yaml", "sunspots (statsmodels)", test_metric("test/mse"), "MSE {mse:.3f}",
+    Row("lstm", "lstm_sunspots.yaml", "sunspots (statsmodels)", summary_metric("test/mse"), "MSE {mse:.3f}",
         {"mse": 0.006}, better="min", peer=persistence_peer),
-    Row("rnn", "rnn_sunspots.yaml", "sunspots (statsmodels)", test_metric("test/mse"), "MSE {mse:.3f}",
+    Row("rnn", "rnn_sunspots.yaml", "sunspots (statsmodels)", summary_metric("test/mse"), "MSE {mse:.3f}",
         {"mse": 0.006}, better="min", peer=persistence_peer),
-    Row("autoencoder", "autoencoder_digits.yaml", "digits", test_metric("test/mse"), "MSE/feature {mse:.3f} (code 8)",
-        {"mse": 0.02}, better="min", peer=pca_peer(8)),
-    Row("deep_autoencoder", "deep_autoencoder_digits.yaml", "digits in [0, 1]", test_metric("test/mse"),
+    Row("autoencoder", "autoencoder_digits.yaml", "digits", summary_metric("test/mse"),
+        "MSE/feature {mse:.3f} (code 8)", {"mse": 0.02}, better="min", peer=pca_peer(8)),
+    Row("deep_autoencoder", "deep_autoencoder_digits.yaml", "digits in [0, 1]", summary_metric("test/mse"),
         "MSE/feature {mse:.4f} (code 4, RBM pre-trained)", {"mse": 0.003}, better="min", peer=pca_peer(4)),
     Row("rbm", "rbm_digits.yaml", "digits in [0, 1]", rbm_downstream, "features + logistic regression "
         "(`test/probe_acc`) {acc:.3f}",
         {"acc": 0.015, "recon_error": 0.5}, peer=rbm_peer),
-    Row("dbn", "dbn_digits.yaml", "digits in [0, 1]", test_metric("test/acc"), "acc {acc:.3f}", ACC,
+    Row("dbn", "dbn_digits.yaml", "digits in [0, 1]", summary_metric("test/acc"), "acc {acc:.3f}", ACC,
         reference="target 0.97", target=0.97),
     Row("som", "som_digits.yaml", "digits", som_measure, "quantization {quant_error:.2f}, topographic "
         "{topo_error:.3f}", {"quant_error": 0.08, "topo_error": 0.03}, better="min", peer=som_peer),
@@ -285,22 +286,18 @@ def run_job(row: Row, runs_dir: Path) -> Run:
     return finished(runs_dir / name)
 
 
-def bar(row: Row, peer: dict[str, Any] | None) -> float | None:
-    """What the main figure is compared with: the peer's, or the row's target; None: nothing."""
-    return peer[next(iter(peer_figures(peer)))] if peer is not None else row.target
-
-
-def peer_figures(peer: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in peer.items() if k not in ("name", "settings")}
+def bar(row: Row, peer: dict[str, Any] | None, main: str) -> float | None:
+    """What the main figure (named main) is compared with: the peer's, or the row's target; None: nothing."""
+    return peer[main] if peer is not None else row.target
 
 
 def verdict(row: Row, ours: dict[str, float], peer: dict[str, Any] | None) -> str:
     """Whether the run is ahead of its peer (or reaches its target) on the main figure; ties count as ahead."""
-    against = bar(row, peer)
+    key = next(iter(ours))
+    against = bar(row, peer, key)
     if against is None:
         return ""
-    main = ours[next(iter(ours))]
-    return "ahead" if (main >= against if row.better == "max" else main <= against) else "behind"
+    return "ahead" if (ours[key] >= against if row.better == "max" else ours[key] <= against) else "behind"
 
 
 def _number(value: Any) -> str:

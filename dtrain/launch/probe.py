@@ -19,11 +19,9 @@ PROBE_C = (1.0, 10.0, 100.0)
 """The values of C tried (scikit-learn's LogisticRegression; 1.0 is its default)."""
 
 
-def check_probe(data: Any) -> None:
-    """ConfigError unless the data has class labels held in memory (checked before training)."""
-    if not isinstance(data, DataBundle):
-        raise ConfigError("trainer.linear_probe: needs the data in memory (a streamed data set is never held whole); "
-                          "set trainer.linear_probe=false")
+def check_probe(data: DataBundle) -> None:
+    """ConfigError unless the data has class labels (checked before training; streamed data is refused by the job's
+    own check, in dtrain.config)."""
     if data.meta.task != "classification" or data.meta.num_classes < 2 or len(data.train) < 2:
         raise ConfigError("trainer.linear_probe: needs a data set with class labels (this one has "
                           f"{data.meta.task} targets); set trainer.linear_probe=false")

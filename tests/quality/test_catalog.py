@@ -33,5 +33,5 @@ def test_the_shipped_job_reaches_its_catalog_figures(job_file, tmp_path):
         assert abs(figures[name] - value) <= row.tolerance[name], (name, figures[name], value)
     if recorded["verdict"] == "ahead":  # of its peer's recorded figure, or its target
         main = next(iter(recorded["figures"]))
-        ours, against = figures[main], bar(row, recorded["peer"])
+        ours, against = figures[main], bar(row, recorded["peer"], main)
         assert ours >= against if row.better == "max" else ours <= against, (main, ours, against)
