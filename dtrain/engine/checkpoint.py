@@ -125,6 +125,15 @@ def checkpoint_order(folder: Path) -> tuple[int, float]:
     return (int(step) if isinstance(step, int) else -1, mtime)
 
 
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """A run directory's checkpoint folders, newest first: Ray Train's checkpoint_<time> and the local launcher's
+    checkpoints/step_<step>, so a run started by either launcher resumes under the other."""
+    run_dir = Path(run_dir)
+    found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    found += [p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir()]
+    return sorted(found, key=checkpoint_order, reverse=True)
+
+
 def pick_checkpoint(candidates: Iterable[Path], warn: bool = True) -> Path | None:
     """The first intact checkpoint of candidates (newest first); each broken one is reported on stderr.
 

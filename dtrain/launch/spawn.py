@@ -44,11 +44,11 @@ class LocalPublisher:
 
 
 def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
-    """The newest intact checkpoint of a spawn run (broken ones are reported and skipped), or None."""
-    from dtrain.engine.checkpoint import checkpoint_order, pick_checkpoint
+    """The newest intact checkpoint of a run, this launcher's or Ray Train's (broken ones are reported and
+    skipped), or None."""
+    from dtrain.engine.checkpoint import pick_checkpoint, run_checkpoints
 
-    found = sorted((Path(run_dir) / "checkpoints").glob("step_*"), key=checkpoint_order, reverse=True)
-    return pick_checkpoint(found, warn=warn)
+    return pick_checkpoint(run_checkpoints(run_dir), warn=warn)
 
 
 PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "dtrain.launch.worker"]

@@ -199,15 +199,21 @@ def stop(client, job_id: str, timeout: float = 60.0) -> str:
 
 def worker_nodes(client, job_id: str, actor_class: str = "RayTrainWorker") -> list[str]:
     """Node ids the job's training workers ran on, one per worker (Ray's state API keeps ended actors a while)."""
+    return [a["node_id"] for a in job_actors(client, job_id, actor_class)]
+
+
+def job_actors(client, job_id: str, actor_class: str = "RayTrainWorker", detail: bool = False) -> list[dict]:
+    """The job's actors of one class from the cluster's state API (with detail: state, pid, ...); [] before its
+    driver starts."""
     ray_job_id = status(client, job_id).job_id
     if not ray_job_id:  # the driver has not started yet
         return []
-    query = f"filter_keys=job_id&filter_predicates=%3D&filter_values={ray_job_id}&limit=10000&detail=false"
+    query = (f"filter_keys=job_id&filter_predicates=%3D&filter_values={ray_job_id}&limit=10000"
+             f"&detail={str(detail).lower()}")
     r = state_api_get(client, f"/api/v0/actors?{query}")
     if r.status_code != 200:
         raise DtrainError(f"job {job_id}: the state API answered {r.status_code}: {r.text.strip()[:200]}")
-    actors = r.json()["data"]["result"]["result"]
-    return [a["node_id"] for a in actors if a["class_name"] == actor_class]
+    return [a for a in r.json()["data"]["result"]["result"] if a["class_name"] == actor_class]
 
 
 def list_jobs(client) -> list[Any]:

@@ -163,7 +163,7 @@ def _initial_checkpoint(config: dict[str, Any]) -> Any:
 
 
 def _resume_dir(checkpoint: Any, downloaded: Path | None, run_dir: Path, resume: bool) -> Path | None:
-    """The newest intact checkpoint_* folder of the run dir, after a worker failure or with --resume; else None.
+    """The newest intact checkpoint of the run dir, after a worker failure or with --resume; else None.
 
     Ray hands out only the latest checkpoint its controller registered, and only if its snapshot file was written
     before the run stopped (a Ctrl-C can come first). So the run dir itself is scanned: Ray names the folders by
@@ -172,7 +172,7 @@ def _resume_dir(checkpoint: Any, downloaded: Path | None, run_dir: Path, resume:
     """
     import ray.train
 
-    from dtrain.engine.checkpoint import pick_checkpoint
+    from dtrain.engine.checkpoint import pick_checkpoint, run_checkpoints
 
     if checkpoint is None and not resume:
         return None
@@ -181,7 +181,7 @@ def _resume_dir(checkpoint: Any, downloaded: Path | None, run_dir: Path, resume:
     elif checkpoint is not None and Path(checkpoint.path).resolve().parent != run_dir.resolve():
         found = [Path(checkpoint.path)]  # another run's checkpoint (init_checkpoint)
     else:
-        found = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), reverse=True)
+        found = run_checkpoints(run_dir)
     return pick_checkpoint(found, warn=ray.train.get_context().get_world_rank() == 0)
 
 

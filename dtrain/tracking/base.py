@@ -73,13 +73,10 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def latest_checkpoint_dir(run_dir: str | Path) -> Path | None:
     """The newest intact checkpoint folder of a run (Ray Train's <run_dir>/checkpoint_<time>, spawn's
     checkpoints/step_*), checked against its manifests; None if there is none."""
-    from dtrain.engine.checkpoint import CheckpointError, checkpoint_order, pick_checkpoint
+    from dtrain.engine.checkpoint import CheckpointError, pick_checkpoint, run_checkpoints
 
-    run_dir = Path(run_dir)
-    found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
-    found += [p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir()]
     try:
-        return pick_checkpoint(sorted(found, key=checkpoint_order, reverse=True), warn=False)
+        return pick_checkpoint(run_checkpoints(run_dir), warn=False)
     except CheckpointError:
         return None
 

@@ -204,6 +204,10 @@ def test_submit_to_a_bucket_runs_on_two_nodes_that_share_no_folder_and_leaves_th
 
 
 def test_stop_long_job(cluster, spec, monkeypatch, capsys):
+    """`dtrain jobs stop` on a job that is training: the job ends STOPPED and its training worker processes on both
+    nodes are gone (nothing keeps the cluster's CPUs), without the run finishing."""
+    import psutil
+
     from dtrain.cli import main
     from dtrain.launch import submit
 
@@ -211,17 +215,21 @@ def test_stop_long_job(cluster, spec, monkeypatch, capsys):
     assert main(["submit", str(spec), "trainer.max_epochs=100000", "--address", cluster.address]) == 0
     job_id = capsys.readouterr().out.splitlines()[0].strip()
     client = submit.connect(cluster.address)
-    deadline = time.monotonic() + 120
-    # Stop once its driver runs (the 2-node test above already proves training there; waiting for epoch 1 would
-    # double this test's time). 100000 epochs would run for hours, so only the stop can end it now.
-    while "Running entrypoint for job" not in submit.logs(client, job_id):
+    deadline = time.monotonic() + 180
+    # 100000 epochs would run for hours, so only the stop can end it: stop it once it has trained an epoch.
+    while not re.search(r"\[dtrain\] stage=\S+ epoch=1 step=", submit.logs(client, job_id)):
         assert str(submit.status(client, job_id).status) in ("PENDING", "RUNNING"), submit.logs(client, job_id)[-3000:]
-        assert time.monotonic() < deadline, "the job's driver never started"
+        assert time.monotonic() < deadline, "the job never finished its first epoch:\n" + submit.logs(client, job_id)
         time.sleep(0.5)
+    workers = submit.job_actors(client, job_id, detail=True)
+    assert [w["state"] for w in workers] == ["ALIVE", "ALIVE"], workers
+    pids = [psutil.Process(w["pid"]) for w in workers]  # the nodes are processes on this machine
     assert main(["jobs", "stop", job_id, "--address", cluster.address]) == 0
     assert capsys.readouterr().out.split() == [job_id, "STOPPED"]
     info = submit.status(client, job_id)
     assert str(info.status) == "STOPPED" and info.end_time is not None
+    _gone, alive = psutil.wait_procs(pids, timeout=60)
+    assert alive == [], [p.cmdline() for p in alive]
     assert "[dtrain] run finished" not in submit.logs(client, job_id)
 
 
