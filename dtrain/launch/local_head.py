@@ -54,7 +54,11 @@ def up(num_cpus: int | None = None, num_gpus: int | None = None) -> str:
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
     if ray is None:
         raise DtrainError("dtrain up: the `ray` command was not found next to this Python")
-    env = {**os.environ, "RAY_AUTH_MODE": "token", ray_compat.LOOPBACK_ENV: "0"}
+    # SIGTERM makes a Ray node drain before it stops, for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s by default),
+    # and a head never finishes draining, so `dtrain down` would wait it out: this head stops at once instead, as
+    # `ray stop` does (a run still on it stops as after a crash and continues with --resume).
+    env = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **os.environ, "RAY_AUTH_MODE": "token",
+           ray_compat.LOOPBACK_ENV: "0"}
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     port, dashboard_port = net.free_port(), net.free_port()
