@@ -37,6 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         job = _load_run(args.job, "config.yaml", args.overrides)
+        _say_if_nothing_to_resume(run_dir_for(job))
     else:
         job = _load(args.job, args.overrides)
     data = _check_buildable(job, args.address)
@@ -67,6 +68,18 @@ def _load_run(folder: str, job_file: str, overrides: list[str]):
     job = _load(str(Path(folder) / job_file), overrides)
     _located_at(job, Path(folder))
     return job
+
+
+def _say_if_nothing_to_resume(run_dir: Path | str) -> None:
+    """--resume of a run that was stopped before its first checkpoint starts it again from step 0: say so."""
+    from dtrain.engine.checkpoint import run_checkpoints
+
+    if is_uri(str(run_dir)):
+        found = RunStore(str(run_dir), key="run directory").folders("checkpoint_")
+    else:
+        found = run_checkpoints(Path(run_dir))
+    if not found:
+        print(f"[dtrain] {run_dir} has no checkpoint yet: the run starts again from step 0", flush=True)
 
 
 def _located_at(job, folder: Path) -> None:
