@@ -2,6 +2,7 @@
 
     dtrain train   `dtrain train jobs/mlp_digits.yaml` (embedded local Ray, 2 workers, W&B off): a cold start
     dtrain warm    the same with a head kept by `dtrain up` (started once before the repeats, not timed)
+    dtrain local   `dtrain train jobs/mlp_digits.yaml --local`: the workers as local processes, no Ray
     preflight warm `dtrain preflight jobs/mlp_digits.yaml` on that head: seconds to its verdict (the whole command)
     hand ddp       a hand-written torch.multiprocessing DDP script (benchmarks/hand_ddp.py), 2 gloo processes
     deepspeed      `dtrain train jobs/mlp_digits_deepspeed.yaml` (ZeRO-2, bf16) as on a fresh machine: an empty
@@ -48,10 +49,16 @@ def _first_step(run_dir: Path) -> float:
     raise RuntimeError(f"{run_dir}: no step event")
 
 
-def dtrain_train(tmp: Path, job: str = "mlp_digits.yaml", env: dict[str, str] | None = None) -> tuple[float, float]:
+def dtrain_train(tmp: Path, job: str = "mlp_digits.yaml", env: dict[str, str] | None = None,
+                 options: tuple[str, ...] = ()) -> tuple[float, float]:
     started = time.time()
-    _run([str(BIN / "dtrain"), "train", str(ROOT / "jobs" / job), "name=startup", f"runs_dir={tmp}", *JOB], tmp, env)
+    _run([str(BIN / "dtrain"), "train", str(ROOT / "jobs" / job), "name=startup", f"runs_dir={tmp}", *JOB, *options],
+         tmp, env)
     return _first_step(tmp / "startup") - started, time.time() - started
+
+
+def dtrain_local(tmp: Path) -> tuple[float, float]:
+    return dtrain_train(tmp, options=("--local",))
 
 
 def deepspeed_fresh(tmp: Path) -> tuple[float, float]:
@@ -105,9 +112,9 @@ def imports(tmp: Path) -> tuple[float, float]:
     return timed("import dtrain.cli"), timed("import dtrain.cli, dtrain.launch.train, ray, ray.train.torch")
 
 
-RUNS = {"dtrain train": dtrain_train, "dtrain warm": dtrain_warm, "preflight warm": preflight_warm,
-        "hand ddp": hand_ddp, "deepspeed": deepspeed_fresh, "ray plain": ray_plain, "engine": engine,
-        "import": imports}
+RUNS = {"dtrain train": dtrain_train, "dtrain warm": dtrain_warm, "dtrain local": dtrain_local,
+        "preflight warm": preflight_warm, "hand ddp": hand_ddp, "deepspeed": deepspeed_fresh, "ray plain": ray_plain,
+        "engine": engine, "import": imports}
 
 
 def run(names: list[str], repeats: int) -> dict[str, Any]:
@@ -137,7 +144,7 @@ def _repeat(names: list[str], repeats: int, raw: dict[str, list[tuple[float, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="import,hand ddp,engine,ray plain,dtrain train,dtrain warm")
+    parser.add_argument("--runs", default="import,hand ddp,engine,dtrain local,ray plain,dtrain train,dtrain warm")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

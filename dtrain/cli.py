@@ -35,14 +35,23 @@ def _load(job_path: str, overrides: list[str]):
 def cmd_train(args: argparse.Namespace) -> int:
     from dtrain.launch.train import fit_job, run_dir_for
 
+    if args.local and args.address:
+        raise DtrainError("--local runs the workers on this machine without Ray; it takes no --address")
     if args.resume:
         job = _load_run(args.job, "config.yaml", args.overrides)
         _say_if_nothing_to_resume(run_dir_for(job))
     else:
         job = _load(args.job, args.overrides)
+    if args.local:
+        from dtrain.launch.spawn import check_local_run, fit_local
+
+        check_local_run(job)
     data = _check_buildable(job, args.address)
     check_trackers(job)
-    summary = fit_job(job, address=args.address, resume=args.resume, data=data)
+    if args.local:
+        summary = fit_local(job, resume=args.resume)
+    else:
+        summary = fit_job(job, address=args.address, resume=args.resume, data=data)
     run_dir = run_dir_for(job)
     print(f"[dtrain] run finished: {run_dir}")
     for key, value in sorted(summary.get("test", {}).items()):
@@ -356,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.num_workers=2")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
     p.add_argument("--resume", action="store_true", help="continue the run in the given run directory")
+    p.add_argument("--local", action="store_true",
+                   help="run the workers as processes on this machine without Ray (the quickest start; no restarts, "
+                        "elastic ranges, streamed data or object storage)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="search hyperparameters/architecture with Ray Tune (the job's tune: section)")

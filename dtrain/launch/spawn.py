@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dtrain.engine.checkpoint import checkpoint_order
 from dtrain.errors import DtrainError
 from dtrain.launch.net import free_port
 
@@ -26,8 +27,9 @@ from dtrain.launch.net import free_port
 class LocalPublisher:
     """The loop's publish callable without Ray: keeps each published checkpoint under <run_dir>/checkpoints/."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.root = Path(run_dir) / "checkpoints"
+    def __init__(self, run_dir: Path, keep: int | None = None) -> None:
+        """keep: how many of the newest checkpoints stay (None: all)."""
+        self.root, self.keep = Path(run_dir) / "checkpoints", keep
         self.published: list[dict[str, Any]] = []
 
     def __call__(self, metrics: dict[str, Any], folder: Path | None) -> None:
@@ -41,6 +43,9 @@ class LocalPublisher:
         if target is not None and (not dist.is_initialized() or dist.get_rank() == 0):
             shutil.rmtree(target, ignore_errors=True)  # a replayed step after a resume replaces its old copy
             os.replace(partial, target)  # atomic: a crash leaves either no step_<n> or a complete one
+            if self.keep is not None:  # older ones go only once the new one is complete
+                for old in sorted(self.root.glob("step_*"), key=checkpoint_order)[:-self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
@@ -98,7 +103,7 @@ def _is_open(fd: int) -> bool:
 
 def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bool, out: Any,
            device_type: str = "cpu", env: dict[str, str] | None = None, stdio: tuple[tuple[int, int], ...] = (),
-           callbacks: tuple[Any, ...] = (), graceful_sigterm: bool = False) -> None:
+           callbacks: tuple[Any, ...] = (), graceful_sigterm: bool = False, keep: int | None = None) -> None:
     from dtrain.engine.stop import request_stop
     from dtrain.launch.worker import run_worker
 
@@ -122,7 +127,7 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
     try:
         resume_dir = latest_checkpoint(Path(run_dir), warn=rank == 0) if resume else None
         try:
-            summary = run_worker(job, run_dir, LocalPublisher(Path(run_dir)), device, resume_dir,
+            summary = run_worker(job, run_dir, LocalPublisher(Path(run_dir), keep), device, resume_dir,
                                  callbacks=list(callbacks))
         except DtrainError as err:
             out.put(err)  # so that spawn_workers raises the user's mistake as itself
@@ -141,7 +146,7 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
 
 def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resume: bool = False,
                   device: str = "cpu", callbacks: tuple[Any, ...] = (), graceful_sigterm: bool = False,
-                  start_method: str = "forkserver") -> dict[str, Any]:
+                  start_method: str = "forkserver", keep: int | None = None) -> dict[str, Any]:
     """Train job in `world` local processes on device "cpu" (gloo) or "cuda" (one GPU per rank, NCCL);
     returns rank 0's summary. callbacks: engine callbacks installed in every rank (picklable). graceful_sigterm:
     a SIGTERM to a worker makes the run checkpoint at the next step boundary and raise Preempted (off by default:
@@ -149,6 +154,8 @@ def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resu
 
     start_method "fork" forks the ranks from this process as it is, imports included: only for a process with no
     threads, such as one that the fork server has just forked itself (what the random-kill test starts and kills).
+    keep: how many of the newest checkpoints stay in <run_dir>/checkpoints (None: all). Interrupted (Ctrl-C, or
+    SIGTERM made one), the ranks are stopped before the exception goes on: SIGTERM, then SIGKILL after STOP_GRACE_S.
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected cpu or cuda, got {device!r}")
@@ -163,13 +170,77 @@ def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resu
     if start_method == "forkserver":
         env, stdio = dict(os.environ), tuple((_CallerFd(fd), fd) for fd in (1, 2) if _is_open(fd))
     args = (world, free_port(), job, str(run_dir), resume, out, device, env, stdio, tuple(callbacks),
-            graceful_sigterm)
+            graceful_sigterm, keep)
+    ranks = mp.start_processes(_entry, args=args, nprocs=world, start_method=start_method, join=False)
     try:
-        mp.start_processes(_entry, args=args, nprocs=world, start_method=start_method, join=True)
+        while not ranks.join():
+            pass
     except mp.ProcessRaisedException:
         while not out.empty():  # a DtrainError from a rank is raised here as itself (one line at the CLI)
             item = out.get()
             if isinstance(item, DtrainError):
                 raise item from None
         raise
+    except BaseException:  # interrupted: the ranks must not outlive this process
+        _stop(ranks.processes)
+        raise
     return out.get()
+
+
+STOP_GRACE_S = 30
+
+
+def _stop(processes: list[Any]) -> None:
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(STOP_GRACE_S)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def fit_local(job: Any, resume: bool = False) -> dict[str, Any]:
+    """`dtrain train --local`: the job's workers as processes on this machine, without Ray (the quickest start);
+    returns summary.json's content with the run's cost. The run directory is claimed first, as under Ray; resume
+    continues from the newest intact checkpoint of either launcher."""
+    from dtrain.config import to_dict
+    from dtrain.launch import cost
+    from dtrain.launch.train import claim_run_dir, release_unused, worker_group
+
+    workers, use_gpu = check_local_run(job)
+    run_dir = claim_run_dir(job, resume)
+    try:
+        with cost.Segment(run_dir, worker_group(job, workers, use_gpu)):
+            spawn_workers(to_dict(job), run_dir, world=workers, resume=resume, device="cuda" if use_gpu else "cpu",
+                          keep=job.checkpoint.keep)
+    except BaseException:
+        if not resume:
+            release_unused(run_dir)  # a run that never trained leaves no folder behind to block its name
+        raise
+    return cost.add_to_summary(run_dir, cost.run_cost(run_dir, to_dict(job.cost)))
+
+
+def check_local_run(job: Any) -> tuple[int, bool]:
+    """(workers, use_gpu) of a --local run, or a ConfigError naming the setting that needs Ray."""
+    from dtrain.config import to_objects, worker_bounds
+    from dtrain.data.stream_source import streams
+    from dtrain.errors import ConfigError
+    from dtrain.launch.train import fit_workers
+    from dtrain.storage import is_uri
+
+    t, data = job.trainer, to_objects(job).data
+    if streams(data):
+        raise ConfigError(f"data.name: {data.name} streams through Ray Data; --local takes in-memory data sets "
+                          "(run without --local)")
+    if is_uri(str(job.runs_dir)):
+        raise ConfigError(f"runs_dir: {job.runs_dir}: --local keeps runs on this machine; object storage needs "
+                          "Ray (run without --local)")
+    bounds = worker_bounds(t.num_workers)
+    if bounds is not None and bounds[0] != bounds[1]:
+        raise ConfigError(f"trainer.num_workers: an elastic range {list(bounds)} needs Ray; --local takes a number")
+    if t.max_failures:
+        raise ConfigError(f"trainer.max_failures: {t.max_failures}: restarts need Ray; --local takes 0 (a stopped "
+                          "run continues with --resume)")
+    return fit_workers(job, torch.cuda.device_count(), os.cpu_count() or 1, "this machine")

@@ -271,19 +271,24 @@ def resolve_resources(job: DictConfig) -> tuple[int, bool]:
     """(num_workers, use_gpu) from the job and what the connected cluster has; error if they cannot fit."""
     import ray
 
-    t = job.trainer
     resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 0)
+    return fit_workers(job, int(resources.get("GPU", 0)), resources.get("CPU", 0), "the cluster")
+
+
+def fit_workers(job: DictConfig, gpus: int, cpus: float, where: str) -> tuple[int, bool]:
+    """(num_workers, use_gpu) of the job on `where` ("the cluster", "this machine") with gpus and cpus; else a
+    ConfigError naming the setting."""
+    t = job.trainer
     use_gpu = {"auto": gpus > 0, "true": True, "false": False}[str(t.use_gpu).lower()]
     if use_gpu and gpus == 0:
-        raise ConfigError("trainer.use_gpu: true, but the Ray cluster has no GPUs")
+        raise ConfigError(f"trainer.use_gpu: true, but {where} has no GPUs")
     workers = fewest_workers(job, gpus if use_gpu else 2)
     check_workers_split_batch(job, workers)
     if use_gpu and workers > gpus:
-        raise ConfigError(f"trainer.num_workers: {workers} workers need {workers} GPUs, the cluster has {gpus}")
+        raise ConfigError(f"trainer.num_workers: {workers} workers need {workers} GPUs, {where} has {gpus}")
     if workers * t.cpus_per_worker > cpus:
         raise ConfigError(f"trainer.num_workers: {workers} workers x {t.cpus_per_worker} CPUs need "
-                          f"{workers * t.cpus_per_worker:g} CPUs, the cluster has {cpus:g}")
+                          f"{workers * t.cpus_per_worker:g} CPUs, {where} has {cpus:g}")
     return workers, use_gpu
 
 

@@ -1,0 +1,94 @@
+"""`dtrain train --local`: the workers as processes on this machine, without Ray, through the real command line: a run
+with its whole record (config, summary with cost, report, the newest `checkpoint.keep` checkpoints); Ctrl-C and
+SIGTERM stop every process and keep the last checkpoint, and --resume --local continues from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from dtrain.engine.checkpoint import checkpoint_problem, read_manifest
+from dtrain.tracking import read_metrics
+from tests.helpers import JOBS, ROOT
+
+COMMON = ["--local", "logging.wandb.enabled=false", "logging.progress=false", "trainer.early_stopping.monitor=null",
+          "model.hidden=[32]"]
+
+
+def _dtrain(args: list[str], **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dtrain", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "disabled"}, **popen)
+
+
+def _long_run(runs, name: str) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """A run of 500 epochs, once it has an intact checkpoint, and its processes (the ranks and the fork server)."""
+    proc = _dtrain(["train", JOBS / "mlp_digits.yaml", *COMMON, f"runs_dir={runs}", f"name={name}",
+                    "trainer.max_epochs=500"], start_new_session=True)  # its own group, as a terminal's job
+    deadline = time.monotonic() + 120
+    while not any(checkpoint_problem(c) is None for c in (runs / name / "checkpoints").glob("step_*")):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.2)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    assert len(tree) >= 2, tree  # 2 ranks (and the fork server)
+    return proc, tree
+
+
+def test_a_local_run_leaves_its_whole_record_and_keeps_the_newest_checkpoints(tmp_path):
+    proc = _dtrain(["train", JOBS / "mlp_digits.yaml", *COMMON, f"runs_dir={tmp_path}", "name=local",
+                    "trainer.max_epochs=3", "checkpoint.keep=1", "cost.per_cpu_hour=0.5"])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    run = tmp_path / "local"
+    assert f"[dtrain] run finished: {run}" in out and "[dtrain] test/acc = " in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["world_size"] == 2
+    epochs = [e for e in read_metrics(run) if e.get("event") == "epoch"]
+    assert epochs[-1]["val/loss"] < epochs[0]["val/loss"] and summary["test"]["test/acc"] > 0.5  # 5x chance
+    cost = summary["cost"]  # the 2 local processes' lifetime, priced
+    assert cost["segments"] == 1 and cost["cpu_hours"] * 3600 >= 2 * summary["wall_time_s"]
+    assert cost["cost"] == cost["cpu_hours"] * 0.5
+    assert (run / "config.yaml").is_file() and (run / "report" / "report.md").is_file()
+    kept = list((run / "checkpoints").glob("step_*"))
+    assert [read_manifest(c)["step"] for c in kept] == [summary["steps"]], kept  # keep=1: the final one only
+
+
+def test_ctrl_c_stops_every_process_and_resume_local_continues_from_the_last_checkpoint(tmp_path):
+    proc, tree = _long_run(tmp_path, "ctrl-c")
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "dtrain: interrupted", err[-3000:]
+    assert "Traceback" not in err
+    _gone, alive = psutil.wait_procs(tree, timeout=30)
+    assert alive == [], [p.pid for p in alive]
+
+    run = tmp_path / "ctrl-c"
+    newest = max((c for c in (run / "checkpoints").glob("step_*") if checkpoint_problem(c) is None),
+                 key=lambda c: read_manifest(c)["step"])
+    start = read_manifest(newest)
+    again = _dtrain(["train", run, "--resume", *COMMON, f"trainer.max_epochs={start['epoch'] + 1}"])
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    resumes = [e for e in read_metrics(run) if e.get("event") == "resume"]
+    assert [r["step"] for r in resumes] == [start["step"]]
+    assert json.loads((run / "summary.json").read_text())["epochs"] == start["epoch"] + 1
+
+
+def test_sigterm_to_the_command_alone_stops_its_workers_too(tmp_path):
+    """A scheduler's SIGTERM reaches the `dtrain` process only: it must stop the ranks it started, not wait for them
+    to train 500 epochs."""
+    proc, tree = _long_run(tmp_path, "term")
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    _gone, alive = psutil.wait_procs(tree, timeout=30)
+    assert proc.returncode == 143 and "dtrain: terminated (SIGTERM)" in err, err[-3000:]
+    assert alive == [], [p.pid for p in alive]
+    assert time.monotonic() - sent < 15  # stopped, not left to linger until something else ends them
+    assert "[dtrain] run finished" not in out
