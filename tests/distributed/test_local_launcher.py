@@ -92,3 +92,16 @@ def test_sigterm_to_the_command_alone_stops_its_workers_too(tmp_path):
     assert alive == [], [p.pid for p in alive]
     assert time.monotonic() - sent < 15  # stopped, not left to linger until something else ends them
     assert "[dtrain] run finished" not in out
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_says_it_starts_again(tmp_path):
+    from dtrain.config import load_job
+    from dtrain.launch.train import claim_run_dir
+
+    job = load_job(JOBS / "mlp_digits.yaml", [f"runs_dir={tmp_path}", "name=early", "model.hidden=[32]"])
+    run = claim_run_dir(job, resume=False)  # config.yaml written, then stopped before any checkpoint
+    proc = _dtrain(["train", run, "--resume", *COMMON, "trainer.max_epochs=1"])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"[dtrain] {run} has no checkpoint yet: the run starts again from step 0" in out
+    assert json.loads((run / "summary.json").read_text())["steps"] == 21  # one whole epoch, from step 0

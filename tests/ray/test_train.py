@@ -94,20 +94,6 @@ def test_sigterm_stops_a_run_with_one_line_and_resume_continues_the_moved_run_di
     assert [e["epoch"] for e in events[resumes[0]:] if e["event"] == "epoch"] == [newest["epoch"] + 1]
 
 
-def test_resume_of_a_run_stopped_before_its_first_checkpoint_says_it_starts_again(ray_session, tmp_path, capsys):
-    from dtrain.cli import main
-    from dtrain.config import load_job
-    from dtrain.launch.train import claim_run_dir
-
-    job = load_job(JOBS / "mlp_digits.yaml", [f"runs_dir={tmp_path}", "name=early", "model.hidden=[32]"])
-    run_dir = claim_run_dir(job, resume=False)  # config.yaml written, then stopped before any checkpoint
-    address = ray_session.get_runtime_context().gcs_address
-    assert main(["train", str(run_dir), "--resume", "trainer.max_epochs=1", "logging.wandb.enabled=false",
-                 "logging.progress=false", "--address", address]) == 0
-    assert f"[dtrain] {run_dir} has no checkpoint yet: the run starts again from step 0" in capsys.readouterr().out
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 21  # one whole epoch, from step 0
-
-
 def test_the_deepspeed_job_trains_in_bf16_and_prints_dtrains_lines_and_nothing_else(ray_session, tmp_path):
     """The DeepSpeed job file (ZeRO-2, bf16 weights) through the command line: it trains, Ray's merged checkpoint is
     DeepSpeed-readable, and of all that the workers, Ray Train's controller and DeepSpeed log (accelerator notices,
