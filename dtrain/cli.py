@@ -49,6 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = _check_buildable(job, args.address)
     check_trackers(job)
     if args.local:
+        del data  # it served the checks; each local worker loads its own copy, so this one must not stay held
         summary = fit_local(job, resume=args.resume)
     else:
         summary = fit_job(job, address=args.address, resume=args.resume, data=data)

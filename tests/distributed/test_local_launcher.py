@@ -14,6 +14,7 @@ import time
 import psutil
 
 from dtrain.engine.checkpoint import checkpoint_problem, read_manifest
+from dtrain.launch.spawn import latest_checkpoint
 from dtrain.tracking import read_metrics
 from tests.helpers import JOBS, ROOT
 
@@ -47,6 +48,8 @@ def test_a_local_run_leaves_its_whole_record_and_keeps_the_newest_checkpoints(tm
     assert proc.returncode == 0, err[-3000:]
     run = tmp_path / "local"
     assert f"[dtrain] run finished: {run}" in out and "[dtrain] test/acc = " in out
+    noise = [line for line in (out + err).splitlines() if line.strip() and not line.startswith("[dtrain] ")]
+    assert noise == []  # dtrain's own lines and nothing else
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 3 and summary["world_size"] == 2
     epochs = [e for e in read_metrics(run) if e.get("event") == "epoch"]
@@ -69,9 +72,7 @@ def test_ctrl_c_stops_every_process_and_resume_local_continues_from_the_last_che
     assert alive == [], [p.pid for p in alive]
 
     run = tmp_path / "ctrl-c"
-    newest = max((c for c in (run / "checkpoints").glob("step_*") if checkpoint_problem(c) is None),
-                 key=lambda c: read_manifest(c)["step"])
-    start = read_manifest(newest)
+    start = read_manifest(latest_checkpoint(run))
     again = _dtrain(["train", run, "--resume", *COMMON, f"trainer.max_epochs={start['epoch'] + 1}"])
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-3000:]
