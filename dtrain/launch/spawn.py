@@ -69,7 +69,11 @@ def _preload() -> list[str]:
     that use CUDA."""
     import torch
 
-    return PRELOAD + ([] if torch.backends.cuda.is_built() else ["deepspeed"])
+    if torch.backends.cuda.is_built():
+        return PRELOAD
+    # What DeepSpeed's auto-detection picks here anyway, without the warning line it prints when it detects.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return PRELOAD + ["deepspeed"]
 
 
 def _context() -> Any:
