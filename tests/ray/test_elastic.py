@@ -23,7 +23,7 @@ COMMON = ["logging.wandb.enabled=false", "logging.progress=false", "trainer.earl
           "model.hidden=[32]", "model.dropout=0", "data.global_batch_size=64"]
 
 
-EPOCHS = 60
+EPOCHS = 40
 
 
 def _start(ray_session, run_dir, *overrides):
@@ -66,7 +66,7 @@ def test_a_frozen_worker_times_out_with_one_line_and_ray_restarts_the_run(ray_se
     """Rank 1 SIGSTOPped: the collective times out, one line names the step and the rank, Ray restarts the group
     (an elastic range: as many workers as fit, 2 here) from the checkpoint, and the run ends with every step."""
     run_dir, timeout = tmp_path / "frozen", 8
-    # 60 epochs (about 15 s of steps on 2 cores): training is still going when the slow process scan below has
+    # 40 epochs (about 10 s of steps on 2 cores): training is still going when the slow process scan below has
     # found the workers, so the signal lands mid-training
     proc = _start(ray_session, run_dir, f"trainer.max_epochs={EPOCHS}", "trainer.num_workers=[1,2]",
                   f"trainer.collective_timeout_s={timeout}", "trainer.max_failures=1", "checkpoint.every_n_steps=10")

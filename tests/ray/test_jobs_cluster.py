@@ -299,13 +299,13 @@ def test_submit_preflight_names_each_problem_and_submits_nothing(cluster, tmp_pa
     spec = tmp_path / "pf.yaml"
     spec.write_text(PREFLIGHT_SPEC)
     (tmp_path / "afile").write_text("a file, not a folder\n")
-    run = dtrain(["submit", str(spec), f"runs_dir={tmp_path / 'afile' / 'runs'}", "model.hidden=[8192,4096]",
-                  "name=doomed", "--preflight", "--memory-limit", "800MiB", "--address", cluster.address], cluster.env)
+    run = dtrain(["submit", str(spec), f"runs_dir={tmp_path / 'afile' / 'runs'}", "model.hidden=[4096,4096]",
+                  "name=doomed", "--preflight", "--memory-limit", "600MiB", "--address", cluster.address], cluster.env)
     assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
     errors = [line for line in run.stdout.splitlines() if line.startswith("dtrain: error: ")]
     assert len(_rows(run.stdout)) == 2, run.stdout  # the workers ran and measured
     assert sorted(e.split(":")[2].strip() for e in errors) == ["model", "model", "runs_dir", "runs_dir"], errors
-    assert all("over the memory limit of 0.78 GiB" in e for e in errors if ": model:" in e)
+    assert all("over the memory limit of 0.59 GiB" in e for e in errors if ": model:" in e)
     assert all("Not a directory" in e for e in errors if ": runs_dir:" in e)
     assert run.stderr.strip().splitlines()[-1] == ("dtrain: error: preflight: the job was not submitted: the "
                                                    "preflight on the cluster ended FAILED (its problems are listed "
