@@ -11,6 +11,7 @@ one is written, the training thread waits for it (the loop is as slow as the dis
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 import threading
@@ -28,6 +29,40 @@ PUBLISH_LAG_STEPS = 4
 sooner): every rank publishes at the same step, as Ray's report requires, and the write has those steps to finish."""
 
 
+STAGING_PREFIX = "dtrain-ckpt-"
+"""Checkpoint folders being written or downloaded live in the system's temp folder as dtrain-ckpt-<pid>-*."""
+
+
+def staging_prefix() -> str:
+    """The name prefix of this process's checkpoint folders in the temp folder (tempfile's prefix=)."""
+    return f"{STAGING_PREFIX}{os.getpid()}-"
+
+
+def remove_orphaned_staging(root: Path | None = None) -> list[Path]:
+    """Remove the checkpoint folders that dead processes left in the temp folder (root): a SIGKILL or the OOM killer
+    ends a rank before it can clean up, and each such death would otherwise leave up to a checkpoint's size behind.
+    Folders of live processes (by the pid in their name) stay. Returns the folders removed."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        pid = folder.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, killed but not yet reaped, does not)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # another user's process
+        return True
+
+
 class CheckpointWriter:
     """One rank's checkpoint writes: start() snapshots and writes in the background, due() says when to publish."""
 
@@ -35,13 +70,14 @@ class CheckpointWriter:
                  background: bool = True) -> None:
         self.rank, self.world, self.publish, self.background = rank, world, publish, background
         self.pending: tuple[threading.Thread, Path, dict[str, Any], int, list[BaseException]] | None = None
+        remove_orphaned_staging()
 
     def start(self, strategy: Any, state: TrainState, metrics: dict[str, Any]) -> None:
         """Snapshot the state now (waiting first for the previous write, if it is still going) and write it."""
         self.finish()
         if not strategy.weights_finite():
             raise TrainingError("training stopped: the weights became non-finite; the last good checkpoint is kept")
-        folder = Path(tempfile.mkdtemp(prefix="dtrain-ckpt-"))
+        folder = Path(tempfile.mkdtemp(prefix=staging_prefix()))
         write_strategy = strategy.snapshot(folder)
         train_state, rng = dataclasses.asdict(state), rng_state()  # copies, taken at this step
         position = {k: train_state[k] for k in ("stage", "epoch", "epoch_samples", "step")}

@@ -167,6 +167,8 @@ def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resu
         raise ValueError(f"device=cuda: {world} ranks need {world} GPUs, found {torch.cuda.device_count()}")
     if start_method not in ("forkserver", "fork"):
         raise ValueError(f"start_method: expected forkserver or fork, got {start_method!r}")
+    for stale in (Path(run_dir) / "checkpoints").glob(".partial_*"):  # a merge that a killed run left half done
+        shutil.rmtree(stale, ignore_errors=True)
     out = (_context() if start_method == "forkserver" else mp.get_context("fork")).SimpleQueue()
     sys.stdout.flush(), sys.stderr.flush()
     # A forked rank has this process's environment and file descriptors already.

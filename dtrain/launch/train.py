@@ -109,10 +109,11 @@ def _train_with_store(config: dict[str, Any], publish: Any, data: DataBundle | N
     import ray.train.torch
 
     from dtrain.engine.checkpoint import CheckpointError, pick_checkpoint
+    from dtrain.engine.saving import staging_prefix
     from dtrain.launch.worker import run_worker
 
     store, rank = config["store"], ray.train.get_context().get_world_rank()
-    with tempfile.TemporaryDirectory(prefix="dtrain-ckpt-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=staging_prefix()) as tmp:
         names = reversed(store.folders("checkpoint_"))  # Ray names them by time: newest last
         try:
             resume_dir = pick_checkpoint((store.download(n, Path(tmp) / n) for n in names), warn=rank == 0)

@@ -3,6 +3,10 @@ machine, a linear model (mlp with no hidden layer) trains."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 import threading
 
 import pytest
@@ -10,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dtrain.config import load_job, to_dict
+from dtrain.engine.saving import STAGING_PREFIX, CheckpointWriter
 from dtrain.errors import ConfigError, DtrainError
 from dtrain.launch import train as launch
 from dtrain.launch.spawn import LocalPublisher
@@ -107,3 +112,19 @@ def test_a_report_barrier_that_times_out_reaches_the_loop_as_a_collective_timeou
         launch.report({"step": 10}, None, wait_for_upload=False)
     assert is_collective_timeout(caught.value)
     assert "ranks have not joined the collective operation: [1]" in str(caught.value)
+
+
+def test_checkpoint_folders_that_killed_processes_left_are_removed_by_the_next_writer(tmp_path, monkeypatch):
+    """A rank killed mid-write (SIGKILL, the OOM killer) cannot clean up: its checkpoint folder stays in the temp
+    folder. The next run's writer removes the folders of dead processes, and none of a live one."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f"{STAGING_PREFIX}{dead.pid}-x1"
+    live = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-x2"
+    unrelated = tmp_path / f"{STAGING_PREFIX}notapid"
+    for folder in (orphan, live, unrelated):
+        folder.mkdir()
+        (folder / "model.pt.tmp").write_bytes(b"half a checkpoint")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    CheckpointWriter(0, 1, lambda metrics, folder: None)
+    assert not orphan.exists() and live.exists() and unrelated.exists()
