@@ -30,7 +30,7 @@ from dtrain.models.base import CatalogModel
 
 Publish = Callable[[dict[str, Any], Path | None], None]
 """Called by every rank at each epoch end and checkpoint with the metrics and this rank's checkpoint folder, at the
-same step on every rank; the folder then belongs to the publisher (it removes it once it has copied it)."""
+same step on every rank; the folder then belongs to the publisher (it removes it once it has moved or copied it)."""
 
 
 @dataclass
@@ -86,13 +86,17 @@ class RunContext:
     probe: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None
     """Called by rank 0 at the end with those weights (export must be set); returns more test metrics (the
     launcher's linear probe)."""
+    staging: Path | None = None
+    """Where checkpoints are written before they are published: on the run folder's filesystem publishing is a
+    rename (the local launcher); None: the system's temp folder."""
 
 
 def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConfig,
         ctx: RunContext) -> dict[str, Any]:
     """Train model on loaders.train as cfg says; returns the summary (final and best metrics, throughput)."""
     model.all_reduce_sum = dist.all_reduce_sum  # the models' one collective (the SOM's batch update)
-    writer = CheckpointWriter(ctx.rank, ctx.world, ctx.publish, background=cfg.checkpoint_background)
+    writer = CheckpointWriter(ctx.rank, ctx.world, ctx.publish, background=cfg.checkpoint_background,
+                              staging=ctx.staging)
     state = TrainState(**safe_load(ctx.resume_dir / STATE_FILE)) if ctx.resume_dir else TrainState()
     TRAINING.set()
     try:
@@ -105,6 +109,7 @@ def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConf
             raise _hang(state, ctx, cfg) from err
         raise
     finally:
+        writer.shutdown()
         TRAINING.clear()
 
 

@@ -14,8 +14,8 @@ import dataclasses
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -64,20 +64,28 @@ def _alive(pid: int) -> bool:
 
 
 class CheckpointWriter:
-    """One rank's checkpoint writes: start() snapshots and writes in the background, due() says when to publish."""
+    """One rank's checkpoint writes: start() snapshots and writes in the background, due() says when to publish.
+
+    staging: the folder the checkpoint folders are written in (the launcher's choice: on the run folder's filesystem,
+    publishing is a rename); None: the system's temp folder."""
 
     def __init__(self, rank: int, world: int, publish: Callable[[dict[str, Any], Path | None], None],
-                 background: bool = True) -> None:
-        self.rank, self.world, self.publish, self.background = rank, world, publish, background
-        self.pending: tuple[threading.Thread, Path, dict[str, Any], int, list[BaseException]] | None = None
+                 background: bool = True, staging: Path | None = None) -> None:
+        self.rank, self.world, self.publish, self.staging = rank, world, publish, staging
+        # one thread for all the writes of the run: started once, not at each checkpoint
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="dtrain-checkpoint") if background else None
+        self.pending: tuple[Future | None, Path, dict[str, Any], int, list[BaseException]] | None = None
         remove_orphaned_staging()
+        if staging is not None:
+            staging.mkdir(parents=True, exist_ok=True)
+            remove_orphaned_staging(staging)
 
     def start(self, strategy: Any, state: TrainState, metrics: dict[str, Any]) -> None:
         """Snapshot the state now (waiting first for the previous write, if it is still going) and write it."""
         self.finish()
         if not strategy.weights_finite():
             raise TrainingError("training stopped: the weights became non-finite; the last good checkpoint is kept")
-        folder = Path(tempfile.mkdtemp(prefix=staging_prefix()))
+        folder = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=self.staging))
         write_strategy = strategy.snapshot(folder)
         train_state, rng = dataclasses.asdict(state), rng_state()  # copies, taken at this step
         position = {k: train_state[k] for k in ("stage", "epoch", "epoch_samples", "step")}
@@ -94,12 +102,11 @@ class CheckpointWriter:
             except BaseException as err:  # noqa: BLE001 - raised on the training thread by finish()
                 errors.append(err)
 
-        thread = threading.Thread(target=write, name="dtrain-checkpoint", daemon=True)
-        self.pending = (thread, folder, metrics, state.step, errors)
-        if self.background:
-            thread.start()
+        if self.executor is not None:
+            self.pending = (self.executor.submit(write), folder, metrics, state.step, errors)
         else:
-            thread.run()
+            write()
+            self.pending = (None, folder, metrics, state.step, errors)
 
     def due(self, step: int) -> bool:
         """Whether the pending checkpoint is to be published at this step boundary."""
@@ -109,10 +116,10 @@ class CheckpointWriter:
         """Wait for the pending write, then publish it (the publisher owns the folder from then on)."""
         if self.pending is None:
             return
-        thread, folder, metrics, _, errors = self.pending
+        written, folder, metrics, _, errors = self.pending
         self.pending = None
-        if thread.is_alive() or thread.ident is not None:
-            thread.join()
+        if written is not None:
+            written.result()
         if errors:
             shutil.rmtree(folder, ignore_errors=True)
             raise errors[0]
@@ -121,8 +128,13 @@ class CheckpointWriter:
     def close(self) -> None:
         """After a failure: let a write in progress end, publish nothing, remove its folder."""
         if self.pending is not None:
-            thread, folder, *_ = self.pending
+            written, folder, *_ = self.pending
             self.pending = None
-            if thread.ident is not None:
-                thread.join()
+            if written is not None:
+                written.result()
             shutil.rmtree(folder, ignore_errors=True)
+
+    def shutdown(self) -> None:
+        """At the run's end (after finish or close): the writer thread ends."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)

@@ -7,6 +7,7 @@ step_<step> once every rank has added its files; the newest intact one is resume
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import shutil
 import signal
@@ -25,7 +26,8 @@ from dtrain.launch.net import free_port
 
 
 class LocalPublisher:
-    """The loop's publish callable without Ray: keeps each published checkpoint under <run_dir>/checkpoints/."""
+    """The loop's publish callable without Ray: keeps each published checkpoint under <run_dir>/checkpoints/.
+    The ranks' folders are moved in: renamed when the writer staged them on the same filesystem (under root)."""
 
     def __init__(self, run_dir: Path, keep: int | None = None) -> None:
         """keep: how many of the newest checkpoints stay (None: all)."""
@@ -37,8 +39,7 @@ class LocalPublisher:
         target = self.root / f"step_{metrics['step']:08d}" if folder is not None else None
         partial = self.root / f".partial_{target.name}" if target else None
         if folder is not None:
-            shutil.copytree(folder, partial, dirs_exist_ok=True)  # every rank adds its files, as Ray merges them
-            shutil.rmtree(folder, ignore_errors=True)  # published: the folder is ours to remove
+            _move_into(folder, partial)  # every rank adds its files, as Ray merges them
         dist.barrier() if dist.is_initialized() else None
         if target is not None and (not dist.is_initialized() or dist.get_rank() == 0):
             shutil.rmtree(target, ignore_errors=True)  # a replayed step after a resume replaces its old copy
@@ -46,6 +47,25 @@ class LocalPublisher:
             if self.keep is not None:  # older ones go only once the new one is complete
                 for old in sorted(self.root.glob("step_*"), key=checkpoint_order)[:-self.keep]:
                     shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_into(src: Path, dst: Path) -> None:
+    """Move the files under src into dst, folder by folder (ranks merge their files into one checkpoint at once,
+    each file written by one rank), then remove src. A file is renamed, or copied where src is on another
+    filesystem."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in src.iterdir():
+        if entry.is_dir():
+            _move_into(entry, dst / entry.name)
+            continue
+        try:
+            os.replace(entry, dst / entry.name)
+        except OSError as err:
+            if err.errno != errno.EXDEV:
+                raise
+            shutil.copy2(entry, dst / entry.name)
+            entry.unlink()
+    src.rmdir()
 
 
 def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
@@ -131,8 +151,9 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
     try:
         resume_dir = latest_checkpoint(Path(run_dir), warn=rank == 0) if resume else None
         try:
-            summary = run_worker(job, run_dir, LocalPublisher(Path(run_dir), keep), device, resume_dir,
-                                 callbacks=list(callbacks))
+            publisher = LocalPublisher(Path(run_dir), keep)
+            summary = run_worker(job, run_dir, publisher, device, resume_dir, callbacks=list(callbacks),
+                                 staging=publisher.root)
         except DtrainError as err:
             out.put(err)  # so that spawn_workers raises the user's mistake as itself
             raise

@@ -4,6 +4,7 @@ machine, a linear model (mlp with no hidden layer) trains."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dtrain.config import load_job, to_dict
+from dtrain.engine.checkpoint import checkpoint_problem
 from dtrain.engine.saving import STAGING_PREFIX, CheckpointWriter
 from dtrain.errors import ConfigError, DtrainError
 from dtrain.launch import train as launch
@@ -128,3 +130,21 @@ def test_checkpoint_folders_that_killed_processes_left_are_removed_by_the_next_w
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     CheckpointWriter(0, 1, lambda metrics, folder: None)
     assert not orphan.exists() and live.exists() and unrelated.exists()
+
+
+def test_a_local_run_publishes_its_checkpoints_by_renaming_them(tmp_path, monkeypatch, one_thread):
+    """The local launcher's writer stages each checkpoint under the run's checkpoints/ folder, so publishing it is a
+    rename: no checkpoint file is copied on the training thread (for a large model a copy would stall it)."""
+    def no_copy(src, dst, *args, **kwargs):
+        raise AssertionError(f"copied {src} to {dst}")
+
+    monkeypatch.setattr(shutil, "copyfile", no_copy)
+    job = to_dict(load_job(JOBS / "mlp_digits.yaml", ["trainer.max_epochs=2", "trainer.num_workers=1",
+                                                     "logging.wandb.enabled=false", "logging.progress=false",
+                                                     "trainer.early_stopping.monitor=null"]))
+    run = tmp_path / "run"
+    publisher = LocalPublisher(run)
+    run_worker(job, run, publisher, torch.device("cpu"), staging=publisher.root)
+    published = sorted((run / "checkpoints").iterdir())
+    assert [p.name[:5] for p in published] == ["step_", "step_"], published  # and no staging folder left
+    assert all(checkpoint_problem(p) is None for p in published)
