@@ -105,8 +105,9 @@ def stage_code(spec: Path, workdir: Path) -> str:
 
 def entrypoint_for(command: str, spec: str, overrides: list[str], name: str, options: list[str] = ()) -> str:
     """The shell command the cluster runs: `python -m dtrain <command> SPEC OVERRIDES name=NAME --address auto`
-    (then options, e.g. preflight's --memory-limit)."""
-    args = [spec, *overrides, f"name={name}", "--address", "auto", *options]
+    (then options, e.g. preflight's --memory-limit). NAME is the job's resolved name: it replaces a name= among the
+    overrides rather than following it."""
+    args = [spec, *(o for o in overrides if not o.startswith("name=")), f"name={name}", "--address", "auto", *options]
     return f"python -m dtrain {command} " + " ".join(shlex.quote(a) for a in args)
 
 

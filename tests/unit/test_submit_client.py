@@ -64,10 +64,10 @@ def test_stage_code_ships_package_and_spec_but_not_venv_or_runs(tmp_path):
     assert submit.code_root() == ROOT
 
 
-def test_entrypoint_quotes_overrides():
-    cmd = submit.entrypoint_for("train", "jobs/a b.yaml", ["model.hidden=[64, 32]", "name=x"], "run 1")
+def test_entrypoint_quotes_overrides_and_names_the_job_once():
+    cmd = submit.entrypoint_for("train", "jobs/a b.yaml", ["model.hidden=[64, 32]", "name=run 1"], "run 1")
     assert shlex.split(cmd) == ["python", "-m", "dtrain", "train", "jobs/a b.yaml", "model.hidden=[64, 32]",
-                                "name=x", "name=run 1", "--address", "auto"]
+                                "name=run 1", "--address", "auto"]
 
 
 def test_jobs_subcommand_needs_an_id(capsys):
