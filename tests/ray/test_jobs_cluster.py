@@ -484,10 +484,12 @@ def test_an_elastic_run_shrinks_when_a_node_dies_grows_when_one_joins_and_checkp
     assert diff <= ELASTIC_TOLERANCE
 
 
-ELASTIC_TOLERANCE = 1e-4
+ELASTIC_TOLERANCE = 1e-3
 """Largest absolute difference of any final weight (of up to about 0.3) after the 840 Adam steps, most of them on 1
-worker (the run ends on 1 worker after the drain). Measured: 1.4e-6; an uninterrupted 1-worker run is 4.4e-4 from the
-2-worker run after 1680 steps: float32 reduction order, grown over the steps."""
+worker (the run ends on 1 worker after the drain): float32 reduction order, grown over the steps, and how much it
+grows varies from run to run. Measured: 1.4e-6 and 1.7e-4 (two runs); uninterrupted 1-worker runs are 1.4e-6 (840
+steps), 1.8e-5 (1260) and 4.4e-4 (1680) from the 2-worker run. The exact resume points are asserted separately
+(each segment's step and sample count)."""
 
 
 def _built(job: dict) -> dict:
