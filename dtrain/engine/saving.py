@@ -30,7 +30,8 @@ sooner): every rank publishes at the same step, as Ray's report requires, and th
 
 
 STAGING_PREFIX = "dtrain-ckpt-"
-"""Checkpoint folders being written or downloaded live in the system's temp folder as dtrain-ckpt-<pid>-*."""
+"""Checkpoint folders being written or downloaded are named dtrain-ckpt-<pid>-* (in the system's temp folder, or
+in the folder a launcher stages them in)."""
 
 
 def staging_prefix() -> str:
@@ -38,17 +39,14 @@ def staging_prefix() -> str:
     return f"{STAGING_PREFIX}{os.getpid()}-"
 
 
-def remove_orphaned_staging(root: Path | None = None) -> list[Path]:
-    """Remove the checkpoint folders that dead processes left in the temp folder (root): a SIGKILL or the OOM killer
-    ends a rank before it can clean up, and each such death would otherwise leave up to a checkpoint's size behind.
-    Folders of live processes (by the pid in their name) stay. Returns the folders removed."""
-    removed = []
+def remove_orphaned_staging(root: Path | None = None) -> None:
+    """Remove the checkpoint folders that dead processes left in root (default: the temp folder): a SIGKILL or the
+    OOM killer ends a rank before it can clean up, and each such death would otherwise leave up to a checkpoint's
+    size behind. Folders of live processes (by the pid in their name) stay."""
     for folder in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
         pid = folder.name[len(STAGING_PREFIX):].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
 
 
 def _alive(pid: int) -> bool:

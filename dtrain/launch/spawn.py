@@ -7,7 +7,6 @@ step_<step> once every rank has added its files; the newest intact one is resume
 from __future__ import annotations
 
 import datetime
-import errno
 import os
 import shutil
 import signal
@@ -52,19 +51,13 @@ class LocalPublisher:
 def _move_into(src: Path, dst: Path) -> None:
     """Move the files under src into dst, folder by folder (ranks merge their files into one checkpoint at once,
     each file written by one rank), then remove src. A file is renamed, or copied where src is on another
-    filesystem."""
+    filesystem (shutil.move)."""
     dst.mkdir(parents=True, exist_ok=True)
     for entry in src.iterdir():
         if entry.is_dir():
             _move_into(entry, dst / entry.name)
-            continue
-        try:
-            os.replace(entry, dst / entry.name)
-        except OSError as err:
-            if err.errno != errno.EXDEV:
-                raise
-            shutil.copy2(entry, dst / entry.name)
-            entry.unlink()
+        else:
+            shutil.move(entry, dst / entry.name)
     src.rmdir()
 
 
