@@ -91,9 +91,13 @@ def _train(config: dict[str, Any]) -> None:
     remote = checkpoint is not None and checkpoint.filesystem.type_name != "local"
     downloaded = Path(checkpoint.to_directory()) if remote else None
     try:
-        resume_dir = _resume_dir(checkpoint, downloaded, Path(config["run_dir"]), config.get("resume", False))
+        run_dir = Path(config["run_dir"])
+        resume_dir = _resume_dir(checkpoint, downloaded, run_dir, config.get("resume", False))
+        # another run's checkpoint (init_checkpoint) takes this run's optimizer settings
+        retarget = own is None if downloaded is not None else (
+            resume_dir is not None and not resume_dir.resolve().is_relative_to(run_dir.resolve()))
         run_worker(config["job"], config["run_dir"], publish, ray.train.torch.get_device(), resume_dir, data,
-                   retarget=own is None and checkpoint is not None, callbacks=config.get("callbacks") or [])
+                   retarget=retarget, callbacks=config.get("callbacks") or [])
     finally:
         if downloaded is not None:
             shutil.rmtree(downloaded, ignore_errors=True)
@@ -164,26 +168,33 @@ def _initial_checkpoint(config: dict[str, Any]) -> Any:
 
 
 def _resume_dir(checkpoint: Any, downloaded: Path | None, run_dir: Path, resume: bool) -> Path | None:
-    """The newest intact checkpoint of the run dir, after a worker failure or with --resume; else None.
+    """The checkpoint a worker starts from: the run dir's newest intact one, else checkpoint (init_checkpoint: another
+    run's, which seeds this one), else None.
 
-    Ray hands out only the latest checkpoint its controller registered, and only if its snapshot file was written
-    before the run stopped (a Ctrl-C can come first). So the run dir itself is scanned: Ray names the folders by
-    time, each one's manifest says if it is complete, and a corrupt newest one falls back to the previous one.
-    That needs a local or shared file system; with remote storage, Ray's latest checkpoint is the only candidate.
+    The run dir is scanned rather than trusting Ray's latest checkpoint: Ray hands out only what its controller
+    registered, which needs every rank's report (a node that dies after writing its files but before reporting
+    leaves an intact checkpoint Ray never registered) and a snapshot file written before the run stopped (a Ctrl-C
+    can come first). A fresh run's dir has no checkpoints (claim_run_dir creates it), so whatever is there is this
+    run's own. Ray names the folders by time, each one's manifest says if it is complete, and a corrupt newest one
+    falls back to the previous one. That needs a local or shared file system; with remote storage, the downloaded
+    checkpoint is the only candidate.
     """
     import ray.train
 
-    from dtrain.engine.checkpoint import pick_checkpoint, run_checkpoints
+    from dtrain.engine.checkpoint import CheckpointError, pick_checkpoint, run_checkpoints
 
-    if checkpoint is None and not resume:
-        return None
+    warn = ray.train.get_context().get_world_rank() == 0
     if downloaded is not None:
-        found = [downloaded]
-    elif checkpoint is not None and Path(checkpoint.path).resolve().parent != run_dir.resolve():
-        found = [Path(checkpoint.path)]  # another run's checkpoint (init_checkpoint)
-    else:
-        found = run_checkpoints(run_dir)
-    return pick_checkpoint(found, warn=ray.train.get_context().get_world_rank() == 0)
+        return pick_checkpoint([downloaded], warn=warn)
+    try:
+        own = pick_checkpoint(run_checkpoints(run_dir), warn=warn)
+    except CheckpointError:  # restarted before any checkpoint was complete: from the start (or the init) again
+        if resume:
+            raise
+        own = None
+    if own is not None or checkpoint is None:
+        return own
+    return pick_checkpoint([Path(checkpoint.path)], warn=warn)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:

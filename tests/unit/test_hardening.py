@@ -148,3 +148,31 @@ def test_a_local_run_publishes_its_checkpoints_by_renaming_them(tmp_path, monkey
     published = sorted((run / "checkpoints").iterdir())
     assert [p.name[:5] for p in published] == ["step_", "step_"], published  # and no staging folder left
     assert all(checkpoint_problem(p) is None for p in published)
+
+
+def test_a_restarted_ray_worker_resumes_from_the_run_dirs_checkpoint_that_ray_never_registered(tmp_path, monkeypatch,
+                                                                                            one_thread):
+    """A node that dies after its ranks wrote a checkpoint but before Ray's controller registered it (that needs
+    every rank's report) leaves ray.train.get_checkpoint() empty in the restarted group. The run dir's newest intact
+    checkpoint is the run's own: the restart resumes from it, ahead of an init_checkpoint; a run dir with none
+    starts from the init_checkpoint (PBT's seed), or from scratch."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    class Rank0:
+        def get_world_rank(self) -> int:
+            return 0
+
+    monkeypatch.setattr(ray.train, "get_context", Rank0)
+    job = to_dict(load_job(JOBS / "mlp_digits.yaml", ["trainer.max_epochs=2", "trainer.num_workers=1",
+                                                     "logging.wandb.enabled=false", "logging.progress=false",
+                                                     "trainer.early_stopping.monitor=null"]))
+    run, fresh, donor = tmp_path / "run", tmp_path / "fresh", tmp_path / "donor"
+    fresh.mkdir()
+    run_worker(job, run, LocalPublisher(run), torch.device("cpu"))
+    newest = sorted((run / "checkpoints").iterdir())[-1]
+    shutil.copytree(newest, donor)
+    assert launch._resume_dir(None, None, run, resume=False) == newest
+    assert launch._resume_dir(Checkpoint(str(donor)), None, run, resume=False) == newest
+    assert launch._resume_dir(Checkpoint(str(donor)), None, fresh, resume=False) == donor
+    assert launch._resume_dir(None, None, fresh, resume=False) is None
