@@ -260,6 +260,10 @@ class TuneConfig:
     """pbt: epochs between exploit/explore steps (a multiple of checkpoint.every_n_epochs)."""
     quantile_fraction: float = 0.25
     """pbt: the bottom fraction copies the top fraction's weights and perturbed hyperparameters."""
+    synch: bool = False
+    """pbt: each trial waits at every perturbation until all live trials reach it, then the bottom fraction exploits
+    (Ray's synchronous PBT). Every interval then exploits, however unevenly the trials run; a trial that is ahead
+    idles meanwhile. false = each trial is compared with the others' latest scores when it reaches the interval."""
     trial_cpus: float = 0
     """CPUs reserved for each trial's driver function; the Ray Train controller and workers come on top."""
     time_budget_s: float | None = None

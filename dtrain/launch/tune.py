@@ -390,7 +390,7 @@ def _scheduler(cfg: TuneConfig, params: dict[str, Param], job: DictConfig) -> An
                               f"({every}; pbt needs epoch checkpoints), got {cfg.perturbation_interval}")
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=cfg.perturbation_interval,
                                        hyperparam_mutations={k: p.domain() for k, p in params.items()},
-                                       quantile_fraction=cfg.quantile_fraction)
+                                       quantile_fraction=cfg.quantile_fraction, synch=cfg.synch)
     return FIFOScheduler()
 
 
