@@ -218,7 +218,7 @@ PBT_JOB = """\
 model: {name: mlp, hidden: [16]}
 data: {name: digits, batch_size: 64}
 optim: {lr: 0.003, scheduler: none, warmup_steps: 0}
-trainer: {num_workers: 1, max_epochs: 5, log_every_n_steps: 7}
+trainer: {num_workers: 1, max_epochs: 3, log_every_n_steps: 7}
 logging: {wandb: {enabled: "false"}, progress: false}
 tune: {metric: val/acc, mode: max, scheduler: pbt, perturbation_interval: 2, quantile_fraction: 0.5, num_samples: 2,
        synch: true, seed: 3, space: {optim.lr: "loguniform(0.001, 0.03)"}}
@@ -254,7 +254,7 @@ def test_a_pbt_search_in_a_bucket_hands_over_checkpoints_resumes_and_its_best_jo
             assert secret.encode() not in data, name
     search = tmp_path / "pbt"
     exploits = [json.loads(line) for line in files["pbt_global.txt"].decode().splitlines() if line.strip()]
-    assert len(exploits) == 2, exploits  # synchronous PBT: at epochs 2 and 4, the worse of the two trials exploits
+    assert len(exploits) == 1, exploits  # synchronous PBT: at epoch 2 the worse of the two trials exploits
 
     def trial_id(name: str) -> str:  # Tune's trial name starts with its index; dtrain names trial folders by id
         return next(p.name for p in (search / "trials").iterdir() if p.name.endswith(f"_{int(name.split('_')[0]):05d}"))
