@@ -91,11 +91,8 @@ def _train(config: dict[str, Any]) -> None:
     remote = checkpoint is not None and checkpoint.filesystem.type_name != "local"
     downloaded = Path(checkpoint.to_directory()) if remote else None
     try:
-        run_dir = Path(config["run_dir"])
-        resume_dir = _resume_dir(checkpoint, downloaded, run_dir, config.get("resume", False))
-        # another run's checkpoint (init_checkpoint) takes this run's optimizer settings
-        retarget = own is None if downloaded is not None else (
-            resume_dir is not None and not resume_dir.resolve().is_relative_to(run_dir.resolve()))
+        resume_dir, retarget = _resume_dir(checkpoint, downloaded, Path(config["run_dir"]),
+                                           config.get("resume", False), seeded=own is None)
         run_worker(config["job"], config["run_dir"], publish, ray.train.torch.get_device(), resume_dir, data,
                    retarget=retarget, callbacks=config.get("callbacks") or [])
     finally:
@@ -167,9 +164,11 @@ def _initial_checkpoint(config: dict[str, Any]) -> Any:
     return Checkpoint(config["init_checkpoint"]) if config.get("init_checkpoint") else None
 
 
-def _resume_dir(checkpoint: Any, downloaded: Path | None, run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint a worker starts from: the run dir's newest intact one, else checkpoint (init_checkpoint: another
-    run's, which seeds this one), else None.
+def _resume_dir(checkpoint: Any, downloaded: Path | None, run_dir: Path, resume: bool, seeded: bool
+                ) -> tuple[Path | None, bool]:
+    """(The checkpoint a worker starts from, whether it seeds this run from another run's): the run dir's newest
+    intact checkpoint; else `checkpoint`, which is init_checkpoint when `seeded` (Ray has none of this run's), whose
+    optimizer then takes this run's settings (retargeted); else None.
 
     The run dir is scanned rather than trusting Ray's latest checkpoint: Ray hands out only what its controller
     registered, which needs every rank's report (a node that dies after writing its files but before reporting
@@ -185,7 +184,7 @@ def _resume_dir(checkpoint: Any, downloaded: Path | None, run_dir: Path, resume:
 
     warn = ray.train.get_context().get_world_rank() == 0
     if downloaded is not None:
-        return pick_checkpoint([downloaded], warn=warn)
+        return pick_checkpoint([downloaded], warn=warn), seeded
     try:
         own = pick_checkpoint(run_checkpoints(run_dir), warn=warn)
     except CheckpointError:  # restarted before any checkpoint was complete: from the start (or the init) again
@@ -193,8 +192,8 @@ def _resume_dir(checkpoint: Any, downloaded: Path | None, run_dir: Path, resume:
             raise
         own = None
     if own is not None or checkpoint is None:
-        return own
-    return pick_checkpoint([Path(checkpoint.path)], warn=warn)
+        return own, False
+    return pick_checkpoint([Path(checkpoint.path)], warn=warn), seeded
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:

@@ -172,7 +172,8 @@ def test_a_restarted_ray_worker_resumes_from_the_run_dirs_checkpoint_that_ray_ne
     run_worker(job, run, LocalPublisher(run), torch.device("cpu"))
     newest = sorted((run / "checkpoints").iterdir())[-1]
     shutil.copytree(newest, donor)
-    assert launch._resume_dir(None, None, run, resume=False) == newest
-    assert launch._resume_dir(Checkpoint(str(donor)), None, run, resume=False) == newest
-    assert launch._resume_dir(Checkpoint(str(donor)), None, fresh, resume=False) == donor
-    assert launch._resume_dir(None, None, fresh, resume=False) is None
+    seed = Checkpoint(str(donor))  # (the start, whether another run's: its optimizer takes this run's settings)
+    assert launch._resume_dir(None, None, run, resume=False, seeded=True) == (newest, False)
+    assert launch._resume_dir(seed, None, run, resume=False, seeded=True) == (newest, False)
+    assert launch._resume_dir(seed, None, fresh, resume=False, seeded=True) == (donor, True)
+    assert launch._resume_dir(None, None, fresh, resume=False, seeded=True) == (None, False)
