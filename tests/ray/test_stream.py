@@ -12,6 +12,7 @@ import math
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray.data
@@ -121,3 +122,18 @@ def test_ray_data_tasks_that_ask_for_no_cpu_run_at_most_one_per_cpu(ray_session)
     assert len(spans) == 16
     running = max(sum(start <= t < end for start, end in spans) for t, _ in spans)
     assert running <= 2, sorted(spans)
+
+
+def test_a_read_is_cut_into_few_large_blocks_not_ray_datas_200(ray_session, tmp_path):
+    """Each block is a Ray Data task and a round of its scheduling, CPU the training workers lose where they hold
+    every core: dtrain's reads are cut into blocks of at least MIN_BLOCK_BYTES (Ray Data's own floor is 1 MiB, which
+    cuts a 50 MiB file into 50 blocks). Ray still makes at least 2 blocks per CPU."""
+    from dtrain.launch.stream import MIN_BLOCK_BYTES, set_data_context
+
+    rows = 200_000  # 64 float32 features: about 50 MiB in memory
+    x = np.random.default_rng(0).standard_normal((rows, 64), dtype=np.float32)
+    pq.write_table(pa.table({f"f{i}": x[:, i] for i in range(64)}), tmp_path / "part.parquet")
+    set_data_context()
+    blocks = ray.data.read_parquet(str(tmp_path)).materialize().num_blocks()
+    cpus = int(ray.cluster_resources()["CPU"])
+    assert blocks <= max(2 * cpus, math.ceil(x.nbytes / MIN_BLOCK_BYTES)), blocks
