@@ -66,6 +66,7 @@ def _train(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from dtrain.engine.saving import staging_prefix
     from dtrain.launch.worker import run_worker
 
     def publish(metrics: dict[str, Any], folder: Path | None) -> None:
@@ -86,18 +87,11 @@ def _train(config: dict[str, Any]) -> None:
     if config.get("store") is not None:
         _train_with_store(config, publish, data)
         return
-    checkpoint = own or _initial_checkpoint(config)
-    # Local storage is read in place (the loop only reads it); remote storage is downloaded first.
-    remote = checkpoint is not None and checkpoint.filesystem.type_name != "local"
-    downloaded = Path(checkpoint.to_directory()) if remote else None
-    try:
-        resume_dir, retarget = _resume_dir(checkpoint, downloaded, Path(config["run_dir"]),
-                                           config.get("resume", False), seeded=own is None)
+    with tempfile.TemporaryDirectory(prefix=staging_prefix()) as tmp:  # for a checkpoint in remote storage
+        resume_dir, retarget = _resume_dir(own or _initial_checkpoint(config), Path(config["run_dir"]),
+                                           config.get("resume", False), seeded=own is None, tmp=Path(tmp))
         run_worker(config["job"], config["run_dir"], publish, ray.train.torch.get_device(), resume_dir, data,
                    retarget=retarget, callbacks=config.get("callbacks") or [])
-    finally:
-        if downloaded is not None:
-            shutil.rmtree(downloaded, ignore_errors=True)
 
 
 def _train_with_store(config: dict[str, Any], publish: Any, data: DataBundle | None) -> None:
@@ -164,27 +158,24 @@ def _initial_checkpoint(config: dict[str, Any]) -> Any:
     return Checkpoint(config["init_checkpoint"]) if config.get("init_checkpoint") else None
 
 
-def _resume_dir(checkpoint: Any, downloaded: Path | None, run_dir: Path, resume: bool, seeded: bool
-                ) -> tuple[Path | None, bool]:
+def _resume_dir(checkpoint: Any, run_dir: Path, resume: bool, seeded: bool, tmp: Path) -> tuple[Path | None, bool]:
     """(The checkpoint a worker starts from, whether it seeds this run from another run's): the run dir's newest
     intact checkpoint; else `checkpoint`, which is init_checkpoint when `seeded` (Ray has none of this run's), whose
-    optimizer then takes this run's settings (retargeted); else None.
+    optimizer then takes this run's settings (retargeted); else None. A checkpoint in remote storage is downloaded
+    into tmp; a local one is read in place (the loop only reads it).
 
     The run dir is scanned rather than trusting Ray's latest checkpoint: Ray hands out only what its controller
     registered, which needs every rank's report (a node that dies after writing its files but before reporting
     leaves an intact checkpoint Ray never registered) and a snapshot file written before the run stopped (a Ctrl-C
     can come first). A fresh run's dir has no checkpoints (claim_run_dir creates it), so whatever is there is this
     run's own. Ray names the folders by time, each one's manifest says if it is complete, and a corrupt newest one
-    falls back to the previous one. That needs a local or shared file system; with remote storage, the downloaded
-    checkpoint is the only candidate.
+    falls back to the previous one.
     """
     import ray.train
 
     from dtrain.engine.checkpoint import CheckpointError, pick_checkpoint, run_checkpoints
 
     warn = ray.train.get_context().get_world_rank() == 0
-    if downloaded is not None:
-        return pick_checkpoint([downloaded], warn=warn), seeded
     try:
         own = pick_checkpoint(run_checkpoints(run_dir), warn=warn)
     except CheckpointError:  # restarted before any checkpoint was complete: from the start (or the init) again
@@ -193,7 +184,9 @@ def _resume_dir(checkpoint: Any, downloaded: Path | None, run_dir: Path, resume:
         own = None
     if own is not None or checkpoint is None:
         return own, False
-    return pick_checkpoint([Path(checkpoint.path)], warn=warn), seeded
+    local = checkpoint.filesystem.type_name == "local"
+    folder = Path(checkpoint.path) if local else Path(checkpoint.to_directory(str(tmp / "checkpoint")))
+    return pick_checkpoint([folder], warn=warn), seeded
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:

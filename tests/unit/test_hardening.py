@@ -173,7 +173,7 @@ def test_a_restarted_ray_worker_resumes_from_the_run_dirs_checkpoint_that_ray_ne
     newest = sorted((run / "checkpoints").iterdir())[-1]
     shutil.copytree(newest, donor)
     seed = Checkpoint(str(donor))  # (the start, whether another run's: its optimizer takes this run's settings)
-    assert launch._resume_dir(None, None, run, resume=False, seeded=True) == (newest, False)
-    assert launch._resume_dir(seed, None, run, resume=False, seeded=True) == (newest, False)
-    assert launch._resume_dir(seed, None, fresh, resume=False, seeded=True) == (donor, True)
-    assert launch._resume_dir(None, None, fresh, resume=False, seeded=True) == (None, False)
+    assert launch._resume_dir(None, run, resume=False, seeded=True, tmp=tmp_path) == (newest, False)
+    assert launch._resume_dir(seed, run, resume=False, seeded=True, tmp=tmp_path) == (newest, False)
+    assert launch._resume_dir(seed, fresh, resume=False, seeded=True, tmp=tmp_path) == (donor, True)
+    assert launch._resume_dir(None, fresh, resume=False, seeded=True, tmp=tmp_path) == (None, False)
