@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -305,7 +306,9 @@ def run_search(job: DictConfig, *, address: str | None = None,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=_keep(cfg))),
         )
     try:
-        with tune_interruption() as stopped:
+        with tune_interruption() as stopped, warnings.catch_warnings():
+            # Tune's advice for every PBT search; dtrain's trials are functions, whose actors Tune cannot reuse
+            warnings.filterwarnings("ignore", message="Consider boosting PBT performance", category=UserWarning)
             grid = tuner.fit()
     finally:
         end_search_run(base, parent, failed=sys.exc_info()[0] is not None)

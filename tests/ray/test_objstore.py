@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+import warnings
 
 import pytest
 import torch
@@ -239,7 +240,10 @@ def test_a_pbt_search_in_a_bucket_hands_over_checkpoints_resumes_and_its_best_jo
     prefix = f"dtrain-test/{uuid.uuid4().hex[:8]}/runs"
     job = tmp_path / "pbt.yaml"
     job.write_text(PBT_JOB)
-    assert main(["tune", str(job), f"runs_dir=s3://{prefix}", "name=pbt"]) == 0, capsys.readouterr().err[-3000:]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["tune", str(job), f"runs_dir=s3://{prefix}", "name=pbt"]) == 0, capsys.readouterr().err[-3000:]
+    assert not [str(w.message) for w in caught if "PBT" in str(w.message)]  # no advice dtrain cannot take
     out = capsys.readouterr().out
     assert f"[dtrain] results: s3://{prefix}/pbt/results.csv" in out, out[-2000:]
     files = download(s3, f"{prefix}/pbt", tmp_path / "pbt")
