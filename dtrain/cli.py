@@ -99,16 +99,18 @@ def _located_at(job, folder: Path) -> None:
     job.runs_dir, job.name = str(folder.parent), folder.name
 
 
-def _check_buildable(job, address: str | None = None):
+def _check_buildable(job, address: str | None = None, tune_metric: str | None = None):
     """Load the data and build the model once on the driver, so bad input fails fast and clearly, before Ray.
     The model is built on the meta device (nothing is allocated), which also tells whether it fits this machine
-    when Ray runs here. Returns the loaded data (`dtrain train` hands it to the workers)."""
+    when Ray runs here, and steps once, which tells the metrics the run logs (early stopping's monitor and
+    dtrain tune's metric must be among them). Returns the loaded data (`dtrain train` hands it to the workers)."""
     import torch
 
     from dtrain.config import to_objects
     from dtrain.data import load_data
     from dtrain.data.stream_source import streams
-    from dtrain.models import build_model, check_step, runs_user_code
+    from dtrain.engine.loop import check_watched, epoch_metrics
+    from dtrain.models import build_model, step_metrics
 
     obj = to_objects(job)
     streamed = streams(obj.data)
@@ -133,8 +135,11 @@ def _check_buildable(job, address: str | None = None):
         from dtrain.launch.train import check_model_fits
 
         check_model_fits(sum(p.numel() for p in model.parameters()), job)
-    if runs_user_code(obj.model.name) and not streamed:  # one real step on two samples proves
-        check_step(build_model(obj.model, data.meta), tuple(t[:2] for t in data.train))  # the user's code works
+    if not streamed:  # the metrics a run logs, from one step on two samples (which proves the user's code works)
+        logged = epoch_metrics(step_metrics(obj.model, data.meta, tuple(t[:2] for t in data.train)),
+                               validated=len(data.val[0]) > 0)
+        check_watched("trainer.early_stopping.monitor", obj.trainer.early_stopping.monitor, logged)
+        check_watched("tune.metric", tune_metric, logged)
     return data
 
 
@@ -199,13 +204,16 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from dtrain.config import to_dict
+    from dtrain.launch.search_space import read_tune_section
     from dtrain.launch.tune import BEST_FILE, JOB_FILE, RESULTS_FILE, print_table, run_search
 
     if args.resume:
         job = _load_run(args.job, JOB_FILE, args.overrides)
     else:
         job = _load(args.job, args.overrides)
-    _check_buildable(job, args.address)
+    tune_cfg, _ = read_tune_section(to_dict(job).get("tune"))
+    _check_buildable(job, args.address, tune_cfg.metric)
     check_trackers(job)
     rows, tune_cfg = run_search(job, address=args.address, resume=args.resume)
     search_dir = join(job.runs_dir if is_uri(job.runs_dir) else Path(job.runs_dir).resolve(), job.name)

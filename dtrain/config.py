@@ -95,6 +95,7 @@ class TrainerBase:
         worker_bounds(self.num_workers)  # checks the value
         check(str(self.use_gpu).lower() in ("auto", "true", "false"), "trainer.use_gpu", "auto, true or false",
               self.use_gpu)
+        check(self.cpus_per_worker > 0, "trainer.cpus_per_worker", "a number > 0", self.cpus_per_worker)
         check(self.precision in PRECISIONS, "trainer.precision", "one of " + ", ".join(PRECISIONS), self.precision)
         check(self.max_epochs >= 1, "trainer.max_epochs", "an integer >= 1", self.max_epochs)
         check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps", "an integer >= 1", self.max_steps)
@@ -103,6 +104,8 @@ class TrainerBase:
               self.grad_clip)
         check(self.grad_clip_mode in ("norm", "value"), "trainer.grad_clip_mode", "norm or value", self.grad_clip_mode)
         check(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", "an integer >= 1", self.log_every_n_steps)
+        check(self.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps", "an integer >= 1",
+              self.max_nonfinite_steps)
         check(self.max_failures >= 0, "trainer.max_failures", "an integer >= 0", self.max_failures)
         check(self.collective_timeout_s >= 1, "trainer.collective_timeout_s", "a number of seconds >= 1",
               self.collective_timeout_s)

@@ -8,7 +8,7 @@ launcher).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,8 @@ same step on every rank; the folder then belongs to the publisher (it removes it
 @dataclass
 class EarlyStoppingConfig:
     monitor: str | None = None
-    """Validation metric to watch, e.g. val/loss or val/acc; null disables early stopping."""
+    """Metric to watch, e.g. val/loss or val/acc: one the run logs (train/<m> and val/<m> for each metric m of the
+    model's step); null disables early stopping."""
     mode: str = "min"
     """min or max: which direction is better."""
     patience: int = 5
@@ -47,6 +48,7 @@ class EarlyStoppingConfig:
     def __post_init__(self) -> None:
         check(self.mode in ("min", "max"), "trainer.early_stopping.mode", "min or max", self.mode)
         check(self.patience >= 1, "trainer.early_stopping.patience", "an integer >= 1", self.patience)
+        check(self.min_delta >= 0, "trainer.early_stopping.min_delta", "a number >= 0", self.min_delta)
 
 
 @dataclass
@@ -151,7 +153,7 @@ def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopCon
             val_metrics = evaluate(wrapped, loaders.val, strategy, "val")
             state.epoch, state.epoch_samples, state.epochs_done = state.epoch + 1, 0, state.epochs_done + 1
             metrics = {"stage": stage.name, "epoch": state.epoch, "step": state.step, **train_metrics, **val_metrics}
-            improved = _early_stopping(cfg.early_stopping, state, metrics)
+            improved = _early_stopping(cfg.early_stopping, state, metrics, final=state.stage == len(stages) - 1)
             if improved and cfg.early_stopping.monitor is not None and state.stage == len(stages) - 1:
                 best_weights = {k: v.clone() for k, v in strategy.full_state_dict().items()}
             ctx.log({"event": "epoch", **metrics})
@@ -262,9 +264,27 @@ def evaluate(wrapped: nn.Module, loader: EvalLoader, strategy: Strategy, prefix:
     return sums.reduce(prefix)
 
 
-def _early_stopping(es: EarlyStoppingConfig, state: TrainState, metrics: dict[str, Any]) -> bool:
-    """Track the best epoch (and stop after patience epochs without improvement); True if this epoch is the best."""
+def epoch_metrics(step_metrics: Iterable[str], validated: bool) -> list[str]:
+    """The metrics each epoch's record carries (what early stopping and dtrain tune can watch) for a model whose
+    training step reports step_metrics: their means over the epoch's training (train/<name>) and over the validation
+    split (val/<name>), if there is one."""
+    return [f"{split}/{name}" for split in (("train", "val") if validated else ("train",)) for name in step_metrics]
+
+
+def check_watched(key: str, metric: str | None, logged: list[str]) -> None:
+    """A metric that setting `key` watches (early stopping's monitor, dtrain tune's metric) must be one the run
+    logs: a name that matches none would otherwise never stop or rank anything, silently."""
+    if metric is not None and metric not in logged:
+        raise ConfigError(f"{key}: expected a metric this run logs ({', '.join(logged)}), got {metric!r}")
+
+
+def _early_stopping(es: EarlyStoppingConfig, state: TrainState, metrics: dict[str, Any], final: bool) -> bool:
+    """Track the best epoch (and stop after patience epochs without improvement); True if this epoch is the best.
+    final: the last stage, whose epochs must log the monitored metric (a pre-training stage may log others)."""
     state.history["last"] = metrics
+    if final:  # the driver checks this before the workers start, where it can read the data (not when streamed)
+        check_watched("trainer.early_stopping.monitor", es.monitor,
+                      [k for k in metrics if k.startswith(("val/", "train/"))])
     key = es.monitor or next((k for k in ("val/loss", "train/loss") if k in metrics), None)
     if key is None or key not in metrics:
         return False

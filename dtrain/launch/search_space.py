@@ -239,7 +239,8 @@ class TuneConfig:
     space: dict[str, Any] = field(default_factory=dict)
     """Searched config keys -> expressions, e.g. {optim.lr: loguniform(1e-4, 1e-1)} (see this module's doc)."""
     metric: str = "val/loss"
-    """Epoch metric to optimise, as the workers report it (val/loss, val/acc, train/loss, ...)."""
+    """Epoch metric to optimise, as the workers report it (val/loss, val/acc, train/loss, ...): one that every
+    candidate of the space logs, checked before any trial starts."""
     mode: str = "min"
     """min or max."""
     num_samples: int | None = None
@@ -344,16 +345,19 @@ def _check_combination(cfg: TuneConfig, params: dict[str, Param]) -> None:
                           f"got {cfg.search_alg!r}")
 
 
-def check_against_job(job: dict, params: dict[str, Param]) -> list[dict]:
+def check_against_job(job: dict, params: dict[str, Param], metric: str | None = None) -> list[dict]:
     """Set every candidate value of every key in the job and validate it (schema, then a model build), so an
-    unknown key or a bad option fails here, naming tune.space.<key>, before any trial starts; returns the jobs."""
+    unknown key or a bad option fails here, naming tune.space.<key>, before any trial starts; returns the jobs.
+    metric: the search's tune.metric, which every candidate must log (an architecture may log other metrics)."""
+    import torch
     from omegaconf import OmegaConf
 
     from dtrain.config import build_job, to_dict, to_objects
     from dtrain.data import load_data
     from dtrain.data.stream_source import describe
+    from dtrain.engine.loop import check_watched, epoch_metrics
     from dtrain.errors import DtrainError
-    from dtrain.models import build_model, check_step, runs_user_code
+    from dtrain.models import build_model, step_metrics
 
     loaded: dict[str, Any] = {}
     built = []
@@ -368,9 +372,14 @@ def check_against_job(job: dict, params: dict[str, Param]) -> list[dict]:
                 if data_key not in loaded:  # data sets load once, unless a data.* key is searched
                     loaded[data_key] = describe(obj.data) if streamed else load_data(obj.data)
                 data = loaded[data_key]
-                model = build_model(obj.model, data.meta)
-                if runs_user_code(obj.model.name) and not streamed:
-                    check_step(model, tuple(t[:2] for t in data.train))
+                if streamed:
+                    with torch.device("meta"):
+                        build_model(obj.model, data.meta)
+                else:
+                    logged = epoch_metrics(step_metrics(obj.model, data.meta, tuple(t[:2] for t in data.train)),
+                                           validated=len(data.val[0]) > 0)
+                    check_watched("trainer.early_stopping.monitor", obj.trainer.early_stopping.monitor, logged)
+                    check_watched("tune.metric", metric, logged)
             except DtrainError as err:
                 msg = str(err).removeprefix("job: ")
                 raise ConfigError(f"tune.space.{key}: {value!r} does not fit the job: {msg}") from None

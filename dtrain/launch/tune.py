@@ -243,7 +243,7 @@ def prepare(job: DictConfig) -> tuple[TuneConfig, dict[str, Param], dict, list[d
     base = to_dict(job)
     cfg, params = read_tune_section(base.get("tune"))
     _absolute_data_path(base)
-    return cfg, params, base, check_against_job(base, params)
+    return cfg, params, base, check_against_job(base, params, cfg.metric)
 
 
 def _absolute_data_path(base: dict) -> None:

@@ -78,12 +78,12 @@ def build_model(cfg: Any, meta: DataMeta) -> CatalogModel:
         raise ConfigError(f"model.name: building {cfg.name} failed: {type(err).__name__}: {first_line(err)}") from None
 
 
-def check_step(model: CatalogModel, batch: tuple[Tensor, ...], key: str = "model.name") -> None:
+def check_step(model: CatalogModel, batch: tuple[Tensor, ...], key: str = "model.name") -> list[str]:
     """Run one forward on a tiny batch and check it keeps the contract (returns StepOutput with a scalar loss), so
-    a model that breaks it fails on the driver in one line instead of in every worker."""
+    a model that breaks it fails on the driver in one line instead of in every worker. Returns the names of the
+    metrics the step reports."""
     if isinstance(model, ModuleAdapter):
-        model.probe(batch)
-        return
+        return model.probe(batch)
     try:
         with torch.no_grad():
             out = model(batch)
@@ -99,7 +99,18 @@ def check_step(model: CatalogModel, batch: tuple[Tensor, ...], key: str = "model
     if not (isinstance(out.loss, Tensor) and out.loss.numel() == 1):
         shape = tuple(out.loss.shape) if isinstance(out.loss, Tensor) else type(out.loss).__name__
         raise ConfigError(f"{key}: forward(batch).loss must be a scalar tensor, got {shape}")
+    return list(out.metrics)
+
+
+def step_metrics(cfg: Any, meta: DataMeta, batch: tuple[Tensor, ...]) -> list[str]:
+    """The names of the metrics model cfg's training step reports on data like batch (a few samples): the user's
+    code runs one real step (check_step, which also proves it keeps the contract); dtrain's catalog models step on
+    the meta device, where nothing is allocated or computed."""
+    if runs_user_code(cfg.name):
+        return check_step(build_model(cfg, meta), batch)
+    with torch.device("meta"):
+        return check_step(build_model(cfg, meta), tuple(torch.as_tensor(t, device="meta") for t in batch))
 
 
 __all__ = ["MODELS", "CatalogModel", "DataMeta", "Stage", "StepOutput", "build_model", "check_step", "lookup_model",
-           "model_config_class", "runs_user_code"]
+           "model_config_class", "runs_user_code", "step_metrics"]

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from dtrain.errors import ConfigError
 from dtrain.models.base import CatalogModel, DataMeta, Stage, StepOutput, flat_dim
 from dtrain.models.layers import activation, check_dropout, init_module
-from dtrain.models.rbm import RBMLayer, freeze_all_but, pretraining_stages, rbm_input
+from dtrain.models.rbm import RBMLayer, check_stages, freeze_all_but, pretraining_stages, rbm_input
 
 
 def _stack(widths: list[int], hidden_act: str, last_act: str, dropout: float) -> nn.Sequential:
@@ -109,6 +109,7 @@ class DeepAutoencoderConfig:
     def __post_init__(self) -> None:
         if not self.layers or any(w < 1 for w in self.layers):
             raise ConfigError(f"model.layers: expected a non-empty list of integers >= 1, got {self.layers!r}")
+        check_stages(self)
         check_dropout(self.dropout)
         if self.pretrain:
             if self.activation != "sigmoid" and len(self.layers) > 1:

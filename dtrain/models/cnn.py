@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from dtrain.errors import ConfigError
 from dtrain.models.base import CatalogModel, DataMeta, StepOutput, supervised_step
-from dtrain.models.layers import LayerConfig, activation_of, init_module
+from dtrain.models.layers import LayerConfig, activation_of, check_widths, init_module
 
 
 @dataclass
@@ -34,6 +34,7 @@ class CNNConfig(LayerConfig):
                               f"and {self.pool_size}")
         if not self.channels or min(self.channels) < 1:
             raise ConfigError(f"model.channels: expected a non-empty list of integers >= 1, got {self.channels!r}")
+        check_widths(self.hidden)
 
 
 class CNN(CatalogModel):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from dtrain.errors import ConfigError
 from dtrain.models.base import CatalogModel, DataMeta, Stage, StepOutput, flat_dim, supervised_step
 from dtrain.models.layers import check_dropout
-from dtrain.models.rbm import UNITS, RBMLayer, freeze_all_but, pretraining_stages, rbm_input
+from dtrain.models.rbm import UNITS, RBMLayer, check_stages, freeze_all_but, pretraining_stages, rbm_input
 
 
 @dataclass
@@ -42,8 +42,7 @@ class DBNConfig:
             raise ConfigError(f"model.hidden: expected a non-empty list of integers >= 1, got {self.hidden!r}")
         if self.visible not in UNITS:
             raise ConfigError(f"model.visible: expected one of {', '.join(UNITS)}, got {self.visible!r}")
-        if self.cd_k < 1:
-            raise ConfigError(f"model.cd_k: expected an integer >= 1, got {self.cd_k!r}")
+        check_stages(self)
         check_dropout(self.dropout)
 
 

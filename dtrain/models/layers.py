@@ -148,6 +148,11 @@ def check_dropout(p: float) -> None:
     check(0 <= p < 1, "model.dropout", "a number in [0, 1)", p)
 
 
+def check_widths(widths: list[int], key: str = "model.hidden") -> None:
+    """Layer widths: a list of integers >= 1 (empty: no such layers)."""
+    check(all(w >= 1 for w in widths), key, "a list of integers >= 1", list(widths))
+
+
 def activation_of(cfg: LayerConfig) -> nn.Module:
     """The activation a layer config names."""
     return activation(cfg.activation, slope=cfg.leaky_slope, beta=cfg.swish_beta, learnable_beta=cfg.learnable_beta)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from dtrain.errors import ConfigError
 from dtrain.models.base import CatalogModel, DataMeta, StepOutput, flat_dim, supervised_step
-from dtrain.models.layers import LayerConfig, activation_of, init_module
+from dtrain.models.layers import LayerConfig, activation_of, check_widths, init_module
 
 
 @dataclass
@@ -52,6 +52,10 @@ class MLPConfig(LayerConfig):
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [128])
     """Width of each hidden layer."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_widths(self.hidden)
 
 
 class MLP(CatalogModel):

@@ -117,8 +117,9 @@ class ModuleAdapter(CatalogModel):
         metrics.update({name: fn(out.detach(), target).detach() for name, fn in self.metric_fns.items()})
         return StepOutput(loss, metrics)
 
-    def probe(self, batch: tuple[Tensor, ...]) -> None:
-        """One step on a tiny batch, each part's failure named by its key (model.target, model.loss, metrics)."""
+    def probe(self, batch: tuple[Tensor, ...]) -> list[str]:
+        """One step on a tiny batch, each part's failure named by its key (model.target, model.loss, metrics);
+        returns the names of the metrics a step reports."""
         with torch.no_grad():
             out = _named_call("model.target", f"forward on a batch of {len(batch[0])} samples", self.net, batch[0])
             loss = _named_call("model.loss", "on the network's output", self.loss_fn, out, batch[-1])
@@ -127,6 +128,7 @@ class ModuleAdapter(CatalogModel):
         if not (isinstance(loss, Tensor) and loss.numel() == 1):
             got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ConfigError(f"model.loss: expected a scalar tensor, got {got}")
+        return ["loss", *self.metric_fns]
 
 
 def _named_call(key: str, what: str, fn: Callable[..., Any], *args: Any) -> Any:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dtrain.errors import ConfigError
+from dtrain.errors import ConfigError, check
 from dtrain.models.base import CatalogModel, DataMeta, Stage, StepOutput, flat_dim
 from dtrain.models.layers import init_weight
 
@@ -144,6 +144,18 @@ def freeze_all_but(model: nn.Module, trainable: list[nn.Module]) -> None:
     for module in trainable:
         for p in module.parameters():
             p.requires_grad_(True)
+
+
+def check_stages(cfg: object) -> None:
+    """The fields pretraining_stages reads (DBN and deep autoencoder): epochs >= 1 and learning rates > 0, or null
+    for trainer.max_epochs and optim.lr; cd_k >= 1."""
+    check(cfg.cd_k >= 1, "model.cd_k", "an integer >= 1", cfg.cd_k)
+    for key in ("pretrain_epochs", "finetune_epochs"):
+        value = getattr(cfg, key)
+        check(value is None or value >= 1, f"model.{key}", "an integer >= 1 or null (trainer.max_epochs)", value)
+    for key in ("pretrain_lr", "finetune_lr"):
+        value = getattr(cfg, key)
+        check(value is None or value > 0, f"model.{key}", "a number > 0 or null (optim.lr)", value)
 
 
 def pretraining_stages(cfg: object, n_rbms: int) -> list[Stage]:

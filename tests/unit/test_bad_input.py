@@ -122,7 +122,7 @@ CASES = [
     ("run-dir-exists", "train JOB name=taken", "run directory"),
     # hardening (issue 17): values that used to slip through
     ("infinite-lr", "config JOB optim.lr=1e400", "optim.lr: expected a finite number, got inf"),
-    ("nan-momentum", "config JOB optim.momentum=nan", "optim.momentum: expected a finite number, got nan"),
+    ("nan-swish-beta", "config JOB model.swish_beta=nan", "model.swish_beta: expected a finite number, got nan"),
     ("absolute-run-name", "config JOB name=/tmp/elsewhere", "name: expected a plain run name"),
     ("run-name-escapes", "train JOB name=../escape", "name: expected a plain run name"),
     ("env-interpolation", "config JOB name=${oc.env:HOME}", "name: '${oc.env:HOME}' reads an environment variable"),
@@ -176,6 +176,37 @@ CASES = [
     ("budget-not-positive", "tune {tune} tune.budget.gpu_hours=0",
      "tune.budget.gpu_hours: expected a finite number > 0 or null"),
     ("budget-unknown-key", "tune {tune} tune.budget.hours=3", "tune: unknown key 'budget.hours'"),
+    # values that trained, or failed with a traceback, before they were checked
+    ("zero-width-layer", "config JOB model.hidden=[64,0]",
+     "model.hidden: expected a list of integers >= 1, got [64, 0]"),
+    ("negative-width-layer", "config {jobs}/cnn_digits.yaml model.hidden=[-3]",
+     "model.hidden: expected a list of integers >= 1, got [-3]"),
+    ("zero-pretrain-epochs", "config {jobs}/dbn_digits.yaml model.pretrain_epochs=0",
+     "model.pretrain_epochs: expected an integer >= 1 or null (trainer.max_epochs), got 0"),
+    ("negative-finetune-lr", "config {jobs}/deep_autoencoder_digits.yaml model.finetune_lr=-0.1",
+     "model.finetune_lr: expected a number > 0 or null (optim.lr), got -0.1"),
+    ("zero-cd-k", "config {jobs}/deep_autoencoder_digits.yaml model.cd_k=0", "model.cd_k: expected an integer >= 1"),
+    ("zero-cpus-per-worker", "config JOB trainer.cpus_per_worker=0", "trainer.cpus_per_worker: expected a number > 0"),
+    ("zero-nonfinite-steps", "config JOB trainer.max_nonfinite_steps=0",
+     "trainer.max_nonfinite_steps: expected an integer >= 1, got 0"),
+    ("negative-min-delta", "config JOB trainer.early_stopping.min_delta=-1",
+     "trainer.early_stopping.min_delta: expected a number >= 0"),
+    ("momentum-out-of-range", "config JOB optim.momentum=1.5", "optim.momentum: expected a number in [0, 1), got 1.5"),
+    ("zero-step-size", "config JOB optim.step_size=0", "optim.step_size: expected an integer >= 1, got 0"),
+    ("monitor-not-logged", "train JOB trainer.early_stopping.monitor=val/accuracy",
+     "trainer.early_stopping.monitor: expected a metric this run logs (train/loss, train/acc, val/loss, val/acc), "
+     "got 'val/accuracy'"),
+    ("monitor-without-validation", "train JOB data.val_fraction=0",
+     "trainer.early_stopping.monitor: expected a metric this run logs (train/loss, train/acc), got 'val/acc'"),
+    ("monitor-of-another-model", "train {jobs}/autoencoder_digits.yaml trainer.early_stopping.monitor=val/acc",
+     "expected a metric this run logs (train/loss, train/mse, train/sq_error, val/loss, val/mse, val/sq_error)"),
+    ("monitor-of-user-module", "train {mod} trainer.early_stopping.monitor=val/mae",
+     "trainer.early_stopping.monitor: expected a metric this run logs (train/loss, train/acc, val/loss, val/acc)"),
+    ("tune-metric-not-logged", "tune {jobs}/tune_mlp_digits.yaml tune.metric=val/accuracy",
+     "tune.metric: expected a metric this run logs (train/loss, train/acc, val/loss, val/acc), got 'val/accuracy'"),
+    ("tune-metric-of-one-candidate", "tune {tune} tune.space.model.metrics=choice([[acc],[]])",
+     "tune.space.model.metrics: [] does not fit the job: tune.metric: expected a metric this run logs "
+     "(train/loss, val/loss), got 'val/acc'"),
     ("preflight-bad-memory-limit", "preflight JOB --memory-limit lots",
      "--memory-limit: expected a size such as 2GiB or 800MB, got 'lots'"),
 ]
@@ -198,7 +229,8 @@ def scratch(tmp_path_factory):
 
 def _argv(case, d: Path) -> list[str]:
     name, cmd, _ = case
-    jobs = {"{d}": str(d), "JOB": JOB, "{mod}": MODULE_JOB, "{res}": RESNET_JOB, "{tune}": TUNE_JOB}
+    jobs = {"{d}": str(d), "{jobs}": str(JOBS), "JOB": JOB, "{mod}": MODULE_JOB, "{res}": RESNET_JOB,
+            "{tune}": TUNE_JOB}
     argv = cmd.split()
     for placeholder, value in jobs.items():
         argv = [a.replace(placeholder, value) for a in argv]

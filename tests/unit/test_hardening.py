@@ -177,3 +177,20 @@ def test_a_restarted_ray_worker_resumes_from_the_run_dirs_checkpoint_that_ray_ne
     assert launch._resume_dir(seed, run, resume=False, seeded=True, tmp=tmp_path) == (newest, False)
     assert launch._resume_dir(seed, fresh, resume=False, seeded=True, tmp=tmp_path) == (donor, True)
     assert launch._resume_dir(None, fresh, resume=False, seeded=True, tmp=tmp_path) == (None, False)
+
+
+def test_a_monitor_the_run_does_not_log_stops_the_workers_at_the_first_epoch(tmp_path, one_thread):
+    """Where the driver cannot step the model first (streamed data), the loop itself refuses a monitor that names no
+    logged metric, at the first epoch end of the final stage and before that epoch's checkpoint; pre-training
+    stages, which log other metrics, train on (a DBN monitors its fine-tuning's val/acc)."""
+    common = ["trainer.num_workers=1", "logging.progress=false", "logging.wandb.enabled=false", f"runs_dir={tmp_path}"]
+    job = load_job(JOBS / "mlp_digits.yaml", [*common, "name=typo", "trainer.early_stopping.monitor=val/accuracy"])
+    with pytest.raises(ConfigError, match=r"trainer.early_stopping.monitor: expected a metric this run logs "
+                                          r"\(train/loss, train/acc, val/loss, val/acc\), got 'val/accuracy'"):
+        run_worker(to_dict(job), tmp_path / "typo", LocalPublisher(tmp_path / "typo"), torch.device("cpu"))
+    assert not (tmp_path / "typo" / "checkpoints").exists()
+    job = load_job(JOBS / "dbn_digits.yaml", [*common, "name=dbn", "trainer.early_stopping.monitor=val/acc",
+                                              "trainer.early_stopping.mode=max", "model.pretrain_epochs=1",
+                                              "model.finetune_epochs=2", "model.hidden=[32]"])
+    summary = run_worker(to_dict(job), tmp_path / "dbn", LocalPublisher(tmp_path / "dbn"), torch.device("cpu"))
+    assert summary["stages"] == 2 and summary["epochs"] == 3 and summary["best"]["monitor"] == "val/acc"

@@ -15,6 +15,7 @@ from dtrain.models.cnn import CNN, CNNConfig
 from dtrain.models.layers import ACTIVATIONS, INITS, Swish, activation, init_weight
 from dtrain.models.mlp import MLP, MLPConfig
 from dtrain.models.recurrent import LSTMConfig, Recurrent, RNNConfig
+from tests.helpers import JOBS
 
 DIGITS = DataMeta(input_shape=(64,), num_classes=10)
 
@@ -181,3 +182,19 @@ def test_models_reject_inputs_of_the_wrong_shape():
         RNNConfig(nonlinearity="sigmoid")
     with pytest.raises(ConfigError, match="model.pool"):
         CNNConfig(pool="median")
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in JOBS.glob("*.yaml")))
+def test_the_metrics_the_driver_reads_off_the_meta_device_are_those_a_real_step_reports(job):
+    """The driver names what a run logs (for early stopping's monitor and tune.metric) from a step of the catalog
+    model on the meta device: for every shipped job, the names a real step on real samples reports."""
+    from dtrain.config import load_job, to_objects
+    from dtrain.data import load_data
+    from dtrain.models import build_model, step_metrics
+
+    obj = to_objects(load_job(JOBS / job))
+    data = load_data(obj.data)
+    batch = tuple(t[:2] for t in data.train)
+    with torch.no_grad():
+        real = list(build_model(obj.model, data.meta)(batch).metrics)
+    assert step_metrics(obj.model, data.meta, batch) == real and "loss" in real
