@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from dtrain.data import bundled, files, generated, series, transforms
 from dtrain.data.base import Arrays, DataBundle
+from dtrain.data.config import STREAMED_ONLY, DataConfig
 from dtrain.errors import ConfigError, DataError, DtrainError, first_line
 from dtrain.models.base import DataMeta
 from dtrain.models.plugins import check_keywords, function_by_name
@@ -44,6 +46,7 @@ def load_arrays(cfg: Any) -> Arrays:
         raise ConfigError(f"data.name: {cfg.name} streams through Ray Data in `dtrain train` (and parquet in `dtrain "
                           "tune`) only (not yet in dtrain preflight or in-process workers); `dtrain data convert` "
                           "reads the in-memory sets")
+    _check_not_streamed_only(cfg)
     loader = data_loader(cfg.name)
     if cfg.name not in DATASETS:
         return _user_arrays(loader, cfg)
@@ -60,6 +63,20 @@ def load_arrays(cfg: Any) -> Arrays:
             allowed = ", ".join(p for p in params if p != "path") or "none"
             raise ConfigError(f"data.options.{key}: unknown option for {cfg.name!r} (allowed: {allowed})")
     return loader(**kwargs)
+
+
+def _check_not_streamed_only(cfg: Any) -> None:
+    """A field only streaming reads, set for a data set that loads into memory, would be ignored without a word (a
+    data.target naming the label column of an in-memory csv, whose loader takes data.options.target)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(DataConfig) if f.name in STREAMED_ONLY}
+    for key, default in defaults.items():
+        value = getattr(cfg, key, default)
+        if value != default:
+            own = [p for p in inspect.signature(data_loader(cfg.name)).parameters if p != "path"] \
+                if cfg.name in DATASETS else []
+            hint = f" (its options, in data.options: {', '.join(own)})" if own else ""
+            raise ConfigError(f"data.{key}: read only by streamed data (parquet, images, csv or npz with data.stream: "
+                              f"true), not by the in-memory {cfg.name}{hint}; got {value!r}")
 
 
 def _user_arrays(loader: Callable[..., Any], cfg: Any) -> Arrays:

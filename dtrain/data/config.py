@@ -7,6 +7,9 @@ from typing import Any
 
 from dtrain.errors import check
 
+STREAMED_ONLY = ("val_path", "test_path", "target", "features", "shuffle_buffer")
+"""The fields only a streamed data set reads (an in-memory one takes its own split, and columns as data.options)."""
+
 
 @dataclass
 class DataConfig:
@@ -67,5 +70,6 @@ class DataConfig:
               "an integer >= 1 or null", self.global_batch_size)
         check(0 <= self.val_fraction < 1, "data.val_fraction", "a number in [0, 1)", self.val_fraction)
         check(0 <= self.test_fraction < 1, "data.test_fraction", "a number in [0, 1)", self.test_fraction)
+        check(self.seed >= 0, "data.seed", "an integer >= 0", self.seed)
         check(not (self.minmax and self.standardize), "data.minmax", "standardize=false alongside minmax=true",
               "standardize=true")

@@ -207,6 +207,13 @@ CASES = [
     ("tune-metric-of-one-candidate", "tune {tune} tune.space.model.metrics=choice([[acc],[]])",
      "tune.space.model.metrics: [] does not fit the job: tune.metric: expected a metric this run logs "
      "(train/loss, val/loss), got 'val/acc'"),
+    ("negative-data-seed", "config JOB data.seed=-1", "data.seed: expected an integer >= 0, got -1"),
+    ("stream-field-for-in-memory-data", "train JOB data.features=[a,b]",
+     "data.features: read only by streamed data (parquet, images, csv or npz with data.stream: true), not by the "
+     "in-memory digits (its options, in data.options: image); got ['a', 'b']"),
+    ("csv-target-outside-options", "train JOB data.name=csv data.path={d}/words.csv data.target=b",
+     "data.target: read only by streamed data (parquet, images, csv or npz with data.stream: true), not by the "
+     "in-memory csv (its options, in data.options: target, header, delimiter, task); got 'b'"),
     ("preflight-bad-memory-limit", "preflight JOB --memory-limit lots",
      "--memory-limit: expected a size such as 2GiB or 800MB, got 'lots'"),
 ]
