@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a job (embedded Ray, or --address for a cluster)")
     p.add_argument("job", help="job YAML, or a run directory with --resume")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.num_workers=2")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. trainer.num_workers=2")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
     p.add_argument("--resume", action="store_true", help="continue the run in the given run directory")
     p.add_argument("--local", action="store_true",
@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="search hyperparameters/architecture with Ray Tune (the job's tune: section)")
     p.add_argument("job", help="job YAML with a tune section, or a search directory with --resume")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tune.num_samples=16")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. tune.num_samples=16")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search in runs/<search>")
     p.set_defaults(func=cmd_tune)
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preflight", help="place the job's workers, run a few real steps, all-reduce, checkpoint "
                        "and tracker checks; print per-rank memory and step time, projected time and cost")
     p.add_argument("job", help="job YAML")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides, as for train")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
     p.add_argument("--memory-limit", default=None,
                    help="fail if a worker's step peaks above this (e.g. 4GiB): resident memory on CPU, device memory "
@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved job config")
     p.add_argument("job")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", default=[])
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("report", help="write PNG plots and report.md for a run from its metrics.jsonl")
@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["convert", "inspect"])
     p.add_argument("src", help="convert: a data set name (digits) or a job file; inspect: a file, folder, glob or URI")
     p.add_argument("dest", nargs="?", default=None, help="convert: the folder to write")
-    p.add_argument("overrides", nargs="*", help="convert: data.key=value overrides, e.g. data.path=x.npz")
+    p.add_argument("overrides", nargs="*", default=[], help="convert: data.key=value overrides, e.g. data.path=x.npz")
     p.add_argument("--rows-per-file", type=int, default=100_000, help="convert: rows per Parquet file")
     p.add_argument("--format", choices=["parquet", "csv", "npz", "images"], default="parquet",
                    help="convert: Parquet files, .npz files (data.name=npz data.stream=true) or PNG images in class "
@@ -424,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     address_help = "Ray dashboard URL, e.g. http://HEAD:8265 (default: $RAY_ADDRESS or http://127.0.0.1:8265)"
     p = sub.add_parser("submit", help="submit a job to a Ray cluster through the Ray Jobs API; prints its id")
     p.add_argument("job", help="job YAML")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
     p.add_argument("--address", default=None, help=address_help)
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     p.add_argument("--command", choices=["train", "tune"], default=None,

@@ -11,6 +11,7 @@ from dtrain.config import load_job, to_objects
 from dtrain.data import load_arrays
 from dtrain.data.stream_source import write_shards
 from dtrain.errors import DtrainError
+from dtrain.launch.train import usable_folder
 
 
 def convert(src: str, dest: Path, overrides: list[str], rows_per_file: int, fmt: str = "parquet") -> str:
@@ -25,8 +26,9 @@ def convert(src: str, dest: Path, overrides: list[str], rows_per_file: int, fmt:
     if cfg.name in ("parquet", "images") or cfg.stream:
         raise DtrainError(f"data.name: {cfg.name} is streamed from its files already; convert takes a data set "
                           "dtrain loads in memory")
-    if dest.exists() and any(dest.iterdir()):
+    if dest.is_dir() and any(dest.iterdir()):
         raise DtrainError(f"{dest}: not empty; choose a new folder")
+    usable_folder(dest, "DEST")  # before the data loads
     arrays = load_arrays(cfg)
     if arrays.y is not None and arrays.y.ndim > 1 and int(np.prod(arrays.y.shape[1:])) != 1:
         raise DtrainError(f"data.name: {cfg.name} has targets of shape {arrays.y.shape[1:]}; Parquet conversion "

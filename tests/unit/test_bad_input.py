@@ -214,6 +214,8 @@ CASES = [
     ("csv-target-outside-options", "train JOB data.name=csv data.path={d}/words.csv data.target=b",
      "data.target: read only by streamed data (parquet, images, csv or npz with data.stream: true), not by the "
      "in-memory csv (its options, in data.options: target, header, delimiter, task); got 'b'"),
+    ("convert-into-a-file", "data convert digits {d}/afile", "DEST: {d}/afile is a file or lies under one"),
+    ("convert-under-a-file", "data convert digits {d}/afile/sub", "DEST: {d}/afile/sub is a file or lies under one"),
     ("preflight-bad-memory-limit", "preflight JOB --memory-limit lots",
      "--memory-limit: expected a size such as 2GiB or 800MB, got 'lots'"),
 ]
@@ -318,3 +320,14 @@ def test_an_address_where_nothing_answers_is_one_line_at_once(scratch):
     proc = subprocess.run([sys.executable, "-m", "dtrain", *_argv(case, scratch)], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env={**os.environ, "WANDB_MODE": "disabled", "RAY_ADDRESS": ""})
     _assert_one_clear_line(case, proc.returncode, proc.stderr, scratch)
+
+
+@pytest.mark.parametrize("command", ["train", "tune", "config", "preflight", "submit"])
+def test_a_missing_job_is_named_alone_not_with_the_optional_overrides(command, capsys):
+    from dtrain.cli import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args([command])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"dtrain {command}: error: the following arguments are required: job"
