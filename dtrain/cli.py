@@ -39,6 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise DtrainError("--local runs the workers on this machine without Ray; it takes no --address")
     if args.resume:
         job = _load_run(args.job, "config.yaml", args.overrides)
+        _refuse_checkpoint_changes(_load_run(args.job, "config.yaml", []), job)
         _say_if_nothing_to_resume(run_dir_for(job))
     else:
         job = _load(args.job, args.overrides)
@@ -78,6 +79,27 @@ def _load_run(folder: str, job_file: str, overrides: list[str]):
     job = _load(str(Path(folder) / job_file), overrides)
     _located_at(job, Path(folder))
     return job
+
+
+FIXED_ON_RESUME = ("model.", "optim.", "trainer.strategy", "data.name", "data.path", "data.options", "data.target",
+                   "data.features")
+"""What a resumed run's checkpoint was trained with: an override of these on --resume is refused (the optimizer's
+state and schedule come from the checkpoint, so a new optim.lr would be ignored; a new model would not load)."""
+
+
+def _refuse_checkpoint_changes(trained, resumed) -> None:
+    from omegaconf import OmegaConf
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    before, after = flat(OmegaConf.to_container(trained)), flat(OmegaConf.to_container(resumed))
+    for key in sorted(after):
+        if key.startswith(FIXED_ON_RESUME) and before.get(key) != after[key]:
+            raise DtrainError(f"{key}: a resumed run continues from its checkpoint, which was trained with "
+                              f"{key}={before.get(key)!r}, got {after[key]!r}; start a new run to change it")
 
 
 def _say_if_nothing_to_resume(run_dir: Path | str) -> None:

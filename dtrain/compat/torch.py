@@ -83,3 +83,14 @@ def check() -> None:
         "torch.distributed.distributed_c10d._get_default_store": lambda: getattr(
             importlib.import_module("torch.distributed.distributed_c10d"), "_get_default_store", None),
     })
+
+
+SPAWN_LOGGER = "torch.multiprocessing.spawn"
+"""torch.multiprocessing's process launcher: it logs a warning line for each rank it stops after another failed."""
+
+
+def quiet_rank_terminations() -> None:
+    """No 'Terminating process ... via signal SIGTERM' line per stopped rank: the failed rank's error says it all."""
+    import logging
+
+    logging.getLogger(SPAWN_LOGGER).setLevel(logging.ERROR)

@@ -342,7 +342,14 @@ def _keep_global_batch(state: TrainState, global_batch: int, retarget: bool) -> 
 
 
 def _resume(strategy: Strategy, state: TrainState, ctx: RunContext, lr: float) -> None:
-    strategy.load(ctx.resume_dir)
+    try:
+        strategy.load(ctx.resume_dir)
+    except RuntimeError as err:  # torch's load_state_dict: a checkpoint of another model (its config.yaml edited)
+        if "Error(s) in loading state_dict" not in str(err):
+            raise
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+        raise ConfigError(f"{ctx.resume_dir}: the checkpoint does not fit this job's model ({detail}); resume it "
+                          "with the model it was trained with") from None
     if ctx.retarget:
         strategy.retarget(lr)
     rng_file = ctx.resume_dir / f"rng_rank{ctx.rank}.pt"

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dtrain.compat import torch as torch_compat
 from dtrain.engine.checkpoint import checkpoint_order
 from dtrain.errors import DtrainError
 from dtrain.launch.net import free_port
@@ -191,6 +192,7 @@ def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resu
         env, stdio = dict(os.environ), tuple((_CallerFd(fd), fd) for fd in (1, 2) if _is_open(fd))
     args = (world, free_port(), job, str(run_dir), resume, out, device, env, stdio, tuple(callbacks),
             graceful_sigterm, keep)
+    torch_compat.quiet_rank_terminations()
     ranks = mp.start_processes(_entry, args=args, nprocs=world, start_method=start_method, join=False)
     try:
         while not ranks.join():

@@ -106,3 +106,33 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_says_it_starts_agai
     assert proc.returncode == 0, err[-3000:]
     assert f"[dtrain] {run} has no checkpoint yet: the run starts again from step 0" in out
     assert json.loads((run / "summary.json").read_text())["steps"] == 21  # one whole epoch, from step 0
+
+
+def test_a_resume_that_changes_what_the_checkpoint_holds_is_one_line_and_loses_nothing(tmp_path):
+    """An override of the model or optimizer on --resume is refused before any worker starts (the checkpoint's
+    optimizer state would silently win over a new optim.lr; another model would not load); a config.yaml edited by
+    hand gets as far as the workers, whose load fails with one line naming the mismatch, not torch's traceback and
+    the launcher's lines about the ranks it stopped."""
+    first = _dtrain(["train", JOBS / "mlp_digits.yaml", *COMMON, f"runs_dir={tmp_path}", "name=r",
+                     "trainer.max_epochs=1"])
+    assert first.wait(timeout=300) == 0, first.communicate()[1][-3000:]
+    run = tmp_path / "r"
+    kept = latest_checkpoint(run)
+    for override, message in [
+            ("model.hidden=[16]", "dtrain: error: model.hidden: a resumed run continues from its checkpoint, which "
+                                  "was trained with model.hidden=[32], got [16]; start a new run to change it"),
+            ("optim.lr=0.1", "dtrain: error: optim.lr: a resumed run continues from its checkpoint, which was "
+                             "trained with optim.lr=0.002, got 0.1; start a new run to change it")]:
+        proc = _dtrain(["train", run, "--resume", *COMMON, override, "trainer.max_epochs=2"])
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and err.strip().splitlines() == [message], err[-3000:]
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("hidden:\n  - 32", "hidden:\n  - 16"))
+    proc = _dtrain(["train", run, "--resume", "--local", "trainer.max_epochs=2"])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert err.strip().splitlines() == [
+        f"dtrain: error: {kept}: the checkpoint does not fit this job's model (size mismatch for net.1.weight: "
+        "copying a param with shape torch.Size([32, 64]) from checkpoint, the shape in current model is "
+        "torch.Size([16, 64]).); resume it with the model it was trained with"], err[-3000:]
+    assert latest_checkpoint(run) == kept and checkpoint_problem(kept) is None
