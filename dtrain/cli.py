@@ -131,8 +131,8 @@ def _check_buildable(job, address: str | None = None, tune_metric: str | None = 
     from dtrain.config import to_objects
     from dtrain.data import load_data
     from dtrain.data.stream_source import streams
-    from dtrain.engine.loop import check_watched, epoch_metrics
-    from dtrain.models import build_model, step_metrics
+    from dtrain.engine.loop import check_watched_metrics
+    from dtrain.models import build_model
 
     obj = to_objects(job)
     streamed = streams(obj.data)
@@ -157,11 +157,8 @@ def _check_buildable(job, address: str | None = None, tune_metric: str | None = 
         from dtrain.launch.train import check_model_fits
 
         check_model_fits(sum(p.numel() for p in model.parameters()), job)
-    if not streamed:  # the metrics a run logs, from one step on two samples (which proves the user's code works)
-        logged = epoch_metrics(step_metrics(obj.model, data.meta, tuple(t[:2] for t in data.train)),
-                               validated=len(data.val[0]) > 0)
-        check_watched("trainer.early_stopping.monitor", obj.trainer.early_stopping.monitor, logged)
-        check_watched("tune.metric", tune_metric, logged)
+    if not streamed:  # one step on two samples, which also proves the user's code works
+        check_watched_metrics(obj.model, data, obj.trainer.early_stopping.monitor, tune_metric)
     return data
 
 

@@ -8,7 +8,7 @@ launcher).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtrain.data.base import Batch, EvalLoader, Loader, Loaders
+from dtrain.data.base import Batch, DataBundle, EvalLoader, Loader, Loaders
 from dtrain.engine import dist
 from dtrain.engine.callbacks import Callback
 from dtrain.engine.checkpoint import safe_load, set_rng_state
@@ -26,6 +26,7 @@ from dtrain.engine.state import TrainState
 from dtrain.engine.stop import TRAINING
 from dtrain.engine.strategies import Strategy
 from dtrain.errors import ConfigError, Preempted, TrainingError, check
+from dtrain.models import step_metrics
 from dtrain.models.base import CatalogModel
 
 Publish = Callable[[dict[str, Any], Path | None], None]
@@ -264,11 +265,16 @@ def evaluate(wrapped: nn.Module, loader: EvalLoader, strategy: Strategy, prefix:
     return sums.reduce(prefix)
 
 
-def epoch_metrics(step_metrics: Iterable[str], validated: bool) -> list[str]:
-    """The metrics each epoch's record carries (what early stopping and dtrain tune can watch) for a model whose
-    training step reports step_metrics: their means over the epoch's training (train/<name>) and over the validation
-    split (val/<name>), if there is one."""
-    return [f"{split}/{name}" for split in (("train", "val") if validated else ("train",)) for name in step_metrics]
+def check_watched_metrics(model_cfg: Any, data: DataBundle, monitor: str | None, tune_metric: str | None = None
+                          ) -> None:
+    """Before the workers start: early stopping's monitor and dtrain tune's metric must be among the metrics each
+    epoch's record carries, the epoch means of every metric of the model's step (step_metrics, from one step on two
+    samples) over training (train/<m>) and, if there is one, over the validation split (val/<m>)."""
+    names = step_metrics(model_cfg, data.meta, tuple(t[:2] for t in data.train))
+    splits = ("train", "val") if len(data.val[0]) > 0 else ("train",)
+    logged = [f"{split}/{name}" for split in splits for name in names]
+    check_watched("trainer.early_stopping.monitor", monitor, logged)
+    check_watched("tune.metric", tune_metric, logged)
 
 
 def check_watched(key: str, metric: str | None, logged: list[str]) -> None:

@@ -355,9 +355,9 @@ def check_against_job(job: dict, params: dict[str, Param], metric: str | None = 
     from dtrain.config import build_job, to_dict, to_objects
     from dtrain.data import load_data
     from dtrain.data.stream_source import describe
-    from dtrain.engine.loop import check_watched, epoch_metrics
+    from dtrain.engine.loop import check_watched_metrics
     from dtrain.errors import DtrainError
-    from dtrain.models import build_model, step_metrics
+    from dtrain.models import build_model
 
     loaded: dict[str, Any] = {}
     built = []
@@ -376,10 +376,7 @@ def check_against_job(job: dict, params: dict[str, Param], metric: str | None = 
                     with torch.device("meta"):
                         build_model(obj.model, data.meta)
                 else:
-                    logged = epoch_metrics(step_metrics(obj.model, data.meta, tuple(t[:2] for t in data.train)),
-                                           validated=len(data.val[0]) > 0)
-                    check_watched("trainer.early_stopping.monitor", obj.trainer.early_stopping.monitor, logged)
-                    check_watched("tune.metric", metric, logged)
+                    check_watched_metrics(obj.model, data, obj.trainer.early_stopping.monitor, metric)
             except DtrainError as err:
                 msg = str(err).removeprefix("job: ")
                 raise ConfigError(f"tune.space.{key}: {value!r} does not fit the job: {msg}") from None
