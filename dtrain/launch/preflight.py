@@ -220,8 +220,12 @@ def probe_rank(job: Any, job_dict: dict[str, Any], device: Any, data: Any, probe
     for folder in created:
         with contextlib.suppress(OSError):
             folder.rmdir()
+    # the checkpoint's work off the training thread: the rest of a background write, and the copy to the run's
+    # storage that stands in for Ray's upload
+    background_s = max(0.0, saver.published - timer.epoch_end) if saver.published else 0.0
     row = {"rank": rank, "node": node, "device": str(device), "peak_memory_bytes": peak,
-           "steps_per_epoch": steps_per_epoch, **timer.times()}
+           "steps_per_epoch": steps_per_epoch, "cores": usable_cores(), "checkpoint_background_s": background_s,
+           **timer.times()}
     return {"row": row, "trackers": trackers, "problems": problems}
 
 
@@ -269,7 +273,7 @@ class ProbeCheckpoint:
 
     def __init__(self, folder: Path, rank: int, node: str, device: Any, problems: list[str]) -> None:
         self.folder, self.rank, self.node, self.device, self.problems = folder, rank, node, device, problems
-        self.written = False
+        self.written, self.published = False, 0.0
 
     def publish(self, metrics: dict[str, Any], local: Path | None) -> None:
         if local is None:
@@ -283,6 +287,7 @@ class ProbeCheckpoint:
                                  f"{self.folder.parent.parent}: {err.strerror or err}")
         finally:
             shutil.rmtree(local, ignore_errors=True)
+            self.published = time.perf_counter()
 
     def read_back(self, strategy: Any) -> None:
         """Every rank checks the whole checkpoint (all ranks' files and manifests), then all load it or none does
@@ -347,12 +352,22 @@ def tracker_handshake(job: dict[str, Any], run_dir: Path, problems: list[str]) -
     return lines
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def project(job: DictConfig, rows: list[dict[str, Any]], group: cost.WorkerGroup) -> dict[str, Any]:
     """Steps per epoch, time per epoch and total time of the job, from the slowest rank's step time (DDP ranks wait
-    for each other) and its time for the epoch's end (validation, checkpoint); and the projected cost."""
-    step_s = max(r["step_s"] for r in rows)
-    end_s = max(r["epoch_end_s"] for r in rows)
+    for each other), its time for the epoch's end (validation, checkpoint) and the checkpoint work the steps lose
+    to; and the projected cost."""
     per_epoch = rows[0]["steps_per_epoch"]
+    step_s = max(r["step_s"] for r in rows)
+    end_s = max(r["epoch_end_s"] for r in rows) + _checkpoints_per_epoch(job, per_epoch) * max(
+        _lost_to_background(job, rows, r) for r in rows)
     epochs = job.trainer.max_epochs
     steps = per_epoch * epochs
     if job.trainer.max_steps:
@@ -362,6 +377,21 @@ def project(job: DictConfig, rows: list[dict[str, Any]], group: cost.WorkerGroup
     total_s = steps * step_s + epochs * end_s
     return {"steps_per_epoch": per_epoch, "epoch_s": epoch_s, "epochs": epochs, "steps": steps, "total_s": total_s,
             "cost": cost.price(group.hours(total_s), to_dict(job.cost))}
+
+
+def _checkpoints_per_epoch(job: DictConfig, per_epoch: int) -> float:
+    every_epochs, every_steps = job.checkpoint.every_n_epochs, job.checkpoint.every_n_steps
+    return (1 / every_epochs if every_epochs else 0.0) + (per_epoch / every_steps if every_steps else 0.0)
+
+
+def _lost_to_background(job: DictConfig, rows: list[dict[str, Any]], row: dict[str, Any]) -> float:
+    """The seconds of row's steps that its checkpoint's background work (the write, the upload) takes per checkpoint:
+    none where its node has a core to spare for each rank's, all of it where the ranks' threads take every core
+    (then the work and the steps share them)."""
+    ranks = sum(r["node"] == row["node"] for r in rows)
+    threads = max(1, round(job.trainer.cpus_per_worker)) if row["device"] == "cpu" else 1
+    spare = max(0, row.get("cores", 1) - ranks * threads)
+    return row.get("checkpoint_background_s", 0.0) * max(0.0, 1 - spare / ranks)
 
 
 def parse_bytes(text: str) -> float:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 from dtrain.launch.budget import TRIAL_KEYS, Ledger
 from dtrain.launch.cost import COST_FILE, Segment, WorkerGroup, add_to_summary, price, run_cost
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 def test_segments_add_up_to_worker_gpu_and_cpu_hours_and_money(tmp_path):
@@ -67,3 +70,22 @@ def test_dtrain_report_shows_the_runs_cost(tmp_path, capsys):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Cost" in text and "| GPU-hours | 4.0000 |" in text and "| CPU-hours | 16.0000 |" in text
     assert "| cost | 12.0000 |" in text
+
+
+def test_preflight_projects_background_checkpoint_work_onto_the_steps_only_where_no_core_is_spare():
+    """Two ranks on one node with 2 cores: each rank's 0.1 s of background checkpoint work shares the cores with the
+    steps (epoch = 10 x 0.02 + 0.05 + 0.1); on 4 cores it has cores of its own; every 2 epochs it counts half."""
+    from dtrain.config import load_job
+    from dtrain.launch.preflight import project
+
+    def projected(cores: int, *overrides: str) -> float:
+        job = load_job(JOBS / "mlp_digits.yaml", list(overrides))
+        rows = [{"rank": r, "node": "a", "device": "cpu", "steps_per_epoch": 10, "step_s": 0.02, "epoch_end_s": 0.05,
+                 "cores": cores, "checkpoint_background_s": 0.1} for r in range(2)]
+        return project(job, rows, WorkerGroup(2, 1.0, 0.0))["epoch_s"]
+
+    assert projected(2) == pytest.approx(0.35)
+    assert projected(3) == pytest.approx(0.30)
+    assert projected(4) == pytest.approx(0.25)
+    assert projected(2, "checkpoint.every_n_epochs=2") == pytest.approx(0.30)
+    assert projected(2, "checkpoint.every_n_epochs=0") == pytest.approx(0.25)
