@@ -87,7 +87,9 @@ FIXED_ON_RESUME = ("model.", "optim.", "trainer.strategy", "data.name", "data.pa
 state and schedule come from the checkpoint, so a new optim.lr would be ignored; a new model would not load)."""
 
 
-def _refuse_checkpoint_changes(trained, resumed) -> None:
+def _refuse_checkpoint_changes(trained, resumed, search: bool = False) -> None:
+    """One line for the first override of what a resumed run's checkpoint holds; for a search, also of its tune
+    section (Ray Tune restores the search as it started: its space, search algorithm, scheduler and budget)."""
     from omegaconf import OmegaConf
 
     def flat(node, prefix=""):
@@ -96,10 +98,16 @@ def _refuse_checkpoint_changes(trained, resumed) -> None:
         return {prefix[:-1]: node}
 
     before, after = flat(OmegaConf.to_container(trained)), flat(OmegaConf.to_container(resumed))
-    for key in sorted(after):
-        if key.startswith(FIXED_ON_RESUME) and before.get(key) != after[key]:
-            raise DtrainError(f"{key}: a resumed run continues from its checkpoint, which was trained with "
-                              f"{key}={before.get(key)!r}, got {after[key]!r}; start a new run to change it")
+    fixed = (*FIXED_ON_RESUME, "tune.") if search else FIXED_ON_RESUME
+    for key in sorted(after.keys() | before.keys()):
+        if key.startswith(fixed) and before.get(key) != after.get(key):
+            if key.startswith("tune."):
+                raise DtrainError(f"{key}: a resumed search continues as it started, with {key}="
+                                  f"{before.get(key)!r}, got {after.get(key)!r}; start a new search to change it")
+            held = "its trials' checkpoints, which were" if search else "its checkpoint, which was"
+            raise DtrainError(f"{key}: a resumed {'search' if search else 'run'} continues from {held} trained with "
+                              f"{key}={before.get(key)!r}, got {after.get(key)!r}; start a new "
+                              f"{'search' if search else 'run'} to change it")
 
 
 def _say_if_nothing_to_resume(run_dir: Path | str) -> None:
@@ -229,6 +237,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if args.resume:
         job = _load_run(args.job, JOB_FILE, args.overrides)
+        _refuse_checkpoint_changes(_load_run(args.job, JOB_FILE, []), job, search=True)
     else:
         job = _load(args.job, args.overrides)
     tune_cfg, _ = read_tune_section(to_dict(job).get("tune"))

@@ -331,3 +331,28 @@ def test_a_missing_job_is_named_alone_not_with_the_optional_overrides(command, c
     assert exit_.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == f"dtrain {command}: error: the following arguments are required: job"
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("tune.num_samples=20", "tune.num_samples: a resumed search continues as it started, with tune.num_samples=8, "
+                            "got 20; start a new search to change it"),
+    ("tune.space.optim\\.lr=uniform(0.1,0.2)", "tune.space.optim.lr: a resumed search continues as it started"),
+    ("model.dropout=0.3", "model.dropout: a resumed search continues from its trials' checkpoints, which were trained "
+                          "with model.dropout=0.0, got 0.3; start a new search to change it")])
+def test_a_search_resumed_with_a_changed_tune_section_or_model_is_one_line_and_loses_nothing(override, expected,
+                                                                                                 tmp_path, capsys):
+    """Ray Tune restores a search as it started (space, search algorithm, scheduler, budget) and its trials resume
+    from their checkpoints: `dtrain tune runs/<search> --resume` with an override of those is refused before Ray
+    starts, and the search folder is left as it was."""
+    from omegaconf import OmegaConf
+
+    from dtrain.config import load_job
+
+    search = tmp_path / "runs" / "hpo"
+    search.mkdir(parents=True)
+    spec = OmegaConf.to_yaml(load_job(JOBS / "tune_mlp_digits.yaml", [f"runs_dir={tmp_path / 'runs'}", "name=hpo"]))
+    (search / "job.yaml").write_text(spec)
+    assert main(["tune", str(search), "--resume", "logging.progress=false", override]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"dtrain: error: {expected}"), err
+    assert [p.name for p in search.iterdir()] == ["job.yaml"] and (search / "job.yaml").read_text() == spec
