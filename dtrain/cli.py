@@ -393,6 +393,19 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= low (argparse names the option in its one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrain", description="Distributed training on Ray with DDP or DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -440,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="convert: a data set name (digits) or a job file; inspect: a file, folder, glob or URI")
     p.add_argument("dest", nargs="?", default=None, help="convert: the folder to write")
     p.add_argument("overrides", nargs="*", default=[], help="convert: data.key=value overrides, e.g. data.path=x.npz")
-    p.add_argument("--rows-per-file", type=int, default=100_000, help="convert: rows per Parquet file")
+    p.add_argument("--rows-per-file", type=_at_least(1), default=100_000, help="convert: rows per Parquet file")
     p.add_argument("--format", choices=["parquet", "csv", "npz", "images"], default="parquet",
                    help="convert: Parquet files, .npz files (data.name=npz data.stream=true) or PNG images in class "
                         "folders (data.name=images); inspect: the files' format (parquet, csv or npz)")
@@ -463,8 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("up", help="keep a Ray head running on this machine, so runs start in seconds")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs the head offers (default: all)")
-    p.add_argument("--num-gpus", type=int, default=None, help="GPUs the head offers (default: all it finds)")
+    p.add_argument("--num-cpus", type=_at_least(1), default=None, help="CPUs the head offers (default: all)")
+    p.add_argument("--num-gpus", type=_at_least(0), default=None, help="GPUs the head offers (default: all it finds)")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("down", help="stop the Ray head `dtrain up` started")
     p.set_defaults(func=cmd_down)

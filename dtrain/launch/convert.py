@@ -3,7 +3,9 @@ files for data.name=npz data.stream=true, or as PNG images in class folders for 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +30,20 @@ def convert(src: str, dest: Path, overrides: list[str], rows_per_file: int, fmt:
                           "dtrain loads in memory")
     if dest.is_dir() and any(dest.iterdir()):
         raise DtrainError(f"{dest}: not empty; choose a new folder")
+    existed = dest.exists()
     usable_folder(dest, "DEST")  # before the data loads
+    try:
+        return _write(cfg, dest, rows_per_file, fmt)
+    except BaseException:  # nothing half-written stays: dest was empty, or not there
+        for child in dest.iterdir() if existed else [dest]:
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        raise
+
+
+def _write(cfg: Any, dest: Path, rows_per_file: int, fmt: str) -> str:
     arrays = load_arrays(cfg)
     if arrays.y is not None and arrays.y.ndim > 1 and int(np.prod(arrays.y.shape[1:])) != 1:
         raise DtrainError(f"data.name: {cfg.name} has targets of shape {arrays.y.shape[1:]}; Parquet conversion "

@@ -356,3 +356,27 @@ def test_a_search_resumed_with_a_changed_tune_section_or_model_is_one_line_and_l
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith(f"dtrain: error: {expected}"), err
     assert [p.name for p in search.iterdir()] == ["job.yaml"] and (search / "job.yaml").read_text() == spec
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["data", "convert", "digits", "out", "--rows-per-file", "0"],
+     "argument --rows-per-file: expected an integer >= 1, got '0'"),
+    (["up", "--num-cpus", "0"], "argument --num-cpus: expected an integer >= 1, got '0'"),
+    (["up", "--num-gpus", "-1"], "argument --num-gpus: expected an integer >= 0, got '-1'")])
+def test_counts_given_as_options_are_checked_by_the_parser(argv, expected, capsys):
+    """A head with no CPU, or Parquet files of no rows, would start and then fail (or hang): refused as usage."""
+    from dtrain.cli import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(expected)
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_conversion_that_fails_leaves_its_destination_as_it_was(existed, tmp_path, capsys):
+    dest = tmp_path / "out"
+    if existed:
+        dest.mkdir()
+    assert main(["data", "convert", "npz", str(dest), f"data.path={tmp_path}/no.npz"]) == 2
+    assert capsys.readouterr().err == f"dtrain: error: {tmp_path}/no.npz: .npz file not found\n"
+    assert dest.is_dir() == existed and not (existed and any(dest.iterdir()))
