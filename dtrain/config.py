@@ -353,6 +353,8 @@ def _schema_error(err: OmegaConfBaseException, where: str) -> ConfigError:
     msg = msg.splitlines()[0].strip()
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
         return ConfigError(f"{where}: unknown key '{key}'")
+    if "is not Optional" in msg or msg.startswith("Incompatible value 'None'"):  # `key=` or `key=null`
+        return ConfigError(f"{where}: {key}: expected a value, got an empty or null one")
     return ConfigError(f"{where}: {key}: {msg}" if key else f"{where}: {msg}")
 
 

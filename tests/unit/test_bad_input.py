@@ -208,6 +208,8 @@ CASES = [
      "tune.space.model.metrics: [] does not fit the job: tune.metric: expected a metric this run logs "
      "(train/loss, val/loss), got 'val/acc'"),
     ("negative-data-seed", "config JOB data.seed=-1", "data.seed: expected an integer >= 0, got -1"),
+    ("empty-runs-dir", "config JOB runs_dir=", "runs_dir: expected a value, got an empty or null one"),
+    ("null-section", "config JOB trainer=null", "trainer: expected a value, got an empty or null one"),
     ("stream-field-for-in-memory-data", "train JOB data.features=[a,b]",
      "data.features: read only by streamed data (parquet, images, csv or npz with data.stream: true), not by the "
      "in-memory digits (its options, in data.options: image); got ['a', 'b']"),
