@@ -98,16 +98,13 @@ def _refuse_checkpoint_changes(trained, resumed, search: bool = False) -> None:
         return {prefix[:-1]: node}
 
     before, after = flat(OmegaConf.to_container(trained)), flat(OmegaConf.to_container(resumed))
-    fixed = (*FIXED_ON_RESUME, "tune.") if search else FIXED_ON_RESUME
+    what, fixed = ("search", (*FIXED_ON_RESUME, "tune.")) if search else ("run", FIXED_ON_RESUME)
+    held = "its trials' checkpoints, which were trained" if search else "its checkpoint, which was trained"
     for key in sorted(after.keys() | before.keys()):
         if key.startswith(fixed) and before.get(key) != after.get(key):
-            if key.startswith("tune."):
-                raise DtrainError(f"{key}: a resumed search continues as it started, with {key}="
-                                  f"{before.get(key)!r}, got {after.get(key)!r}; start a new search to change it")
-            held = "its trials' checkpoints, which were" if search else "its checkpoint, which was"
-            raise DtrainError(f"{key}: a resumed {'search' if search else 'run'} continues from {held} trained with "
-                              f"{key}={before.get(key)!r}, got {after.get(key)!r}; start a new "
-                              f"{'search' if search else 'run'} to change it")
+            source = "as it started, with" if key.startswith("tune.") else f"from {held} with"
+            raise DtrainError(f"{key}: a resumed {what} continues {source} {key}={before.get(key)!r}, got "
+                              f"{after.get(key)!r}; start a new {what} to change it")
 
 
 def _say_if_nothing_to_resume(run_dir: Path | str) -> None:

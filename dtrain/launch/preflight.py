@@ -390,8 +390,8 @@ def _lost_to_background(job: DictConfig, rows: list[dict[str, Any]], row: dict[s
     (then the work and the steps share them)."""
     ranks = sum(r["node"] == row["node"] for r in rows)
     threads = max(1, round(job.trainer.cpus_per_worker)) if row["device"] == "cpu" else 1
-    spare = max(0, row.get("cores", 1) - ranks * threads)
-    return row.get("checkpoint_background_s", 0.0) * max(0.0, 1 - spare / ranks)
+    spare = max(0, row["cores"] - ranks * threads)
+    return row["checkpoint_background_s"] * max(0.0, 1 - spare / ranks)
 
 
 def parse_bytes(text: str) -> float:
