@@ -1,9 +1,9 @@
-"""The per-step cost of the preemption vote (dtrain.engine.dist.StopVote) on the training thread, on CPU.
+"""The per-step cost of the preemption vote (dtrain.engine.dist.StepVote) on the training thread, on CPU.
 
 Two gloo processes on 127.0.0.1 each run --steps steps of the overhead job's shape (an MLP 64 -> 1024 -> 1024 -> 10
 forward and backward on 64 rows, DDP all-reduce of its gradients); at each step boundary they call
-StopVote.agreed(), which waits for the vote started one step earlier (done by then) and starts the next. Reported:
-the median and 90th percentile of the time spent in agreed() per step on rank 0, and the median step time, so
+StepVote.agree(), which waits for the vote started one step earlier (done by then) and starts the next. Reported:
+the median and 90th percentile of the time spent in agree() per step on rank 0, and the median step time, so
 the vote's share of a step.
 
     python -m benchmarks.stop_vote [--steps 1000]
@@ -26,7 +26,7 @@ from dtrain.launch.net import free_port
 def _rank(rank: int, port: int, steps: int, out: mp.SimpleQueue) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
-    from dtrain.engine.dist import StopVote
+    from dtrain.engine.dist import StepVote
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -34,12 +34,12 @@ def _rank(rank: int, port: int, steps: int, out: mp.SimpleQueue) -> None:
     net = torch.nn.Sequential(torch.nn.Linear(64, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
                               torch.nn.ReLU(), torch.nn.Linear(1024, 10))
     model, x = DistributedDataParallel(net), torch.randn(64, 64)
-    vote, in_vote, step_times = StopVote(), [], []
-    for _ in range(steps):
+    vote, in_vote, step_times = StepVote(60.0), [], []
+    for step in range(steps):
         started = time.perf_counter()
         model(x).sum().backward()
         before = time.perf_counter()
-        vote.agreed()
+        vote.agree(step, False)
         ended = time.perf_counter()
         in_vote.append(ended - before)
         step_times.append(ended - started)
@@ -58,7 +58,7 @@ def main() -> None:
     in_vote, steps = out.get()
     q = statistics.quantiles(in_vote, n=10)
     median_vote, median_step = statistics.median(in_vote), statistics.median(steps)
-    print(f"StopVote.agreed() per step: median {median_vote * 1e6:.0f} us, p90 {q[-1] * 1e6:.0f} us; "
+    print(f"StepVote.agree() per step: median {median_vote * 1e6:.0f} us, p90 {q[-1] * 1e6:.0f} us; "
           f"median step {median_step * 1e3:.2f} ms ({100 * median_vote / median_step:.2f} % of it)")
 
 

@@ -84,11 +84,11 @@ def absent_ranks(tag: str, wait_s: float = 3.0) -> list[int] | None:
         return None
 
 
-class StopVote:
-    """Whether any rank was asked to stop, known to every rank at the same step boundary. Each step boundary starts
-    an asynchronous all-reduce (max) of this rank's flag, on a gloo group of its own, and reads the one started at
-    the previous boundary: the answer comes one step later and the loop never waits on it. One rank alone reads its
-    own flag (no collective)."""
+class StepVote:
+    """What every rank must learn at the same step boundary: whether some rank was asked to stop, and whether some
+    rank's checkpoint write is still going. Each step boundary starts an asynchronous all-reduce (max) of this rank's
+    two flags, on a gloo group of its own, and reads the one started at the previous boundary: the answer comes one
+    step later and the loop never waits on it. One rank alone reads its own flags (no collective)."""
 
     def __init__(self, timeout_s: float) -> None:
         # its own timeout: a group's default is not the default group's but torch's 30 minutes
@@ -96,21 +96,27 @@ class StopVote:
                       if world_size() > 1 else None)
         # Host memory that gloo reduces in place, read and written through numpy: the vote never touches a device
         # (and no tensor read-back is counted against the step, tests/unit/test_hot_path.py).
-        self.host = np.zeros(1, dtype=np.float32)
-        self.flag, self.work = torch.from_numpy(self.host), None
+        self.host = np.zeros(2, dtype=np.float32)
+        self.flags, self.work, self.sent_at = torch.from_numpy(self.host), None, -1
+        self.stop = False
+        """Some rank was asked to stop (it stays so)."""
+        self.writing, self.as_of = False, -1
+        """Whether some rank's checkpoint write was still going at step boundary as_of (-1: not known yet)."""
 
-    def agreed(self) -> bool:
-        """Called by every rank at every step boundary: True when some rank was asked to stop."""
+    def agree(self, step: int, writing: bool) -> None:
+        """Called by every rank at every step boundary (step: the steps done), with whether its own checkpoint write
+        is still going; updates stop, writing and as_of."""
         if self.group is None:
-            return STOP_REQUESTED.is_set()
+            self.stop, self.writing, self.as_of = self.stop or STOP_REQUESTED.is_set(), writing, step
+            return
         if self.work is not None:
             self.work.wait()
             self.work = None
-            if self.host[0] > 0:
-                return True
-        self.host[0] = float(STOP_REQUESTED.is_set())
-        self.work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        return False
+            stop, writing_somewhere = self.host
+            self.stop, self.writing, self.as_of = self.stop or stop > 0, writing_somewhere > 0, self.sent_at
+        self.host[:] = (float(STOP_REQUESTED.is_set()), float(writing))
+        self.sent_at = step
+        self.work = dist.all_reduce(self.flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
 
     def close(self) -> None:
         """Wait for the vote in flight (every rank started it) and release the group."""

@@ -135,7 +135,7 @@ def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopCon
     guard = NonFiniteGuard(state, cfg.max_nonfinite_steps, min(cfg.log_every_n_steps, 1024))
     steps_per_epoch = train.steps_per_epoch()
     best_weights: dict[str, torch.Tensor] | None = None  # the monitored best epoch's, in the final stage
-    vote = dist.StopVote(cfg.collective_timeout_s)
+    vote = dist.StepVote(cfg.collective_timeout_s)
     while state.stage < len(stages) and not state.stopped:
         stage = stages[state.stage]
         model.set_stage(stage)
@@ -193,7 +193,7 @@ def _fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopCon
 
 def _train_epoch(cfg: LoopConfig, wrapped: nn.Module, loader: Loader, strategy: Strategy, state: TrainState,
                  ctx: RunContext, guard: NonFiniteGuard, writer: CheckpointWriter,
-                 vote: dist.StopVote) -> dict[str, float]:
+                 vote: dist.StepVote) -> dict[str, float]:
     sums, steps_per_epoch = MetricSums(), loader.steps_per_epoch()
     window_loss, out = None, None
     log_started, log_steps, log_samples = time.perf_counter(), 0, 0  # since the last logged step
@@ -232,16 +232,17 @@ def _train_epoch(cfg: LoopConfig, wrapped: nn.Module, loader: Loader, strategy: 
                      "epoch": state.epoch + (state.step - before_epoch) / steps_per_epoch, "lr": strategy.lr(),
                      "samples_per_s": log_samples / elapsed, "step_time_s": elapsed / log_steps, **logged})
             log_started, log_steps, log_samples = time.perf_counter(), 0, 0
-        if writer.due(state.step):
-            writer.finish()
         every = cfg.checkpoint_every_n_steps
         if every and state.step % every == 0 and state.step - before_epoch < steps_per_epoch:  # not the epoch's last
             guard.check()
             writer.start(strategy, state, {"epoch": state.epoch, "step": state.step})
         for callback in ctx.callbacks:
             callback.on_step_end(state, ctx.rank)
-        if vote.agreed():
+        vote.agree(state.step, writer.writing())
+        if vote.stop:
             _checkpoint_and_hand_over(strategy, state, ctx, guard, writer)
+        if writer.due(vote.as_of, vote.writing):
+            writer.finish()
         clock.lap("other")
         if cfg.max_steps and state.step >= cfg.max_steps:
             break

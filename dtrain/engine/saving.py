@@ -1,5 +1,6 @@
 """Checkpoints off the training thread: the state is snapshotted at a step boundary, written, hashed and sealed in
-a background thread, and published a few steps later at a step boundary every rank agrees on.
+a background thread, and published at the first step boundary at which every rank knows that every rank's write is
+done (the step vote, dist.StepVote, carries each rank's flag): training does not wait for the disk.
 
 Guarantees: the snapshot is the state of the step it was taken at (weights, optimizer, schedule, scaler, position,
 every rank's RNG), so resuming from it is exact; the manifest is written last, after every file is flushed to disk;
@@ -24,9 +25,6 @@ from dtrain.engine.state import TrainState
 from dtrain.errors import TrainingError
 
 STATE_FILE = "train_state.pt"
-PUBLISH_LAG_STEPS = 4
-"""A checkpoint is published this many optimizer steps after it was taken (or at the epoch's or run's end if
-sooner): every rank publishes at the same step, as Ray's report requires, and the write has those steps to finish."""
 
 
 STAGING_PREFIX = "dtrain-ckpt-"
@@ -106,9 +104,16 @@ class CheckpointWriter:
             write()
             self.pending = (None, folder, metrics, state.step, errors)
 
-    def due(self, step: int) -> bool:
-        """Whether the pending checkpoint is to be published at this step boundary."""
-        return self.pending is not None and step >= self.pending[3] + PUBLISH_LAG_STEPS
+    def writing(self) -> bool:
+        """Whether this rank's write of the pending checkpoint is still going."""
+        return self.pending is not None and self.pending[0] is not None and not self.pending[0].done()
+
+    def due(self, as_of: int, writing_somewhere: bool) -> bool:
+        """Whether to publish the pending checkpoint at this step boundary, given what the step vote says: whether
+        some rank was still writing at step boundary as_of. Due once no rank was, at a boundary after the one the
+        checkpoint was taken at. Every rank gets the same answer, so every rank publishes at the same step, as Ray's
+        report requires."""
+        return self.pending is not None and as_of > self.pending[3] and not writing_somewhere
 
     def finish(self) -> None:
         """Wait for the pending write, then publish it (the publisher owns the folder from then on)."""

@@ -7,7 +7,7 @@ import threading
 
 STOP_REQUESTED = threading.Event()
 """Set when this process is asked to stop: the loop checkpoints at a step boundary every rank agrees on, then
-raises Preempted (see dist.StopVote)."""
+raises Preempted (see dist.StepVote)."""
 TRAINING = threading.Event()
 """Set while a training loop runs in this process."""
 

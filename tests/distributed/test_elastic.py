@@ -39,7 +39,9 @@ def test_changing_worker_counts_follow_the_unchanged_trajectory(tmp_path, strate
     """DDP 2 -> 1 -> 2 workers, FSDP 2 -> 1 (its checkpoints are resharded by torch.distributed.checkpoint)."""
     job = {**JOB, "trainer": {**JOB["trainer"], "strategy": strategy}}
     full = spawn_workers(job, tmp_path / "full", world=2)
-    run, kills = tmp_path / "elastic", (15, 30)  # the newest published checkpoints then: steps 8 and 24
+    # Each kill comes as a checkpoint is taken (steps 16 and 32), so the one before it (8, 24) is the newest
+    # published: at most one write is in flight, and a write is published at a later step boundary.
+    run, kills = tmp_path / "elastic", (16, 32)
     for i, world in enumerate(worlds[:-1]):
         _segment(job, run, world, kills[i], tmp_path / f"kill{i}", resume=i > 0)
     summary = spawn_workers(job, run, world=worlds[-1], resume=True)

@@ -26,7 +26,7 @@ from tests.helpers import small_job
 # resume must restore exactly. 1294 training samples / (16 x 2 ranks) = 41 steps per epoch.
 JOB = small_job(**{"model.dropout": 0.2, "data.batch_size": 16, "optim.scheduler": "cosine", "optim.warmup_steps": 5,
                    "trainer.max_epochs": 2, "checkpoint.every_n_steps": 10, "trainer.log_every_n_steps": 10})
-KILL_STEP = 55  # epoch 2, five steps after the step-50 checkpoint (published 4 steps after it was taken)
+KILL_STEP = 60  # epoch 2, as the step-60 checkpoint is taken: the step-50 one is published by then, 60 cannot be yet
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def _resumed_from(run_dir):
 
 def test_killed_run_resumes_to_bitwise_equal_weights(runs):
     killed = runs["root"] / "killed"
-    assert latest_checkpoint(killed).name == "step_00000050"  # steps 51-55 were done, then the kill
+    assert latest_checkpoint(killed).name == "step_00000050"  # steps 51-60 were done, then the kill
     summary = spawn_workers(JOB, killed, world=2, resume=True)
     (event,) = _resumed_from(killed)
     # mid-epoch: 9 of the 41 steps of epoch 2 done, 9 x 32 samples

@@ -90,12 +90,14 @@ def test_ctrl_c_stops_workers_and_leaves_a_usable_checkpoint(interrupted):
 def test_resume_after_ctrl_c_survives_a_killed_worker(interrupted, tmp_path, ray_session):
     run_dir = interrupted["run_dir"]
     start = read_manifest(_intact_checkpoints(run_dir)[-1])
-    kill_step = start["step"] + 13  # six steps past the next checkpoint (every 7 steps, published 4 steps later)
+    # As the second checkpoint after it is taken (every 7 steps): the first is published by then (at most one write
+    # is in flight), the second cannot be yet. Rank 1 lives 2 s on, so that its upload of the first can end.
+    kill_step = start["step"] + 14
     job = load_job(run_dir / "config.yaml", [f"trainer.max_epochs={start['epoch'] + 2}", "trainer.max_failures=1"])
     reference = tmp_path / "reference"  # the same resume with no kill, run without Ray below
     shutil.copytree(run_dir, reference)
     # what `dtrain train --resume RUN_DIR` does, on this session's Ray, with rank 1 SIGKILLed once at kill_step
-    summary = fit_job(job, resume=True, worker_callbacks=[KillAt(1, kill_step, tmp_path / "killed")])
+    summary = fit_job(job, resume=True, worker_callbacks=[KillAt(1, kill_step, tmp_path / "killed", delay_s=2)])
     assert (tmp_path / "killed").exists()  # rank 1 really was SIGKILLed once
     resumes = [r for r in read_metrics(run_dir) if r.get("event") == "resume"]
     assert len(resumes) == 2

@@ -1,0 +1,78 @@
+"""Publishing checkpoints written in the background: training never waits for a slow write, and every rank publishes
+at the same step boundary, the first one after every rank's write is known to be done."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dtrain.engine.dist import StepVote
+from dtrain.engine.saving import CheckpointWriter
+from dtrain.engine.state import TrainState
+from dtrain.launch.net import free_port
+
+TAKEN_AT, STEPS, STEP_S = 3, 40, 0.01
+SLOW_WRITE_S = 0.2
+"""Rank 1's write takes this long (20 steps' time); rank 0's is immediate."""
+
+
+class _Strategy:
+    """What CheckpointWriter asks of a strategy: a finiteness check, and a snapshot whose write takes write_s."""
+
+    def __init__(self, write_s: float) -> None:
+        self.write_s = write_s
+
+    def weights_finite(self) -> bool:
+        return True
+
+    def snapshot(self, folder: Path):
+        def write() -> None:
+            time.sleep(self.write_s)
+            (folder / f"part_rank{dist.get_rank()}.bin").write_bytes(b"x")
+        return write
+
+
+def _rank(rank: int, port: int, staging: str, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    published: list[int] = []
+    writer = CheckpointWriter(rank, 2, lambda metrics, folder: published.append(metrics["step"]),
+                              staging=Path(staging) / f"rank{rank}")
+    vote, state, step_times = StepVote(60.0), TrainState(), []
+    strategy = _Strategy(SLOW_WRITE_S if rank == 1 else 0.0)
+    for step in range(1, STEPS + 1):
+        started = time.perf_counter()
+        time.sleep(STEP_S)  # the step's own work
+        dist.all_reduce(torch.ones(1))  # and its gradient all-reduce: the ranks keep in step
+        state.step = step
+        if step == TAKEN_AT:
+            writer.start(strategy, state, {"step": step})
+        vote.agree(step, writer.writing())
+        if writer.due(vote.as_of, vote.writing):
+            writer.finish()
+            published.append(-step)  # the boundary it was published at
+        step_times.append(time.perf_counter() - started)
+    writer.finish()
+    writer.shutdown()
+    vote.close()
+    out.put((rank, published, max(step_times)))
+    dist.destroy_process_group()
+
+
+def test_a_slow_write_delays_the_publish_not_the_steps(tmp_path):
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_rank, args=(free_port(), str(tmp_path), queue), nprocs=2, start_method="spawn")
+    results = {rank: (published, slowest) for rank, published, slowest in (queue.get(), queue.get())}
+    (published0, slowest0), (published1, slowest1) = results[0], results[1]
+    # each rank published the checkpoint once, at the same step boundary
+    assert published0 == published1 and published0[0] == TAKEN_AT and len(published0) == 2, results
+    at = -published0[1]
+    # not before rank 1's write (20 steps' time) was done, nor long after: within a few steps of it
+    assert TAKEN_AT + 15 <= at <= TAKEN_AT + 30, results
+    # and no step waited for the write: the slowest took a small part of the write's time
+    assert max(slowest0, slowest1) < SLOW_WRITE_S / 2, results
