@@ -7,6 +7,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
@@ -403,8 +404,20 @@ def _at_least(low: int):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dtrain", description="Distributed training on Ray with DDP or DeepSpeed.")
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are one line, like every other error: `dtrain: error: <what>; usage:
+    <the command's usage>`, exit 2."""
+
+    commands: dict[str, argparse.ArgumentParser]
+    """The top-level parser's subcommands' parsers, by name."""
+
+    def error(self, message: str) -> NoReturn:
+        usage = " ".join(self.format_usage().split()[1:])  # one line, without argparse's "usage:"
+        self.exit(2, f"dtrain: error: {message}; usage: {usage}\n")
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(prog="dtrain", description="Distributed training on Ray with DDP or DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a job (embedded Ray, or --address for a cluster)")
@@ -485,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help=address_help)
     p.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
     p.set_defaults(func=cmd_jobs)
+    parser.commands = sub.choices
     return parser
 
 
@@ -495,8 +509,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*(args.overrides or []), *extra]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:  # named with the command's own usage
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     return args
 
 

@@ -347,6 +347,11 @@ def _check_finite(obj: Any, prefix: str = "") -> None:
                       item)
 
 
+_NOT_CONVERTED = re.compile(r"Value '(.*)' (?:of type '\w+' could not be converted to (\w+)|is not a valid (bool))")
+"""OmegaConf's message for a value of the wrong type: the value, and the type (Integer, Float, ... or bool)."""
+_EXPECTED = {"Integer": "an integer", "Float": "a number", "bool": "true or false"}
+
+
 def _schema_error(err: OmegaConfBaseException, where: str) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
     msg = getattr(err, "msg", None) or str(err)
@@ -355,6 +360,9 @@ def _schema_error(err: OmegaConfBaseException, where: str) -> ConfigError:
         return ConfigError(f"{where}: unknown key '{key}'")
     if "is not Optional" in msg or msg.startswith("Incompatible value 'None'"):  # `key=` or `key=null`
         return ConfigError(f"{where}: {key}: expected a value, got an empty or null one")
+    if (wrong := _NOT_CONVERTED.match(msg)) and key:
+        value, kind = wrong[1], wrong[2] or wrong[3]
+        return ConfigError(f"{where}: {key}: expected {_EXPECTED.get(kind, kind.lower())}, got {value}")
     return ConfigError(f"{where}: {key}: {msg}" if key else f"{where}: {msg}")
 
 

@@ -52,7 +52,11 @@ CASES = [
     ("unknown-top-level-key", "config JOB epochs=3", "unknown key 'epochs'"),
     ("unknown-nested-key", "config JOB trainer.max_epoch=3", "unknown key 'trainer.max_epoch'"),
     ("unknown-model-field", "config JOB model.hiden=[8]", "model.hiden"),
-    ("wrong-type-int", "config JOB trainer.max_epochs=ten", "trainer.max_epochs"),
+    ("wrong-type-int", "config JOB trainer.max_epochs=ten", "trainer.max_epochs: expected an integer, got ten"),
+    ("float-for-int", "config JOB trainer.max_epochs=1e3", "trainer.max_epochs: expected an integer, got 1000.0"),
+    ("wrong-type-float", "config JOB optim.lr=fast", "optim.lr: expected a number, got fast"),
+    ("wrong-type-bool", "config JOB checkpoint.background=maybe",
+     "checkpoint.background: expected true or false, got maybe"),
     ("wrong-type-list-for-int", "config JOB data.batch_size=[3]", "data.batch_size"),
     ("negative-lr", "config JOB optim.lr=-0.1", "optim.lr: expected a number > 0"),
     ("unknown-optimizer", "config JOB optim.name=lbfgs", "optim.name"),
@@ -312,7 +316,9 @@ def test_overrides_after_an_option_are_overrides_and_anything_else_is_refused(ca
     assert args.overrides == ["a=1", "trainer.num_workers=1", "trainer.max_epochs=3"]
     with pytest.raises(SystemExit) as exit_:
         parse_args(["train", "runs/x", "--resume", "stray"])
-    assert exit_.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
+    (line,) = capsys.readouterr().err.strip().splitlines()  # one line, with the command's usage
+    assert exit_.value.code == 2
+    assert line.startswith("dtrain: error: unrecognized arguments: stray; usage: dtrain train ")
 
 
 def test_an_address_where_nothing_answers_is_one_line_at_once(scratch):
@@ -331,8 +337,8 @@ def test_a_missing_job_is_named_alone_not_with_the_optional_overrides(command, c
     with pytest.raises(SystemExit) as exit_:
         parse_args([command])
     assert exit_.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last == f"dtrain {command}: error: the following arguments are required: job"
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"dtrain: error: the following arguments are required: job; usage: dtrain {command} ")
 
 
 @pytest.mark.parametrize(("override", "expected"), [
@@ -371,7 +377,8 @@ def test_counts_given_as_options_are_checked_by_the_parser(argv, expected, capsy
 
     with pytest.raises(SystemExit) as exit_:
         parse_args(argv)
-    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(expected)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and line.startswith(f"dtrain: error: {expected}; usage: dtrain {argv[0]} ")
 
 
 @pytest.mark.parametrize("existed", [False, True])
