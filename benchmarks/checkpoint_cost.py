@@ -6,7 +6,7 @@ takes, writes and publishes a checkpoint) and the whole loop (which also waits f
 --hidden sets the MLP's hidden layers (2048,2048,2048: a 100 MB checkpoint with Adam's state), --workers the number
 of processes (1 on a 2-core machine: a core to spare for the background write).
 
-    python -m benchmarks.checkpoint_cost [--repeats 5] [--epochs 8] [--hidden 256,128] [--workers 2]
+    python -m benchmarks.checkpoint_cost [--repeats 5] [--epochs 8] [--hidden 256,128] [--workers 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--hidden", default="256,128", help="the MLP's hidden layer widths")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default=None, help="the results folder (default benchmarks/results)")
     args = parser.parse_args()
     times: dict[str, list[float]] = {m: [] for m in MODES}
     steady: dict[str, list[float]] = {m: [] for m in MODES}
@@ -66,7 +67,8 @@ def main() -> None:
         "" if args.workers == 2 else f"_{args.workers}w")
     saved = save(name, {"times": times, "steady_s": steady, "ratios_vs_off": ratios,
                         "steady_ratios_vs_off": steady_ratios, "epochs": args.epochs, "hidden": args.hidden,
-                        "workers": args.workers})
+                        "workers": args.workers},
+                 Path(args.out) if args.out else None)
     print(f"results: {saved}")
 
 

@@ -69,7 +69,7 @@ def peaks(npz: Path, runs: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="100000,1000000,4000000")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="the results folder (default benchmarks/results)")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +88,7 @@ def main() -> None:
                   f"{row['driver_uss_x']:.2f}x USS; each worker {row['worker_x']:.2f}x RSS, "
                   f"{row['worker_uss_x']:.2f}x USS", flush=True)
             results.append(row)
-    print(f"results: {save(args.out or 'data_memory', {'baseline': base, 'runs': results})}")
+    print(f"results: {save('data_memory', {'baseline': base, 'runs': results}, args.out)}")
 
 
 if __name__ == "__main__":

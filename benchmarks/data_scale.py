@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--reserve-gib", type=float, default=2.5)
     parser.add_argument("--tmp", default=None, help="folder for the generated files (needs ~2x the largest set)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="the results folder (default benchmarks/results)")
     args = parser.parse_args()
     JOB.append(f"data.batch_size={args.batch_size}")
     sizes = [int(r) for r in args.rows.split(",")]
@@ -221,11 +221,11 @@ def main() -> None:
             parquet, npz = tmp / f"pq{rows}", tmp / f"rows{rows}.npz"
             size = write_parquet(parquet, rows)
             runs_out.append(memory_run("stream", parquet, runs, rows, size, args.reserve_gib))
-            save(args.out or "data_scale", {"runs": runs_out})  # so far: a long run's sizes are kept as they end
+            save("data_scale", {"runs": runs_out}, args.out)  # so far: a long run's sizes are kept as they end
             if rows in in_memory:
                 write_npz(npz, rows)
                 runs_out.append(memory_run("memory", npz, runs, rows, size, args.reserve_gib))
-                save(args.out or "data_scale", {"runs": runs_out})
+                save("data_scale", {"runs": runs_out}, args.out)
                 npz.unlink()
             if rows != args.speed_rows:
                 _remove(parquet)
@@ -241,7 +241,7 @@ def main() -> None:
             r = speed["stream_vs_memory"]
             print(f"streaming / in-memory samples/s: median {median(r):.3f} (range {min(r):.3f}-{max(r):.3f})")
     payload = {"batch_size": args.batch_size, "rows_per_file": ROWS_PER_FILE, "runs": runs_out, "throughput": speed}
-    print(f"results: {save(args.out or 'data_scale', payload)}")
+    print(f"results: {save('data_scale', payload, args.out)}")
 
 
 def _remove(folder: Path) -> None:
