@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = {"off": ["checkpoint.every_n_epochs=0"],
          "training_thread": ["checkpoint.every_n_epochs=1", "checkpoint.background=false"],
          "background": ["checkpoint.every_n_epochs=1", "checkpoint.background=true"]}
+HIDDEN = "256,128"
+"""The `make train` job's hidden layers."""
 
 
 def run(mode: str, epochs: int, hidden: str, workers: int, tmp: str) -> tuple[float, float]:
@@ -39,11 +41,16 @@ def run(mode: str, epochs: int, hidden: str, workers: int, tmp: str) -> tuple[fl
     return wall, ends[-1] - ends[0]
 
 
+def _speed_vs_off(seconds: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per mode, each repeat's speed relative to the checkpoints-off run of the same repeat."""
+    return {m: [off / t for off, t in zip(seconds["off"], seconds[m], strict=True)] for m in seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--hidden", default="256,128", help="the MLP's hidden layer widths")
+    parser.add_argument("--hidden", default=HIDDEN, help="the MLP's hidden layer widths")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=None, help="the results folder (default benchmarks/results)")
     args = parser.parse_args()
@@ -57,13 +64,12 @@ def main() -> None:
                 wall, between = run(mode, args.epochs, args.hidden, args.workers, tmp)
                 times[mode].append(wall)
                 steady[mode].append(between)
-    ratios = {m: [off / t for off, t in zip(times["off"], times[m], strict=True)] for m in MODES}
-    steady_ratios = {m: [off / t for off, t in zip(steady["off"], steady[m], strict=True)] for m in MODES}
+    ratios, steady_ratios = _speed_vs_off(times), _speed_vs_off(steady)
     for m in MODES:
         print(f"{m:16s} steady speed vs off {median(steady_ratios[m]):.3f} (range {min(steady_ratios[m]):.3f}-"
               f"{max(steady_ratios[m]):.3f}); loop {median(times[m]):.2f} s, speed vs off {median(ratios[m]):.3f} "
               f"(range {min(ratios[m]):.3f}-{max(ratios[m]):.3f})")
-    name = "checkpoint_cost" + ("" if args.hidden == "256,128" else f"_{args.hidden.replace(',', 'x')}") + (
+    name = "checkpoint_cost" + ("" if args.hidden == HIDDEN else f"_{args.hidden.replace(',', 'x')}") + (
         "" if args.workers == 2 else f"_{args.workers}w")
     saved = save(name, {"times": times, "steady_s": steady, "ratios_vs_off": ratios,
                         "steady_ratios_vs_off": steady_ratios, "epochs": args.epochs, "hidden": args.hidden,

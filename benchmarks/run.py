@@ -112,8 +112,9 @@ def table(folder: Path) -> list[tuple[str, str, str, str]]:
             rows.append(("trackers", f"{name} (in turns with off, 1 proc)", f"{q['speed_vs_off']:.4f} x off",
                          f"per-round median {q['median']:.4f} ({q['q1']:.4f}-{q['q3']:.4f})"))
     if r := _load(folder, "checkpoint_cost"):
-        for mode, ratios in r.get("steady_ratios_vs_off", r["ratios_vs_off"]).items():
-            rows.append(("checkpoints", f"{mode} (every epoch, 2 procs, in turns, steady)",
+        steady = "steady_ratios_vs_off" in r  # result files from before it was measured have the loop's only
+        for mode, ratios in r["steady_ratios_vs_off" if steady else "ratios_vs_off"].items():
+            rows.append(("checkpoints", f"{mode} (every epoch, 2 procs, in turns{', steady' if steady else ''})",
                          f"{median(ratios):.3f} x off", f"range {min(ratios):.3f}-{max(ratios):.3f}"))
     if r := _load(folder, "data_memory"):
         for run in r["runs"]:
