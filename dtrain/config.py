@@ -145,10 +145,10 @@ class CheckpointConfig:
     every_n_steps: int = 0
     """Also save every N optimizer steps (0 disables), for exact mid-epoch resume."""
     keep: int = 2
-    """Checkpoints kept by Ray Train (the newest ones)."""
+    """How many of the newest checkpoints are kept (older ones are deleted once a newer one is complete)."""
     background: bool = True
-    """Write checkpoints in a background thread while training goes on (published 4 steps after they are taken);
-    false writes them on the training thread."""
+    """Write checkpoints in a background thread while training goes on (each is published at the first step
+    boundary after every rank's write is done); false writes them on the training thread."""
 
     def __post_init__(self) -> None:
         check(self.every_n_epochs >= 0, "checkpoint.every_n_epochs", "an integer >= 0", self.every_n_epochs)

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import reduction
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,15 @@ from dtrain.launch.net import free_port
 
 class LocalPublisher:
     """The loop's publish callable without Ray: keeps each published checkpoint under <run_dir>/checkpoints/.
-    The ranks' folders are moved in: renamed when the writer staged them on the same filesystem (under root)."""
+    The ranks' folders are moved in: renamed when the writer staged them on the same filesystem (under root).
+    Checkpoints beyond the newest keep are deleted in a background thread (deleting files can take milliseconds
+    each, on a filesystem that discards freed blocks at once); close() waits for it."""
 
     def __init__(self, run_dir: Path, keep: int | None = None) -> None:
         """keep: how many of the newest checkpoints stay (None: all)."""
         self.root, self.keep = Path(run_dir) / "checkpoints", keep
         self.published: list[dict[str, Any]] = []
+        self.pruner: ThreadPoolExecutor | None = None
 
     def __call__(self, metrics: dict[str, Any], folder: Path | None) -> None:
         self.published.append(metrics)
@@ -42,11 +46,22 @@ class LocalPublisher:
             _move_into(folder, partial)  # every rank adds its files, as Ray merges them
         dist.barrier() if dist.is_initialized() else None
         if target is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-            shutil.rmtree(target, ignore_errors=True)  # a replayed step after a resume replaces its old copy
+            if target.exists():  # a replayed step after a resume replaces its old copy
+                shutil.rmtree(target, ignore_errors=True)
             os.replace(partial, target)  # atomic: a crash leaves either no step_<n> or a complete one
             if self.keep is not None:  # older ones go only once the new one is complete
-                for old in sorted(self.root.glob("step_*"), key=checkpoint_order)[:-self.keep]:
-                    shutil.rmtree(old, ignore_errors=True)
+                self.pruner = self.pruner or ThreadPoolExecutor(1, thread_name_prefix="dtrain-prune")
+                self.pruner.submit(self._prune)
+
+    def _prune(self) -> None:
+        for old in sorted(self.root.glob("step_*"), key=checkpoint_order)[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def close(self) -> None:
+        """Wait for the deletions under way."""
+        if self.pruner is not None:
+            self.pruner.shutdown(wait=True)
+            self.pruner = None
 
 
 def _move_into(src: Path, dst: Path) -> None:
@@ -146,8 +161,11 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
         resume_dir = latest_checkpoint(Path(run_dir), warn=rank == 0) if resume else None
         try:
             publisher = LocalPublisher(Path(run_dir), keep)
-            summary = run_worker(job, run_dir, publisher, device, resume_dir, callbacks=list(callbacks),
-                                 staging=publisher.root)
+            try:
+                summary = run_worker(job, run_dir, publisher, device, resume_dir, callbacks=list(callbacks),
+                                     staging=publisher.root)
+            finally:
+                publisher.close()
         except DtrainError as err:
             out.put(err)  # so that spawn_workers raises the user's mistake as itself
             raise

@@ -150,6 +150,29 @@ def test_a_local_run_publishes_its_checkpoints_by_renaming_them(tmp_path, monkey
     assert all(checkpoint_problem(p) is None for p in published)
 
 
+def test_the_local_launcher_deletes_old_checkpoints_off_the_training_thread(tmp_path, monkeypatch):
+    """checkpoint.keep: older checkpoints go once a newer one is published, deleted by another thread (a deletion
+    can take milliseconds per file); close() waits for the deletions, so the newest `keep` are what is left."""
+    deleted_by: list[str] = []
+    rmtree = shutil.rmtree
+
+    def recording_rmtree(path, *args, **kwargs):
+        deleted_by.append(threading.current_thread().name)
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", recording_rmtree)
+    publisher = LocalPublisher(tmp_path, keep=2)
+    for step in (10, 20, 30, 40):
+        folder = tmp_path / f"staged{step}"
+        folder.mkdir()
+        (folder / "model.pt").write_bytes(b"x")
+        (folder / "manifest_rank0.json").write_text(f'{{"step": {step}, "world": 1, "files": {{}}}}')
+        publisher({"step": step}, folder)
+    publisher.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000030", "step_00000040"]
+    assert threading.current_thread().name not in deleted_by and len(deleted_by) >= 2, deleted_by
+
+
 def test_a_restarted_ray_worker_resumes_from_the_run_dirs_checkpoint_that_ray_never_registered(tmp_path, monkeypatch,
                                                                                             one_thread):
     """A node that dies after its ranks wrote a checkpoint but before Ray's controller registered it (that needs
