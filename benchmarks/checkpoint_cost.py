@@ -4,15 +4,21 @@ taking turns in one run (mode order rotating each repeat). Reported per mode, as
 and spread over the repeats): the steady speed (from the first epoch's end to the last one's: every epoch there
 takes, writes and publishes a checkpoint) and the whole loop (which also waits for the last write, once per run).
 --hidden sets the MLP's hidden layers (2048,2048,2048: a 100 MB checkpoint with Adam's state), --workers the number
-of processes (1 on a 2-core machine: a core to spare for the background write).
+of processes (1 on a 2-core machine: a core to spare for the background write). --launcher ray runs each as users
+run it, `dtrain train` (a fresh embedded Ray each time), where each checkpoint is also handed to Ray Train
+(ray.train.report) and copied into the run folder by it; the default, local, runs the engine's ranks without Ray.
 
-    python -m benchmarks.checkpoint_cost [--repeats 5] [--epochs 8] [--hidden 256,128] [--workers 2] [--out DIR]
+    python -m benchmarks.checkpoint_cost [--repeats 5] [--epochs 8] [--hidden 256,128] [--workers 2]
+                                         [--launcher local|ray] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,16 +33,22 @@ HIDDEN = "256,128"
 """The `make train` job's hidden layers."""
 
 
-def run(mode: str, epochs: int, hidden: str, workers: int, tmp: str) -> tuple[float, float]:
+def run(mode: str, epochs: int, hidden: str, workers: int, tmp: str, launcher: str = "local") -> tuple[float, float]:
     """The loop's wall time (summary.wall_time_s) of one run, and the time from its first epoch record to its
     last."""
-    from dtrain.launch.spawn import spawn_workers
+    overrides = [f"runs_dir={tmp}", f"name=ckpt_{mode}", f"trainer.max_epochs={epochs}",
+                 f"trainer.num_workers={workers}", "trainer.early_stopping.monitor=null", f"model.hidden=[{hidden}]",
+                 "logging.progress=false", "logging.wandb.enabled=false", *MODES[mode]]
+    if launcher == "ray":
+        subprocess.run([sys.executable, "-m", "dtrain", "train", str(ROOT / "jobs" / "mlp_digits.yaml"), *overrides],
+                       check=True, cwd=ROOT, env=os.environ | {"WANDB_MODE": "offline"}, stdout=subprocess.DEVNULL)
+        wall = json.loads((Path(tmp) / f"ckpt_{mode}" / "summary.json").read_text())["wall_time_s"]
+    else:
+        from dtrain.launch.spawn import spawn_workers
 
-    job = load_job(ROOT / "jobs" / "mlp_digits.yaml", [
-        f"runs_dir={tmp}", f"name={mode}", f"trainer.max_epochs={epochs}", "trainer.early_stopping.monitor=null",
-        f"model.hidden=[{hidden}]", "logging.progress=false", "logging.wandb.enabled=false", *MODES[mode]])
-    wall = spawn_workers(to_dict(job), Path(tmp) / mode, world=workers)["wall_time_s"]
-    with open(Path(tmp) / mode / "metrics.jsonl") as f:
+        job = load_job(ROOT / "jobs" / "mlp_digits.yaml", overrides)
+        wall = spawn_workers(to_dict(job), Path(tmp) / f"ckpt_{mode}", world=workers)["wall_time_s"]
+    with open(Path(tmp) / f"ckpt_{mode}" / "metrics.jsonl") as f:
         ends = [record["time"] for record in map(json.loads, f) if record.get("event") == "epoch"]
     return wall, ends[-1] - ends[0]
 
@@ -52,28 +64,31 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--hidden", default=HIDDEN, help="the MLP's hidden layer widths")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--modes", default=",".join(MODES), help="of " + ", ".join(MODES) + " (off is needed)")
+    parser.add_argument("--launcher", choices=["local", "ray"], default="local",
+                        help="local: the engine's ranks without Ray; ray: `dtrain train`")
     parser.add_argument("--out", default=None, help="the results folder (default benchmarks/results)")
     args = parser.parse_args()
-    times: dict[str, list[float]] = {m: [] for m in MODES}
-    steady: dict[str, list[float]] = {m: [] for m in MODES}
-    names = list(MODES)
+    names = args.modes.split(",")
+    times: dict[str, list[float]] = {m: [] for m in names}
+    steady: dict[str, list[float]] = {m: [] for m in names}
     for rep in range(args.repeats):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for mode in order:
             with tempfile.TemporaryDirectory() as tmp:
-                wall, between = run(mode, args.epochs, args.hidden, args.workers, tmp)
+                wall, between = run(mode, args.epochs, args.hidden, args.workers, tmp, args.launcher)
                 times[mode].append(wall)
                 steady[mode].append(between)
     ratios, steady_ratios = _speed_vs_off(times), _speed_vs_off(steady)
-    for m in MODES:
+    for m in names:
         print(f"{m:16s} steady speed vs off {median(steady_ratios[m]):.3f} (range {min(steady_ratios[m]):.3f}-"
               f"{max(steady_ratios[m]):.3f}); loop {median(times[m]):.2f} s, speed vs off {median(ratios[m]):.3f} "
               f"(range {min(ratios[m]):.3f}-{max(ratios[m]):.3f})")
     name = "checkpoint_cost" + ("" if args.hidden == HIDDEN else f"_{args.hidden.replace(',', 'x')}") + (
-        "" if args.workers == 2 else f"_{args.workers}w")
+        "" if args.workers == 2 else f"_{args.workers}w") + ("" if args.launcher == "local" else f"_{args.launcher}")
     saved = save(name, {"times": times, "steady_s": steady, "ratios_vs_off": ratios,
                         "steady_ratios_vs_off": steady_ratios, "epochs": args.epochs, "hidden": args.hidden,
-                        "workers": args.workers},
+                        "workers": args.workers, "launcher": args.launcher},
                  Path(args.out) if args.out else None)
     print(f"results: {saved}")
 

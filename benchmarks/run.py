@@ -1,7 +1,7 @@
 """`make bench`: run the benchmarks (each in its own process) and print one table of what they measured.
 
     python -m benchmarks.run [--sections overhead,ddpflags,startup,zero,compile,precision,hotpath,trackers,
-                              checkpoints,datamemory,datascale,objstore,gpu] [--quick] [--table-only]
+                              checkpoints,checkpointsray,datamemory,datascale,objstore,gpu] [--quick] [--table-only]
 
 Results go to benchmarks/results/<name>.json (with the machine's details); --table-only prints the table from the
 JSON files already there (e.g. ones fetched from a GPU machine into --results DIR).
@@ -24,16 +24,18 @@ QUICK = {"overhead": ["--repeats", "1", "--epochs", "3", "--warmup", "5", "--run
          "zero": ["--epochs", "2", "--warmup", "5", "--hidden", "64"],
          "precision": ["--quick", "--repeats", "1"], "hotpath": ["--steps", "300"], "ddpflags": ["--steps", "300"],
          "trackers": ["--rounds", "3", "--block", "20", "--warmup", "1"], "gpu": ["--quick", "--repeats", "1"],
-         "checkpoints": ["--repeats", "1", "--epochs", "3"], "datamemory": ["--rows", "100000"],
+         "checkpoints": ["--repeats", "1", "--epochs", "3"],
+         "checkpointsray": ["--launcher", "ray", "--repeats", "1", "--epochs", "3"], "datamemory": ["--rows", "100000"],
          "datascale": ["--rows", "100000", "--speed-rows", "100000", "--pairs", "1", "--steps", "200",
                        "--log-every", "50"],
          "compile": ["--steps", "60", "--warmup", "10", "--hidden", "64"],
          "objstore": ["--repeats", "1", "--train-repeats", "1"]}
-FULL = {"overhead": ["--boundary"]}
+FULL = {"overhead": ["--boundary"], "checkpointsray": ["--launcher", "ray", "--epochs", "30"]}
 MODULES = {"overhead": "benchmarks.overhead", "ddpflags": "benchmarks.ddp_flags", "startup": "benchmarks.startup",
            "zero": "benchmarks.zero_memory", "compile": "benchmarks.compile_speed",
            "precision": "benchmarks.precision", "hotpath": "benchmarks.hot_path", "trackers": "benchmarks.trackers",
-           "checkpoints": "benchmarks.checkpoint_cost", "datamemory": "benchmarks.data_memory", "gpu": "benchmarks.gpu",
+           "checkpoints": "benchmarks.checkpoint_cost", "checkpointsray": "benchmarks.checkpoint_cost",
+           "datamemory": "benchmarks.data_memory", "gpu": "benchmarks.gpu",
            "datascale": "benchmarks.data_scale",
            "objstore": "benchmarks.objstore"}
 
@@ -111,11 +113,12 @@ def table(folder: Path) -> list[tuple[str, str, str, str]]:
         for name, q in r["ratios"].items():
             rows.append(("trackers", f"{name} (in turns with off, 1 proc)", f"{q['speed_vs_off']:.4f} x off",
                          f"per-round median {q['median']:.4f} ({q['q1']:.4f}-{q['q3']:.4f})"))
-    if r := _load(folder, "checkpoint_cost"):
-        steady = "steady_ratios_vs_off" in r  # result files from before it was measured have the loop's only
-        for mode, ratios in r["steady_ratios_vs_off" if steady else "ratios_vs_off"].items():
-            rows.append(("checkpoints", f"{mode} (every epoch, 2 procs, in turns{', steady' if steady else ''})",
-                         f"{median(ratios):.3f} x off", f"range {min(ratios):.3f}-{max(ratios):.3f}"))
+    for name, launcher in (("checkpoint_cost", "2 procs"), ("checkpoint_cost_ray", "dtrain train, 2 workers")):
+        if r := _load(folder, name):
+            steady = "steady_ratios_vs_off" in r  # result files from before it was measured have the loop's only
+            for mode, ratios in r["steady_ratios_vs_off" if steady else "ratios_vs_off"].items():
+                rows.append(("checkpoints", f"{mode} (every epoch, {launcher}, in turns{', steady' if steady else ''})",
+                             f"{median(ratios):.3f} x off", f"range {min(ratios):.3f}-{max(ratios):.3f}"))
     if r := _load(folder, "data_memory"):
         for run in r["runs"]:
             rows.append(("in-memory data", f"{run['rows']:,} rows x 64 float32, 2 workers",
@@ -144,7 +147,7 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="overhead,ddpflags,startup,zero,compile,precision,hotpath,trackers,"
-                                              "checkpoints,datamemory,datascale,objstore,gpu")
+                                              "checkpoints,checkpointsray,datamemory,datascale,objstore,gpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks that all runs")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))
