@@ -9,7 +9,7 @@ run it, `dtrain train` (a fresh embedded Ray each time), where each checkpoint i
 (ray.train.report) and copied into the run folder by it; the default, local, runs the engine's ranks without Ray.
 
     python -m benchmarks.checkpoint_cost [--repeats 5] [--epochs 8] [--hidden 256,128] [--workers 2]
-                                         [--launcher local|ray] [--out DIR]
+                                         [--modes off,training_thread,background] [--launcher local|ray] [--out DIR]
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="the results folder (default benchmarks/results)")
     args = parser.parse_args()
     names = args.modes.split(",")
+    if "off" not in names or not set(names) <= set(MODES):
+        parser.error(f"--modes: a comma-separated list of {', '.join(MODES)} that includes off; got {args.modes}")
     times: dict[str, list[float]] = {m: [] for m in names}
     steady: dict[str, list[float]] = {m: [] for m in names}
     for rep in range(args.repeats):
