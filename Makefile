@@ -18,9 +18,13 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/dtrain train jobs/mlp_digits.yaml $(ARGS)
 
+# Two test processes: the Ray tests in one, the tests with clusters of their own in the other, the rest shared out
+# (tests/conftest.py). XDIST= runs them all in this process.
+XDIST ?= -n 2 --dist loadgroup
+
 test: $(STAMP)
 	$(BIN)/ruff check dtrain tests benchmarks
-	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) --durations=30 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check dtrain tests benchmarks

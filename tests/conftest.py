@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +17,56 @@ from dtrain.launch.net import free_port
 os.environ["DTRAIN_LOCAL_HEAD_DIR"] = "/nonexistent/dtrain-tests"
 
 
+# Tests that start Ray clusters of their own, on their own ports and folders, not the session's Ray.
+OWN_CLUSTER_MODULES = {"test_jobs_cluster.py", "test_local_head.py"}
+
+
+def pytest_collection_modifyitems(items):
+    """`make test` runs two test processes (pytest-xdist, `--dist loadgroup`). The tests that use the session's Ray
+    (ray_session, and the rest of tests/ray) form one group, run by one process one after another, so there is one
+    such Ray; the tests that start clusters of their own form another; the remaining tests are shared out."""
+    for item in items:
+        if item.path.name in OWN_CLUSTER_MODULES:
+            item.add_marker(pytest.mark.xdist_group("own-clusters"))
+        elif "ray_session" in item.fixturenames or item.path.parent.name == "ray":
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@contextlib.contextmanager
+def _turn(alone: bool):
+    """Under pytest-xdist: a test marked `alone` (its assertions time the machine) waits for the tests running in
+    the other processes to end, and none starts there until it has ended. A readers-writer lock on two files: an
+    `alone` test first takes `intent`, so that no test starts meanwhile, then `turn` for itself; any other test
+    passes through `intent` and shares `turn`."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:  # one process: nothing runs beside the test
+        yield
+        return
+    folder = Path(tempfile.gettempdir()) / f"dtrain-tests-{run}"
+    folder.mkdir(exist_ok=True)
+    with open(folder / "intent", "a") as intent, open(folder / "turn", "a") as turn:
+        if alone:
+            fcntl.flock(intent, fcntl.LOCK_EX)
+            fcntl.flock(turn, fcntl.LOCK_EX)
+        else:
+            fcntl.flock(intent, fcntl.LOCK_SH)
+            fcntl.flock(turn, fcntl.LOCK_SH)
+            fcntl.flock(intent, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(turn, fcntl.LOCK_UN)
+            fcntl.flock(intent, fcntl.LOCK_UN)
+
+
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch, tmp_path):
+def _isolated_env(request, monkeypatch, tmp_path):
+    """Each test: offline W&B, the environment restored, no process group left behind, its turn (see _turn)."""
+    with _turn(request.node.get_closest_marker("alone") is not None):
+        yield from _isolated(monkeypatch, tmp_path)
+
+
+def _isolated(monkeypatch, tmp_path):
     saved = dict(os.environ)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -69,8 +121,11 @@ def one_rank():
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "DTRAINFAKEACCESSKEY0", "AWS_SECRET_ACCESS_KEY": "dtrain-fake-secret-9f3c1d77",
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
-S3_ENDPOINT = os.environ.get("DTRAIN_TEST_S3_ENDPOINT") or f"http://127.0.0.1:{free_port()}"
-os.environ.update(FAKE_AWS, AWS_ENDPOINT_URL=S3_ENDPOINT, DTRAIN_TEST_S3_ENDPOINT=S3_ENDPOINT)
+# Under pytest-xdist each test process has its own server: the key names the process (gw0, gw1), whose Ray workers
+# and subprocesses inherit it.
+_S3_KEY = "DTRAIN_TEST_S3_ENDPOINT" + os.environ.get("PYTEST_XDIST_WORKER", "")
+S3_ENDPOINT = os.environ.get(_S3_KEY) or f"http://127.0.0.1:{free_port()}"
+os.environ.update(FAKE_AWS, AWS_ENDPOINT_URL=S3_ENDPOINT, **{_S3_KEY: S3_ENDPOINT})
 
 
 @pytest.fixture(scope="session")

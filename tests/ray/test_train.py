@@ -207,6 +207,7 @@ def test_preflight_names_problems_found_before_any_worker(ray_session, tmp_path,
     assert "rank" not in out and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.alone  # times the machine twice: nothing else may run meanwhile
 def test_preflights_projected_time_per_epoch_is_within_30_percent_of_the_run_that_follows(ray_session, tmp_path,
                                                                                            capsys):
     """`dtrain preflight` of the `make train` job (wider layers, for epochs of about a second), then the job itself on
