@@ -21,6 +21,7 @@ os.environ["DTRAIN_LOCAL_HEAD_DIR"] = "/nonexistent/dtrain-tests"
 OWN_CLUSTER_MODULES = {"test_jobs_cluster.py", "test_local_head.py"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(items):
     """`make test` runs two test processes (pytest-xdist, `--dist loadgroup`). The tests that use the session's Ray
     (ray_session, and the rest of tests/ray) form one group, run by one process one after another, so there is one
@@ -30,6 +31,14 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group("own-clusters"))
         elif "ray_session" in item.fixturenames or item.path.parent.name == "ray":
             item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+def pytest_collection_finish(session):
+    """The groups must hold: two session Rays side by side would contend and fail in ways that name no cause."""
+    if session.config.getoption("loadgroup", False) and any(
+            "@" not in item.nodeid for item in session.items if item.get_closest_marker("xdist_group")):
+        raise pytest.UsageError("pytest-xdist's --dist loadgroup did not group the tests: this pytest ignores the "
+                                "node ids it renames (see the test extra in pyproject.toml)")
 
 
 @contextlib.contextmanager
