@@ -36,19 +36,20 @@ HIDDEN = "256,128"
 def run(mode: str, epochs: int, hidden: str, workers: int, tmp: str, launcher: str = "local") -> tuple[float, float]:
     """The loop's wall time (summary.wall_time_s) of one run, and the time from its first epoch record to its
     last."""
-    overrides = [f"runs_dir={tmp}", f"name=ckpt_{mode}", f"trainer.max_epochs={epochs}",
+    run_dir = Path(tmp) / f"ckpt_{mode}"
+    overrides = [f"runs_dir={tmp}", f"name={run_dir.name}", f"trainer.max_epochs={epochs}",
                  f"trainer.num_workers={workers}", "trainer.early_stopping.monitor=null", f"model.hidden=[{hidden}]",
                  "logging.progress=false", "logging.wandb.enabled=false", *MODES[mode]]
     if launcher == "ray":
         subprocess.run([sys.executable, "-m", "dtrain", "train", str(ROOT / "jobs" / "mlp_digits.yaml"), *overrides],
                        check=True, cwd=ROOT, env=os.environ | {"WANDB_MODE": "offline"}, stdout=subprocess.DEVNULL)
-        wall = json.loads((Path(tmp) / f"ckpt_{mode}" / "summary.json").read_text())["wall_time_s"]
+        wall = json.loads((run_dir / "summary.json").read_text())["wall_time_s"]
     else:
         from dtrain.launch.spawn import spawn_workers
 
         job = load_job(ROOT / "jobs" / "mlp_digits.yaml", overrides)
-        wall = spawn_workers(to_dict(job), Path(tmp) / f"ckpt_{mode}", world=workers)["wall_time_s"]
-    with open(Path(tmp) / f"ckpt_{mode}" / "metrics.jsonl") as f:
+        wall = spawn_workers(to_dict(job), run_dir, world=workers)["wall_time_s"]
+    with open(run_dir / "metrics.jsonl") as f:
         ends = [record["time"] for record in map(json.loads, f) if record.get("event") == "epoch"]
     return wall, ends[-1] - ends[0]
 

@@ -72,24 +72,20 @@ def _turn(alone: bool):
 def _isolated_env(request, monkeypatch, tmp_path):
     """Each test: offline W&B, the environment restored, no process group left behind, its turn (see _turn)."""
     with _turn(request.node.get_closest_marker("alone") is not None):
-        yield from _isolated(monkeypatch, tmp_path)
+        saved = dict(os.environ)
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+        yield
+        import torch.distributed as dist
 
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+            from dtrain.compat.deepspeed import forget_process_groups
 
-def _isolated(monkeypatch, tmp_path):
-    saved = dict(os.environ)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    yield
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        from dtrain.compat.deepspeed import forget_process_groups
-
-        forget_process_groups()  # the next test's in-process DeepSpeed engine must not use this test's group
-    os.environ.clear()
-    os.environ.update(saved)
+            forget_process_groups()  # the next test's in-process DeepSpeed engine must not use this test's group
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
