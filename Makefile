@@ -18,9 +18,8 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/dtrain train jobs/mlp_digits.yaml $(ARGS)
 
-# Two test processes: the Ray tests in one, the tests with clusters of their own in the other, the rest shared out
-# (tests/conftest.py). XDIST= runs them all in this process.
-XDIST ?= -n 2 --dist loadgroup
+# One test process. XDIST='-n 2 --dist loadgroup' splits the suite over two (tests/conftest.py groups the Ray tests).
+XDIST ?=
 
 test: $(STAMP)
 	$(BIN)/ruff check dtrain tests benchmarks

@@ -23,7 +23,7 @@ OWN_CLUSTER_MODULES = {"test_jobs_cluster.py", "test_local_head.py"}
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(items):
-    """`make test` runs two test processes (pytest-xdist, `--dist loadgroup`). The tests that use the session's Ray
+    """Under pytest-xdist (`make test XDIST='-n 2 --dist loadgroup'`), the tests that use the session's Ray
     (ray_session, and the rest of tests/ray) form one group, run by one process one after another, so there is one
     such Ray; the tests that start clusters of their own form another; the remaining tests are shared out."""
     for item in items:
