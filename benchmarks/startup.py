@@ -2,6 +2,10 @@
 
     dtrain train   `dtrain train jobs/mlp_digits.yaml` (embedded local Ray, 2 workers, W&B off): a cold start
     dtrain warm    the same with a head kept by `dtrain up` (started once before the repeats, not timed)
+    dtrain warm prestart
+                   the same on a second head whose raylet prestarts a worker per CPU when a job starts, each
+                   importing torch, ray.train.torch and dtrain's worker module (Ray's enable_worker_prestart and
+                   preload_python_modules settings)
     dtrain local   `dtrain train jobs/mlp_digits.yaml --local`: the workers as local processes, no Ray
     preflight warm `dtrain preflight jobs/mlp_digits.yaml` on that head: seconds to its verdict (the whole command)
     hand ddp       a hand-written torch.multiprocessing DDP script (benchmarks/hand_ddp.py), 2 gloo processes
@@ -67,10 +71,19 @@ def deepspeed_fresh(tmp: Path) -> tuple[float, float]:
 
 
 HEAD_DIR = Path(tempfile.gettempdir()) / f"dtrain-bench-head-{os.getpid()}"
+PRESTART = {"RAY_enable_worker_prestart": "1",
+            "RAY_preload_python_modules": "torch,ray.train.torch,dtrain.launch.worker"}
+HEADS = {"dtrain warm": (HEAD_DIR, {}), "preflight warm": (HEAD_DIR, {}),
+         "dtrain warm prestart": (HEAD_DIR.with_name(HEAD_DIR.name + "-prestart"), PRESTART)}
+"""The `dtrain up` heads of the warm runs: folder, and what the head's processes get in their environment."""
 
 
 def dtrain_warm(tmp: Path) -> tuple[float, float]:
     return dtrain_train(tmp, env={**os.environ, "DTRAIN_LOCAL_HEAD_DIR": str(HEAD_DIR)})
+
+
+def dtrain_warm_prestart(tmp: Path) -> tuple[float, float]:
+    return dtrain_train(tmp, env={**os.environ, "DTRAIN_LOCAL_HEAD_DIR": str(HEADS["dtrain warm prestart"][0])})
 
 
 def preflight_warm(tmp: Path) -> tuple[float, float]:
@@ -112,7 +125,8 @@ def imports(tmp: Path) -> tuple[float, float]:
     return timed("import dtrain.cli"), timed("import dtrain.cli, dtrain.launch.train, ray, ray.train.torch")
 
 
-RUNS = {"dtrain train": dtrain_train, "dtrain warm": dtrain_warm, "dtrain local": dtrain_local,
+RUNS = {"dtrain train": dtrain_train, "dtrain warm": dtrain_warm, "dtrain warm prestart": dtrain_warm_prestart,
+        "dtrain local": dtrain_local,
         "preflight warm": preflight_warm, "hand ddp": hand_ddp, "deepspeed": deepspeed_fresh, "ray plain": ray_plain,
         "engine": engine, "import": imports}
 
@@ -120,15 +134,15 @@ RUNS = {"dtrain train": dtrain_train, "dtrain warm": dtrain_warm, "dtrain local"
 def run(names: list[str], repeats: int) -> dict[str, Any]:
     """Interleaved fresh-process runs; median seconds to the first step and to the end of the 1-epoch run."""
     raw: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
-    head_env = {**os.environ, "DTRAIN_LOCAL_HEAD_DIR": str(HEAD_DIR)}
-    warm = {"dtrain warm", "preflight warm"} & set(names)
-    if warm:
-        _run([str(BIN / "dtrain"), "up"], ROOT, head_env)
+    heads = {str(folder): {**os.environ, **extra, "DTRAIN_LOCAL_HEAD_DIR": str(folder)}
+             for name, (folder, extra) in HEADS.items() if name in names}
     try:
+        for env in heads.values():
+            _run([str(BIN / "dtrain"), "up"], ROOT, env)
         _repeat(names, repeats, raw)
     finally:
-        if warm:
-            _run([str(BIN / "dtrain"), "down"], ROOT, head_env)
+        for env in heads.values():
+            subprocess.run([str(BIN / "dtrain"), "down"], cwd=ROOT, env=env, capture_output=True)
     return {"raw": raw, "first_step_s": {n: median([a for a, _ in v]) for n, v in raw.items()},
             "total_s": {n: median([b for _, b in v]) for n, v in raw.items()},
             "note": "import row: first_step_s = import dtrain.cli, total_s = + dtrain.launch.train, ray, ray.train"}
