@@ -78,19 +78,24 @@ HEADS = {"dtrain warm": (HEAD_DIR, {}), "preflight warm": (HEAD_DIR, {}),
 """The `dtrain up` heads of the warm runs: folder, and what the head's processes get in their environment."""
 
 
+def _on_head(name: str) -> dict[str, str]:
+    """The environment of a command that attaches to the head of warm run `name`."""
+    return {**os.environ, "DTRAIN_LOCAL_HEAD_DIR": str(HEADS[name][0])}
+
+
 def dtrain_warm(tmp: Path) -> tuple[float, float]:
-    return dtrain_train(tmp, env={**os.environ, "DTRAIN_LOCAL_HEAD_DIR": str(HEAD_DIR)})
+    return dtrain_train(tmp, env=_on_head("dtrain warm"))
 
 
 def dtrain_warm_prestart(tmp: Path) -> tuple[float, float]:
-    return dtrain_train(tmp, env={**os.environ, "DTRAIN_LOCAL_HEAD_DIR": str(HEADS["dtrain warm prestart"][0])})
+    return dtrain_train(tmp, env=_on_head("dtrain warm prestart"))
 
 
 def preflight_warm(tmp: Path) -> tuple[float, float]:
     """`dtrain preflight` of the job on the `dtrain up` head: seconds from the command to its verdict (both values)."""
     started = time.time()
     _run([str(BIN / "dtrain"), "preflight", str(ROOT / "jobs" / "mlp_digits.yaml"), f"runs_dir={tmp}",
-          "logging.wandb.enabled=false"], tmp, {**os.environ, "DTRAIN_LOCAL_HEAD_DIR": str(HEAD_DIR)})
+          "logging.wandb.enabled=false"], tmp, _on_head("preflight warm"))
     return time.time() - started, time.time() - started
 
 
@@ -134,15 +139,14 @@ RUNS = {"dtrain train": dtrain_train, "dtrain warm": dtrain_warm, "dtrain warm p
 def run(names: list[str], repeats: int) -> dict[str, Any]:
     """Interleaved fresh-process runs; median seconds to the first step and to the end of the 1-epoch run."""
     raw: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
-    heads = {str(folder): {**os.environ, **extra, "DTRAIN_LOCAL_HEAD_DIR": str(folder)}
-             for name, (folder, extra) in HEADS.items() if name in names}
+    heads = {folder: {**_on_head(name), **extra} for name, (folder, extra) in HEADS.items() if name in names}
     try:
         for env in heads.values():
             _run([str(BIN / "dtrain"), "up"], ROOT, env)
         _repeat(names, repeats, raw)
     finally:
         for env in heads.values():
-            subprocess.run([str(BIN / "dtrain"), "down"], cwd=ROOT, env=env, capture_output=True)
+            _run([str(BIN / "dtrain"), "down"], ROOT, env)
     return {"raw": raw, "first_step_s": {n: median([a for a, _ in v]) for n, v in raw.items()},
             "total_s": {n: median([b for _, b in v]) for n, v in raw.items()},
             "note": "import row: first_step_s = import dtrain.cli, total_s = + dtrain.launch.train, ray, ray.train"}
