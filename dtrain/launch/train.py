@@ -50,6 +50,35 @@ def report(metrics: dict[str, Any], folder: Path | None, wait_for_upload: bool) 
         raise
 
 
+REPORT_ID = "dtrain/report_id"
+"""The key of rank 0's reports under a consumer that acknowledges them (TakenReports); the consumer removes it."""
+
+
+class TakenReports:
+    """Rank 0's reports to a consumer that puts each report's REPORT_ID on acks once it has taken it (dtrain tune's
+    trial: once Tune acted on the result). Each report first waits until the consumer took every earlier one. Ray's
+    reports otherwise run ahead of the consumer (through the controller's poll, then the trial), so a trial Tune
+    stops could train on to its last epoch before the decision arrived, and a checkpoint Tune had yet to copy could
+    be deleted by Ray's keep-count. Waiting, a stopped trial trains on only until its next report is due (the next
+    epoch's end, or the step its checkpoint is done writing in the background); the wait is hidden when Tune takes a
+    result within an epoch. The ids carry a token per worker group: a group Ray restarted ignores the
+    acknowledgements of the one before."""
+
+    def __init__(self, acks: Any) -> None:
+        import uuid
+
+        self.acks, self.token, self.sent, self.taken = acks, uuid.uuid4().hex, 0, 0
+
+    def tag(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """metrics with the next report's id, once every earlier report was taken."""
+        while self.taken < self.sent:
+            token, _, seq = self.acks.get().partition(":")
+            if token == self.token:
+                self.taken = int(seq) + 1
+        self.sent += 1
+        return {**metrics, REPORT_ID: f"{self.token}:{self.sent - 1}"}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: report through ray.train, resume from ray.train.get_checkpoint()."""
     import ray.train
@@ -69,11 +98,15 @@ def _train(config: dict[str, Any]) -> None:
     from dtrain.engine.saving import staging_prefix
     from dtrain.launch.worker import run_worker
 
+    acks = config.get("report_acks") if ray.train.get_context().get_world_rank() == 0 else None
+    taken = TakenReports(acks) if acks is not None else None
+
     def publish(metrics: dict[str, Any], folder: Path | None) -> None:
         # Metrics alone go to Ray only when a controller callback consumes them (dtrain tune): dtrain train logs
         # them itself, and each ray.train.report is a round trip through Ray's actors at every epoch end.
         if folder is not None or config.get("report_metrics"):
-            report(metrics, folder, wait_for_upload=bool(config.get("report_metrics")))
+            report(taken.tag(metrics) if taken is not None else metrics, folder,
+                   wait_for_upload=bool(config.get("report_metrics")))
 
     ray_compat.quiet_train_worker_logs(drop=_is_user_error_traceback)
     # loaded once, by the driver; read in place from Ray's shared object store
@@ -382,10 +415,11 @@ def run_dir_for(job: DictConfig) -> Path | str:
 
 def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False, callbacks: list | None = None,
             init_checkpoint: str | None = None, data: Any = None, worker_callbacks: list | None = None,
-            stream_tasks: dict[str, Any] | None = None) -> dict[str, Any]:
+            stream_tasks: dict[str, Any] | None = None, report_acks: Any = None) -> dict[str, Any]:
     """Run job through Ray Train; returns summary.json's content. Claims runs/<name>/ (config.yaml) first.
 
     callbacks: Ray Train callbacks (run in its controller); worker_callbacks: engine callbacks (in every worker).
+    report_acks: a ray.util.queue.Queue on which the consumer of the reports acknowledges each (TakenReports).
     init_checkpoint: a checkpoint folder to start from when the run has none of its own (weights, optimizer, state);
     the run keeps its weights and optimizer state and applies its own optimizer settings.
     data: the job's DataBundle if the caller loaded it already: it goes to the workers through Ray's object store
@@ -407,7 +441,7 @@ def fit_job(job: DictConfig, *, address: str | None = None, resume: bool = False
         workers, use_gpu = resolve_resources(job)
         trainer = _trainer(job, run_dir, workers, use_gpu, resume=resume, callbacks=callbacks,
                            init_checkpoint=init_checkpoint, data=data, worker_callbacks=worker_callbacks,
-                           stream_tasks=stream_tasks)
+                           stream_tasks=stream_tasks, report_acks=report_acks)
         with cost.Segment(run_dir, worker_group(job, workers, use_gpu)):
             _fit(trainer, job, run_dir, workers, local=address is None)
         if resume and isinstance(run_dir, RunStore) and job.checkpoint.keep:
@@ -486,7 +520,7 @@ def release_unused(run_dir: Path | RunStore, trained: str = METRICS_FILE) -> Non
 
 def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: bool, *, resume: bool,
              callbacks: list | None, init_checkpoint: str | None, data: Any, worker_callbacks: list | None,
-             stream_tasks: dict[str, Any] | None = None) -> Any:
+             stream_tasks: dict[str, Any] | None = None, report_acks: Any = None) -> Any:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig
@@ -512,7 +546,8 @@ def _trainer(job: DictConfig, run_dir: Path | RunStore, workers: int, use_gpu: b
         train_loop_config={"job": to_dict(job), "run_dir": str(run_dir), "store": store,
                            "init_checkpoint": init_checkpoint,
                            "resume": resume, "data": shipped, "stream": stream_info,
-                           "report_metrics": bool(callbacks), "callbacks": worker_callbacks or [],
+                           "report_metrics": bool(callbacks), "report_acks": report_acks,
+                           "callbacks": worker_callbacks or [],
                            "sys_path": shipped_paths()},
         scaling_config=scaling_config(job, workers, use_gpu),
         # the process group's timeout (gloo, NCCL): a collective a peer never joins fails instead of waiting

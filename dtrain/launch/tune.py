@@ -78,12 +78,13 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     init = _initial_checkpoint(trial_dir, f"init{segment}")
     meter = _trial_meter(job, [_at(trial_dir, f"run{k}") for k in range(segment)])
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    acks = Queue(actor_options={"num_cpus": 0})  # each report's id, once Tune took it: the run waits for them
     outcome: dict[str, Any] = {}
 
     def train() -> None:
         try:
             fit_job(job, callbacks=[ForwardReports(queue)], init_checkpoint=init, data=data,
-                    stream_tasks=setup.get("stream_tasks"))
+                    stream_tasks=setup.get("stream_tasks"), report_acks=acks)
         except BaseException as err:  # noqa: BLE001 - handed to the trial thread, which re-raises it
             outcome["error"] = err
         finally:
@@ -91,7 +92,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     thread = threading.Thread(target=train, name="dtrain-trial", daemon=True)
     thread.start()
-    _forward(queue, setup["metric"], meter)
+    _forward(queue, acks, setup["metric"], meter)
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
@@ -117,18 +118,24 @@ def _trial_meter(job: DictConfig, earlier: list[Path | RunStore]) -> Any:
     return meter
 
 
-def _forward(queue: Any, metric: str, meter: Any = dict) -> None:
-    """Report queued epoch results to Tune until the run ends; if Tune stops the trial, abort the Train run.
+def _forward(queue: Any, acks: Any, metric: str, meter: Any = dict) -> None:
+    """Report queued epoch results to Tune until the run ends, acknowledging each on acks once Tune took it (the
+    run's next report waits for that: train.TakenReports); if Tune stops the trial, abort the Train run.
     meter: the trial's cost so far, added to every result."""
     from ray import tune
+
+    from dtrain.launch.train import REPORT_ID
 
     controller = None
     try:
         while (item := queue.get()) is not None:
             controller = item.get("controller", controller)
-            if metric not in item["metrics"]:  # mid-epoch checkpoints carry no validation metrics
-                continue
-            tune.report(item["metrics"] | meter(), checkpoint=item["checkpoint"])
+            report_id = item["metrics"].pop(REPORT_ID, None)
+            if metric in item["metrics"]:  # mid-epoch checkpoints carry no validation metrics
+                # returns once Tune acted on the result and asks for the next (raises if it stops the trial)
+                tune.report(item["metrics"] | meter(), checkpoint=item["checkpoint"])
+            if report_id is not None:
+                acks.put(report_id)
     except BaseException:  # Tune stops a trial by raising SystemExit out of tune.report
         if controller is not None:
             abort_train_run(controller)
@@ -384,8 +391,10 @@ def _scheduler(cfg: TuneConfig, params: dict[str, Param], job: DictConfig) -> An
 
     if cfg.scheduler == "asha":
         max_t = max(job.trainer.max_epochs, cfg.grace_period)
+        # A trial that reaches max_t ends by itself (its run evaluates the test split and writes its summary after
+        # the last epoch's report); stopping it there would abort that.
         return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=cfg.grace_period,
-                             reduction_factor=cfg.reduction_factor)
+                             reduction_factor=cfg.reduction_factor, stop_last_trials=False)
     if cfg.scheduler == "pbt":
         every = job.checkpoint.every_n_epochs
         if every < 1 or cfg.perturbation_interval % every:

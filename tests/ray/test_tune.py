@@ -40,7 +40,8 @@ def test_asha_stops_bad_trials_early_and_best_yaml_trains(ray_session, tmp_path)
     assert good["status"] == bad["status"] == "ok"
     assert good["epochs"] == 4 and bad["epochs"] < 4, rows
     assert good["val/acc"] > bad["val/acc"]
-    # The stopped trial's Train run was really aborted: it never reached its last epoch nor wrote a summary.
+    # The stopped trial's Train run was really aborted: it never reached its last epoch nor wrote a summary (each
+    # report waits until Tune took the one before, so the run cannot train on to its end ahead of Tune's decision).
     bad_epochs = [e["epoch"] for e in read_metrics(bad["run_dir"]) if e["event"] == "epoch"]
     assert bad_epochs and max(bad_epochs) < 4
     assert not (tmp_path / "asha" / "trials" / bad["trial"] / "run0" / "summary.json").exists()

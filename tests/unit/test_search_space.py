@@ -1,4 +1,5 @@
-"""The tune: section: search-space syntax, validation against the job schema, PBT optimizer retargeting."""
+"""The tune: section: search-space syntax, validation against the job schema, PBT optimizer retargeting; how a
+trial's reports meet Tune's scheduler."""
 
 from __future__ import annotations
 
@@ -150,3 +151,45 @@ def test_the_results_table_is_best_first_and_ties_keep_trial_order_whatever_orde
     for order in (grid, grid[::-1]):
         rows = result_rows(order, cfg, {}, tmp_path)
         assert [(r["trial"], r["epochs"]) for r in rows] == [("t_00001", 1), ("t_00002", 2), ("t_00000", 3)]
+
+
+def test_asha_stops_a_trial_behind_at_its_rung_and_lets_one_at_max_t_finish_its_run():
+    """A trial reaching max_t is left to end by itself: its run evaluates the test split after the last report."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from dtrain.launch.tune import _scheduler
+
+    cfg, params = read_tune_section({"scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
+                                     "space": {"optim.lr": "choice([0.1, 0.01])"}})
+    asha = _scheduler(cfg, params, build_job(OmegaConf.create(small_job(**{"trainer.max_epochs": 3}))))
+    asha.set_search_properties("val/acc", "max")
+    good, bad = SimpleNamespace(trial_id="good"), SimpleNamespace(trial_id="bad")
+    for trial in (good, bad):
+        asha.on_trial_add(None, trial)
+    actions = [asha.on_trial_result(None, good, {"training_iteration": t, "val/acc": 0.9}) for t in (1, 2, 3)]
+    assert actions == [TrialScheduler.CONTINUE] * 3
+    assert asha.on_trial_result(None, bad, {"training_iteration": 1, "val/acc": 0.1}) == TrialScheduler.STOP
+
+
+def test_a_report_waits_until_the_consumer_took_every_earlier_one():
+    import queue
+    import threading
+
+    from dtrain.launch.train import REPORT_ID, TakenReports
+
+    acks: queue.Queue = queue.Queue()
+    reports = TakenReports(acks)
+    first = reports.tag({"epoch": 1})  # nothing before it: no wait
+    second: dict = {}
+    sent = threading.Thread(target=lambda: second.update(reports.tag({"epoch": 2})), daemon=True)
+    sent.start()
+    sent.join(0.3)
+    assert sent.is_alive()  # the first is not taken yet
+    acks.put("an-earlier-worker-group:0")  # a group Ray restarted acknowledged its own report: not this one's
+    sent.join(0.3)
+    assert sent.is_alive()
+    acks.put(first[REPORT_ID])
+    sent.join(5)
+    assert not sent.is_alive() and second["epoch"] == 2 and second[REPORT_ID] != first[REPORT_ID]
