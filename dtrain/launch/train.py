@@ -60,9 +60,9 @@ class TakenReports:
     reports otherwise run ahead of the consumer (through the controller's poll, then the trial), so a trial Tune
     stops could train on to its last epoch before the decision arrived, and a checkpoint Tune had yet to copy could
     be deleted by Ray's keep-count. Waiting, a stopped trial trains on only until its next report is due (the next
-    epoch's end, or the step its checkpoint is done writing in the background); the wait is hidden when Tune takes a
-    result within an epoch. The ids carry a token per worker group: a group Ray restarted ignores the
-    acknowledgements of the one before."""
+    epoch's end, or the step its checkpoint is done writing in the background); the wait overlaps the next epoch's
+    training, so it shows only when Tune takes longer than an epoch to act on a result. The ids carry a token per
+    worker group: a group Ray restarted ignores the acknowledgements of the one before."""
 
     def __init__(self, acks: Any) -> None:
         import uuid
