@@ -41,7 +41,8 @@ def run(mode: str, epochs: int, hidden: str, workers: int, tmp: str, launcher: s
                  f"trainer.num_workers={workers}", "trainer.early_stopping.monitor=null", f"model.hidden=[{hidden}]",
                  "logging.progress=false", "logging.wandb.enabled=false", *MODES[mode]]
     if launcher == "ray":
-        subprocess.run([sys.executable, "-m", "dtrain", "train", str(ROOT / "jobs" / "mlp_digits.yaml"), *overrides],
+        subprocess.run([sys.executable, "-m", "dtrain", "train", str(ROOT / "jobs" / "mlp_digits.yaml"), *overrides,
+                        "--ray"],
                        check=True, cwd=ROOT, env=os.environ | {"WANDB_MODE": "offline"}, stdout=subprocess.DEVNULL)
         wall = json.loads((run_dir / "summary.json").read_text())["wall_time_s"]
     else:

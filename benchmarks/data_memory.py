@@ -39,7 +39,7 @@ def peaks(npz: Path, runs: Path) -> dict[str, float]:
     cmd = [sys.executable, "-m", "dtrain", "train", str(ROOT / "jobs" / "mlp_digits.yaml"), "data.name=npz",
            f"data.path={npz}", f"runs_dir={runs}", f"name={npz.stem}", "trainer.max_steps=20",
            "checkpoint.every_n_epochs=0", "logging.progress=false", "logging.wandb.enabled=false",
-           "trainer.early_stopping.monitor=null"]
+           "trainer.early_stopping.monitor=null", "--ray"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     driver, top = psutil.Process(proc.pid), {"driver": 0.0, "worker": 0.0, "driver_uss": 0.0, "worker_uss": 0.0}
     done = threading.Event()

@@ -154,7 +154,7 @@ def _command(path_kind: str, data: Path, runs: Path, name: str, extra: list[str]
     data_args = ["data.name=npz", f"data.path={data}"] if path_kind == "memory" else \
         ["data.name=parquet", f"data.path={data}", f"data.val_path={evals / 'val'}", f"data.test_path={evals / 'test'}"]
     return [sys.executable, "-m", "dtrain", "train", str(ROOT / "jobs" / "mlp_digits.yaml"), *data_args,
-            f"runs_dir={runs}", f"name={name}", *JOB, *extra]
+            f"runs_dir={runs}", f"name={name}", *JOB, *extra, "--ray"]
 
 
 def memory_run(path_kind: str, data: Path, runs: Path, rows: int, size: int, reserve_gib: float) -> dict[str, Any]:

@@ -1,12 +1,14 @@
 """Start-up: seconds from the command to the first training step, each measured in a fresh process.
 
-    dtrain train   `dtrain train jobs/mlp_digits.yaml` (embedded local Ray, 2 workers, W&B off): a cold start
-    dtrain warm    the same with a head kept by `dtrain up` (started once before the repeats, not timed)
+    dtrain train   `dtrain train jobs/mlp_digits.yaml` as typed (2 workers, W&B off): no Ray runs, so the workers
+                   are local processes
+    dtrain ray     `dtrain train jobs/mlp_digits.yaml --ray`: through an embedded Ray, a cold start
+    dtrain warm    `dtrain train jobs/mlp_digits.yaml` with a head kept by `dtrain up` (started once before the
+                   repeats, not timed), which the command uses
     dtrain warm prestart
                    the same on a second head whose raylet prestarts a worker per CPU when a job starts, each
                    importing torch, ray.train.torch and dtrain's worker module (Ray's enable_worker_prestart and
                    preload_python_modules settings)
-    dtrain local   `dtrain train jobs/mlp_digits.yaml --local`: the workers as local processes, no Ray
     preflight warm `dtrain preflight jobs/mlp_digits.yaml` on that head: seconds to its verdict (the whole command)
     hand ddp       a hand-written torch.multiprocessing DDP script (benchmarks/hand_ddp.py), 2 gloo processes
     deepspeed      `dtrain train jobs/mlp_digits_deepspeed.yaml` (ZeRO-2, bf16) as on a fresh machine: an empty
@@ -61,8 +63,8 @@ def dtrain_train(tmp: Path, job: str = "mlp_digits.yaml", env: dict[str, str] | 
     return _first_step(tmp / "startup") - started, time.time() - started
 
 
-def dtrain_local(tmp: Path) -> tuple[float, float]:
-    return dtrain_train(tmp, options=("--local",))
+def dtrain_ray(tmp: Path) -> tuple[float, float]:
+    return dtrain_train(tmp, options=("--ray",))
 
 
 def deepspeed_fresh(tmp: Path) -> tuple[float, float]:
@@ -131,7 +133,7 @@ def imports(tmp: Path) -> tuple[float, float]:
 
 
 RUNS = {"dtrain train": dtrain_train, "dtrain warm": dtrain_warm, "dtrain warm prestart": dtrain_warm_prestart,
-        "dtrain local": dtrain_local,
+        "dtrain ray": dtrain_ray,
         "preflight warm": preflight_warm, "hand ddp": hand_ddp, "deepspeed": deepspeed_fresh, "ray plain": ray_plain,
         "engine": engine, "import": imports}
 
@@ -162,7 +164,7 @@ def _repeat(names: list[str], repeats: int, raw: dict[str, list[tuple[float, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="import,hand ddp,engine,dtrain local,ray plain,dtrain train,dtrain warm")
+    parser.add_argument("--runs", default="import,hand ddp,engine,dtrain train,ray plain,dtrain ray,dtrain warm")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -44,13 +45,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         _say_if_nothing_to_resume(run_dir_for(job))
     else:
         job = _load(args.job, args.overrides)
-    if args.local:
+    local = _runs_locally(args, job)
+    if local:
         from dtrain.launch.spawn import check_local_run, fit_local
 
         check_local_run(job)
     data = _check_buildable(job, args.address)
     check_trackers(job)
-    if args.local:
+    if local:
         del data  # it served the checks; each local worker loads its own copy, so this one must not stay held
         summary = fit_local(job, resume=args.resume)
     else:
@@ -64,6 +66,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     print(f"[dtrain] report (plots + summary): {write_report(run_dir)}")
     return 0
+
+
+def _runs_locally(args: argparse.Namespace, job) -> bool:
+    """Whether `dtrain train` runs the workers as local processes (dtrain.launch.spawn) rather than through Ray.
+    --local and --ray decide; else Ray where it is already there (--address, RAY_ADDRESS, a Ray this process joined,
+    a head kept by `dtrain up`) or where the job needs it (dtrain.launch.spawn.ray_needed), and local processes
+    otherwise: an embedded Ray would be most of a short run's start-up and bring nothing on one machine."""
+    from dtrain.launch import local_head
+    from dtrain.launch.spawn import ray_needed
+
+    if args.local or args.ray:
+        return args.local
+    ray = sys.modules.get("ray")
+    if args.address or os.environ.get("RAY_ADDRESS") or (ray and ray.is_initialized()) or local_head.running_address():
+        return False
+    reason = ray_needed(job)
+    if reason is not None:
+        print(f"[dtrain] starting Ray on this machine: {reason}", flush=True)
+        return False
+    print("[dtrain] the workers run as processes on this machine (no Ray is running; `dtrain up` keeps one for runs "
+          "to use, --ray starts one for this run)", flush=True)
+    return True
 
 
 def _load_run(folder: str, job_file: str, overrides: list[str]):
@@ -420,14 +444,19 @@ def build_parser() -> _Parser:
     parser = _Parser(prog="dtrain", description="Distributed training on Ray with DDP or DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a job (embedded Ray, or --address for a cluster)")
+    p = sub.add_parser("train", help="train a job (local processes or an embedded Ray, or --address for a cluster)")
     p.add_argument("job", help="job YAML, or a run directory with --resume")
     p.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. trainer.num_workers=2")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: see --local and --ray)")
     p.add_argument("--resume", action="store_true", help="continue the run in the given run directory")
-    p.add_argument("--local", action="store_true",
-                   help="run the workers as processes on this machine without Ray (the quickest start; no restarts, "
-                        "elastic ranges, streamed data or object storage)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true",
+                       help="run the workers as processes on this machine without Ray (the default on one machine "
+                            "when no Ray runs and nothing needs one: no restarts, elastic ranges, streamed data or "
+                            "object storage)")
+    where.add_argument("--ray", action="store_true",
+                       help="run through Ray even on one machine where nothing needs it (an embedded Ray unless "
+                            "`dtrain up` keeps one)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="search hyperparameters/architecture with Ray Tune (the job's tune: section)")

@@ -1,4 +1,6 @@
-"""Run the training workers in N local processes without Ray (gloo on 127.0.0.1): for tests, benchmarks and debugging.
+"""Run the training workers in N local processes without Ray (gloo on 127.0.0.1, NCCL with one GPU each): what
+`dtrain train` does on one machine when nothing in the job needs Ray (see ray_needed), and what tests and benchmarks
+call to run the engine alone.
 
 Checkpoints reported by the loop are assembled in <run_dir>/checkpoints/.partial_step_<step> and renamed to
 step_<step> once every rank has added its files; the newest intact one is resumed from.
@@ -7,6 +9,7 @@ step_<step> once every rank has added its files; the newest intact one is resume
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import shutil
 import signal
@@ -148,7 +151,7 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
         os.dup2(fd, target)
         os.close(fd)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads_per_rank(job))
     if graceful_sigterm:  # checkpoint at the next agreed step boundary and stop (else SIGTERM ends the process)
         signal.signal(signal.SIGTERM, request_stop)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
@@ -179,6 +182,15 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def threads_per_rank(job: dict[str, Any]) -> int:
+    """A rank's intra-op threads, as Ray sets them for its workers: OMP_NUM_THREADS where the caller set it, else
+    the whole CPUs of trainer.cpus_per_worker (at least 1)."""
+    chosen = os.environ.get("OMP_NUM_THREADS", "")
+    if chosen.isdigit() and int(chosen) > 0:
+        return int(chosen)
+    return max(1, math.floor(job["trainer"]["cpus_per_worker"]))
 
 
 def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resume: bool = False,
@@ -242,45 +254,61 @@ def _stop(processes: list[Any]) -> None:
 
 
 def fit_local(job: Any, resume: bool = False) -> dict[str, Any]:
-    """`dtrain train --local`: the job's workers as processes on this machine, without Ray (the quickest start);
-    returns summary.json's content with the run's cost. The run directory is claimed first, as under Ray; resume
-    continues from the newest intact checkpoint of either launcher."""
+    """`dtrain train` without Ray: the job's workers as processes on this machine (the quickest start); returns
+    summary.json's content with the run's cost. The run directory is claimed first, as under Ray; resume continues
+    from the newest intact checkpoint of either launcher. The progress bar follows rank 0's metrics.jsonl, as under
+    Ray."""
     from dtrain.config import to_dict
     from dtrain.launch import cost
+    from dtrain.launch.progress import ProgressFollower
     from dtrain.launch.train import claim_run_dir, release_unused, worker_group
 
     workers, use_gpu = check_local_run(job)
     run_dir = claim_run_dir(job, resume)
+    follower = ProgressFollower(run_dir) if job.logging.progress else None
     try:
         with cost.Segment(run_dir, worker_group(job, workers, use_gpu)):
+            if follower:
+                follower.start()
             spawn_workers(to_dict(job), run_dir, world=workers, resume=resume, device="cuda" if use_gpu else "cpu",
                           keep=job.checkpoint.keep)
     except BaseException:
         if not resume:
             release_unused(run_dir)  # a run that never trained leaves no folder behind to block its name
         raise
+    finally:
+        if follower:
+            follower.stop()
     return cost.add_to_summary(run_dir, cost.run_cost(run_dir, to_dict(job.cost)))
 
 
-def check_local_run(job: Any) -> tuple[int, bool]:
-    """(workers, use_gpu) of a --local run, or a ConfigError naming the setting that needs Ray."""
+def ray_needed(job: Any) -> str | None:
+    """What in job needs Ray, as `<key>: <why>` (restarts, an elastic worker range, streamed data, a run directory
+    in object storage), or None when its workers can run as local processes."""
     from dtrain.config import to_objects, worker_bounds
     from dtrain.data.stream_source import streams
-    from dtrain.errors import ConfigError
-    from dtrain.launch.train import fit_workers
     from dtrain.storage import is_uri
 
     t, data = job.trainer, to_objects(job).data
     if streams(data):
-        raise ConfigError(f"data.name: {data.name} streams through Ray Data; --local takes in-memory data sets "
-                          "(run without --local)")
+        return f"data.name: {data.name} streams through Ray Data"
     if is_uri(str(job.runs_dir)):
-        raise ConfigError(f"runs_dir: {job.runs_dir}: --local keeps runs on this machine; object storage needs "
-                          "Ray (run without --local)")
+        return f"runs_dir: {job.runs_dir}: a run directory in object storage needs Ray"
     bounds = worker_bounds(t.num_workers)
     if bounds is not None and bounds[0] != bounds[1]:
-        raise ConfigError(f"trainer.num_workers: an elastic range {list(bounds)} needs Ray; --local takes a number")
+        return f"trainer.num_workers: an elastic range {list(bounds)} needs Ray"
     if t.max_failures:
-        raise ConfigError(f"trainer.max_failures: {t.max_failures}: restarts need Ray; --local takes 0 (a stopped "
-                          "run continues with --resume)")
+        return f"trainer.max_failures: {t.max_failures}: restarts need Ray"
+    return None
+
+
+def check_local_run(job: Any) -> tuple[int, bool]:
+    """(workers, use_gpu) of a run without Ray, or a ConfigError naming the setting that needs Ray."""
+    from dtrain.errors import ConfigError
+    from dtrain.launch.train import fit_workers
+
+    reason = ray_needed(job)
+    if reason is not None:
+        raise ConfigError(f"{reason}; --local takes in-memory data, a fixed worker count, no restarts and a run "
+                          "directory on this machine (run without --local)")
     return fit_workers(job, torch.cuda.device_count(), os.cpu_count() or 1, "this machine")

@@ -1,6 +1,7 @@
-"""`dtrain train --local`: the workers as processes on this machine, without Ray, through the real command line: a run
-with its whole record (config, summary with cost, report, the newest `checkpoint.keep` checkpoints); Ctrl-C and
-SIGTERM stop every process and keep the last checkpoint, and --resume --local continues from it."""
+"""`dtrain train` on one machine (by default where nothing needs Ray, or with --local): the workers as processes on
+this machine, without Ray, through the real command line: a run with its whole record (config, summary with cost,
+report, the newest `checkpoint.keep` checkpoints) and its progress bar; Ctrl-C and SIGTERM stop every process and keep
+the last checkpoint, and --resume --local continues from it."""
 
 from __future__ import annotations
 
@@ -41,15 +42,21 @@ def _long_run(runs, name: str) -> tuple[subprocess.Popen, list[psutil.Process]]:
     return proc, tree
 
 
-def test_a_local_run_leaves_its_whole_record_and_keeps_the_newest_checkpoints(tmp_path):
-    proc = _dtrain(["train", JOBS / "mlp_digits.yaml", *COMMON, f"runs_dir={tmp_path}", "name=local",
+def test_dtrain_train_as_typed_runs_locally_and_leaves_the_whole_record_and_the_newest_checkpoints(tmp_path):
+    """No --local: on one machine with no Ray running, the `make train` command line starts no Ray (and draws its
+    progress bar, as under Ray)."""
+    plain = [a for a in COMMON if a not in ("--local", "logging.progress=false")]
+    proc = _dtrain(["train", JOBS / "mlp_digits.yaml", *plain, f"runs_dir={tmp_path}", "name=local",
                     "trainer.max_epochs=3", "checkpoint.keep=1", "cost.per_cpu_hour=0.5"])
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     run = tmp_path / "local"
+    assert out.startswith("[dtrain] the workers run as processes on this machine (no Ray is running")
     assert f"[dtrain] run finished: {run}" in out and "[dtrain] test/acc = " in out
     noise = [line for line in (out + err).splitlines() if line.strip() and not line.startswith("[dtrain] ")]
-    assert noise == []  # dtrain's own lines and nothing else
+    bar = [line for line in noise if line.startswith("train ")]  # drawn once at the end off a terminal
+    assert len(bar) == 1 and " 63/63 " in bar[0] and "epoch 3 val/loss=" in bar[0], noise
+    assert [line for line in noise if line not in bar] == []  # dtrain's own lines and nothing else
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 3 and summary["world_size"] == 2
     epochs = [e for e in read_metrics(run) if e.get("event") == "epoch"]

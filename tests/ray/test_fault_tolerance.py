@@ -45,10 +45,10 @@ def _wait_for(predicate, timeout, what):
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
-    """A real `dtrain train` (its own embedded Ray) interrupted with SIGINT after two checkpoints."""
+    """A real `dtrain train --ray` (its own embedded Ray) interrupted with SIGINT after two checkpoints."""
     runs = tmp_path_factory.mktemp("runs")
     cmd = [sys.executable, "-m", "dtrain", "train", str(JOBS / "mlp_digits.yaml"), "name=ctrl-c",
-           f"runs_dir={runs}", *OVERRIDES]
+           f"runs_dir={runs}", *OVERRIDES, "--ray"]
     env = {**os.environ, "WANDB_MODE": "offline"}
     # Own session, like a terminal's foreground job: Ctrl-C signals the whole process group.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
