@@ -47,9 +47,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         job = _load(args.job, args.overrides)
     local = _runs_locally(args, job)
     if local:
-        from dtrain.launch.spawn import check_local_run, fit_local
+        from dtrain.launch.spawn import check_local_run, fit_local, start_fork_server
 
         check_local_run(job)
+        start_fork_server(job.trainer.strategy)  # the workers' imports, while the checks below run
     data = _check_buildable(job, args.address)
     check_trackers(job)
     if local:

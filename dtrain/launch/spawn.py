@@ -95,23 +95,34 @@ torch._dynamo. Forking after importing torch is what DataLoader's workers do on 
 initialise neither CUDA nor a process group."""
 
 
-def _preload() -> list[str]:
-    """PRELOAD, and DeepSpeed (as slow to import as torch) where torch is built without CUDA: DeepSpeed picks its
-    accelerator when imported, asking CUDA for its devices, which a process must not do before it forks workers
-    that use CUDA."""
+def _preload(strategy: str) -> list[str]:
+    """PRELOAD, and for a DeepSpeed job DeepSpeed too (as slow to import as torch), where torch is built without
+    CUDA: DeepSpeed picks its accelerator when imported, asking CUDA for its devices, which a process must not do
+    before it forks workers that use CUDA."""
     import torch
 
     if torch.backends.cuda.is_built():
         return PRELOAD
     # What DeepSpeed's auto-detection picks here anyway, without the warning line it prints when it detects.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return PRELOAD + ["deepspeed"]
+    return PRELOAD + ["deepspeed"] if strategy == "deepspeed" else PRELOAD
 
 
-def _context() -> Any:
+def _context(strategy: str) -> Any:
+    """The fork server's context. Its imports are those of the first job that starts it in this process; a later
+    job's ranks import what else they need themselves."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_preload())
+    ctx.set_forkserver_preload(_preload(strategy))
     return ctx
+
+
+def start_fork_server(strategy: str) -> None:
+    """Start the fork server now, so that its imports run while this process does other work (the driver's checks
+    and data load) rather than before the first rank can start; spawn_workers starts it otherwise."""
+    from multiprocessing import forkserver
+
+    _context(strategy)
+    forkserver.ensure_running()
 
 
 class _CallerFd:
@@ -214,7 +225,8 @@ def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resu
         raise ValueError(f"start_method: expected forkserver or fork, got {start_method!r}")
     for stale in (Path(run_dir) / "checkpoints").glob(".partial_*"):  # a merge that a killed run left half done
         shutil.rmtree(stale, ignore_errors=True)
-    out = (_context() if start_method == "forkserver" else mp.get_context("fork")).SimpleQueue()
+    ctx = _context(job["trainer"]["strategy"]) if start_method == "forkserver" else mp.get_context("fork")
+    out = ctx.SimpleQueue()
     sys.stdout.flush(), sys.stderr.flush()
     # A forked rank has this process's environment and file descriptors already.
     env, stdio = None, ()

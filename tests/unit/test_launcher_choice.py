@@ -79,3 +79,11 @@ def test_a_local_rank_gets_the_threads_ray_would_give_its_worker(monkeypatch, cp
         monkeypatch.setenv("OMP_NUM_THREADS", env)
     assert threads_per_rank({"trainer": {"cpus_per_worker": cpus}}) == threads
 
+
+def test_the_fork_server_imports_deepspeed_only_for_a_deepspeed_job():
+    """DeepSpeed takes as long to import as torch: a DDP or FSDP job's ranks never import it, so their fork server
+    must not wait for it before the first rank can start."""
+    from dtrain.launch.spawn import PRELOAD, _preload
+
+    assert _preload("ddp") == _preload("fsdp") == PRELOAD and "deepspeed" not in PRELOAD
+    assert _preload("deepspeed") == [*PRELOAD, "deepspeed"]  # this torch is built without CUDA
