@@ -51,11 +51,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         check_local_run(job)
         start_fork_server(job.trainer.strategy)  # the workers' imports, while the checks below run
-    data = _check_buildable(job, args.address)
+    data = _check_buildable(job, args.address, shared=local)  # the local ranks read this copy
     check_trackers(job)
     if local:
-        del data  # it served the checks; each local worker loads its own copy, so this one must not stay held
-        summary = fit_local(job, resume=args.resume)
+        summary = fit_local(job, resume=args.resume, data=data)
     else:
         summary = fit_job(job, address=args.address, resume=args.resume, data=data)
     run_dir = run_dir_for(job)
@@ -152,11 +151,12 @@ def _located_at(job, folder: Path) -> None:
     job.runs_dir, job.name = str(folder.parent), folder.name
 
 
-def _check_buildable(job, address: str | None = None, tune_metric: str | None = None):
+def _check_buildable(job, address: str | None = None, tune_metric: str | None = None, shared: bool = False):
     """Load the data and build the model once on the driver, so bad input fails fast and clearly, before Ray.
     The model is built on the meta device (nothing is allocated), which also tells whether it fits this machine
     when Ray runs here, and steps once, which tells the metrics the run logs (early stopping's monitor and
-    dtrain tune's metric must be among them). Returns the loaded data (`dtrain train` hands it to the workers)."""
+    dtrain tune's metric must be among them). Returns the loaded data, which `dtrain train` hands to the workers
+    (shared: in shared memory, for the local launcher's ranks; see load_data)."""
     import torch
 
     from dtrain.config import to_objects
@@ -170,7 +170,7 @@ def _check_buildable(job, address: str | None = None, tune_metric: str | None = 
     if streamed:  # only the files' metadata is read here
         data = _check_stream(obj)
     else:
-        data = load_data(obj.data)
+        data = load_data(obj.data, shared=shared)
         if obj.trainer.linear_probe:
             from dtrain.launch.probe import check_probe
 

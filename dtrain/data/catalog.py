@@ -99,7 +99,11 @@ def _user_arrays(loader: Callable[..., Any], cfg: Any) -> Arrays:
     return arrays
 
 
-def _split(arrays: Arrays, cfg: Any) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+def _split(arrays: Arrays, cfg: Any, into: np.ndarray | None = None
+           ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """The train/val/test splits, each a view of one array [train | val | test]: the loaded one, rearranged in
+    place, or `into` (an empty float32 array of x's shape), filled from it. A data set with its own train/test split
+    (arrays.split) is split as it comes."""
     if arrays.split is not None:
         train_x, train_y = arrays.split["train"]
         n_val = int(round(len(train_x) * cfg.val_fraction))
@@ -116,22 +120,27 @@ def _split(arrays: Arrays, cfg: Any) -> dict[str, tuple[np.ndarray, np.ndarray |
     parts = {"train": np.sort(order[:n_train]), "val": np.sort(order[n_train:n_train + n_val]),
              "test": np.sort(order[n_train + n_val:])}
     bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
-    x = _writable_float32(arrays.x)
-    held_out = {k: x[parts[k]] for k in ("val", "test")}  # copies, while the training rows move to the front
-    _take_rows_to_front(x, parts["train"])
-    for k, rows in held_out.items():
-        x[slice(*bounds[k])] = rows
-    del held_out
+    if into is not None:
+        x = into
+        for k, (start, _) in bounds.items():
+            _gather_rows(arrays.x, parts[k], x[start:])
+    else:
+        x = _writable_float32(arrays.x)
+        held_out = {k: x[parts[k]] for k in ("val", "test")}  # copies, while the training rows move to the front
+        _gather_rows(x, parts["train"], x)
+        for k, rows in held_out.items():
+            x[slice(*bounds[k])] = rows
+        del held_out
     return {k: (x[slice(*b)], _maybe(arrays.y, parts[k])) for k, b in bounds.items()}
 
 
-def _take_rows_to_front(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """x[rows] built in x's own memory: for ascending rows (so rows[i] >= i), chunk by chunk; returns that view."""
+def _gather_rows(x: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[:len(rows)] = x[rows], chunk by chunk (no full-size temporary). out may be x itself when rows ascend (so
+    rows[i] >= i): the rows then move to the front of x in its own memory."""
     step = transforms.chunk_rows(x)
     for start in range(0, len(rows), step):
         chunk = rows[start:start + step]
-        x[start:start + len(chunk)] = x[chunk]
-    return x[:len(rows)]
+        out[start:start + len(chunk)] = x[chunk]
 
 
 def _maybe(y: np.ndarray | None, idx: Any) -> np.ndarray | None:
@@ -146,14 +155,24 @@ def fourier_features(x: np.ndarray) -> np.ndarray:
     return np.concatenate([flat, spec], axis=-1)
 
 
-def load_data(cfg: Any) -> DataBundle:
-    """Load, split, transform (fourier, standardise with training statistics) and tensorise data set cfg.name."""
+def load_data(cfg: Any, shared: bool = False) -> DataBundle:
+    """Load, split, transform (fourier, standardise with training statistics) and tensorise data set cfg.name.
+
+    shared: the features of the three splits are views of one tensor in shared memory (filled from the loaded
+    array, which is then dropped), which torch.multiprocessing hands to other processes without a copy: the local
+    launcher's ranks all read the driver's one copy. (Where the data set comes with its own split, or with
+    data.fourier, the splits are separate arrays and handing them over copies each into shared memory.)"""
     arrays = load_arrays(cfg)
     if len(arrays.x) == 0:
         raise DataError(f"data.name={cfg.name}: the data set is empty")
-    splits = _split(arrays, cfg)
+    base = None
+    if shared and arrays.split is None:
+        base = torch.empty(arrays.x.shape, dtype=torch.float32).share_memory_()
+    splits = _split(arrays, cfg, into=None if base is None else base.numpy())
     if len(splits["train"][0]) == 0:
         raise DataError(f"data: no training samples left after the val/test split of {len(arrays.x)} samples")
+    if base is not None:
+        arrays.x = None  # copied into base: the loaded array goes now
     if cfg.fourier:
         splits = {k: (fourier_features(x), y) for k, (x, y) in splits.items()}
     splits = {k: (_writable_float32(x), y) for k, (x, y) in splits.items()}
@@ -169,6 +188,9 @@ def load_data(cfg: Any) -> DataBundle:
         for x, _ in splits.values():
             transforms.scale_(x, low, span, clip=(0.0, 1.0))
     tensors = {k: _tensors(x, y, arrays.task) for k, (x, y) in splits.items()}
+    if base is not None and not cfg.fourier:  # the same memory, as views of base (one storage to hand over)
+        parts = base.split([len(t[0]) for t in tensors.values()])
+        tensors = {k: (part, *t[1:]) for (k, t), part in zip(tensors.items(), parts, strict=True)}
     sample = tensors["train"][0]
     output_dim = 0
     if arrays.task == "regression" and arrays.y is not None:

@@ -150,7 +150,8 @@ def _is_open(fd: int) -> bool:
 
 def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bool, out: Any,
            device_type: str = "cpu", env: dict[str, str] | None = None, stdio: tuple[tuple[int, int], ...] = (),
-           callbacks: tuple[Any, ...] = (), graceful_sigterm: bool = False, keep: int | None = None) -> None:
+           callbacks: tuple[Any, ...] = (), graceful_sigterm: bool = False, keep: int | None = None,
+           data: Any = None) -> None:
     from dtrain.engine.stop import request_stop
     from dtrain.launch.worker import run_worker
 
@@ -176,7 +177,7 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
         try:
             publisher = LocalPublisher(Path(run_dir), keep)
             try:
-                summary = run_worker(job, run_dir, publisher, device, resume_dir, callbacks=list(callbacks),
+                summary = run_worker(job, run_dir, publisher, device, resume_dir, data, callbacks=list(callbacks),
                                      staging=publisher.root)
             finally:
                 publisher.close()
@@ -206,7 +207,7 @@ def threads_per_rank(job: dict[str, Any]) -> int:
 
 def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resume: bool = False,
                   device: str = "cpu", callbacks: tuple[Any, ...] = (), graceful_sigterm: bool = False,
-                  start_method: str = "forkserver", keep: int | None = None) -> dict[str, Any]:
+                  start_method: str = "forkserver", keep: int | None = None, data: Any = None) -> dict[str, Any]:
     """Train job in `world` local processes on device "cpu" (gloo) or "cuda" (one GPU per rank, NCCL);
     returns rank 0's summary. callbacks: engine callbacks installed in every rank (picklable). graceful_sigterm:
     a SIGTERM to a worker makes the run checkpoint at the next step boundary and raise Preempted (off by default:
@@ -216,6 +217,8 @@ def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resu
     threads, such as one that the fork server has just forked itself (what the random-kill test starts and kills).
     keep: how many of the newest checkpoints stay in <run_dir>/checkpoints (None: all). Interrupted (Ctrl-C, or
     SIGTERM made one), the ranks are stopped before the exception goes on: SIGTERM, then SIGKILL after STOP_GRACE_S.
+    data: the job's DataBundle if the caller loaded it already (load_data(shared=True): every rank reads that one
+    copy); else each rank loads its own.
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected cpu or cuda, got {device!r}")
@@ -233,7 +236,7 @@ def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resu
     if start_method == "forkserver":
         env, stdio = dict(os.environ), tuple((_CallerFd(fd), fd) for fd in (1, 2) if _is_open(fd))
     args = (world, free_port(), job, str(run_dir), resume, out, device, env, stdio, tuple(callbacks),
-            graceful_sigterm, keep)
+            graceful_sigterm, keep, data)
     torch_compat.quiet_rank_terminations()
     ranks = mp.start_processes(_entry, args=args, nprocs=world, start_method=start_method, join=False)
     try:
@@ -265,11 +268,11 @@ def _stop(processes: list[Any]) -> None:
             p.join()
 
 
-def fit_local(job: Any, resume: bool = False) -> dict[str, Any]:
+def fit_local(job: Any, resume: bool = False, data: Any = None) -> dict[str, Any]:
     """`dtrain train` without Ray: the job's workers as processes on this machine (the quickest start); returns
     summary.json's content with the run's cost. The run directory is claimed first, as under Ray; resume continues
     from the newest intact checkpoint of either launcher. The progress bar follows rank 0's metrics.jsonl, as under
-    Ray."""
+    Ray. data: as for spawn_workers."""
     from dtrain.config import to_dict
     from dtrain.launch import cost
     from dtrain.launch.progress import ProgressFollower
@@ -283,7 +286,7 @@ def fit_local(job: Any, resume: bool = False) -> dict[str, Any]:
             if follower:
                 follower.start()
             spawn_workers(to_dict(job), run_dir, world=workers, resume=resume, device="cuda" if use_gpu else "cpu",
-                          keep=job.checkpoint.keep)
+                          keep=job.checkpoint.keep, data=data)
     except BaseException:
         if not resume:
             release_unused(run_dir)  # a run that never trained leaves no folder behind to block its name

@@ -81,3 +81,18 @@ def _records(run_dir):
     from dtrain.tracking import read_metrics
 
     return read_metrics(run_dir)
+
+
+def test_ranks_handed_the_drivers_shared_data_train_on_it_as_on_their_own_load(tmp_path):
+    """`dtrain train` on local processes loads the data once, in shared memory, and hands it to the ranks: the run is
+    bitwise the one whose ranks load the data themselves; a bundle cut to 512 training rows shows in the step count
+    that the ranks trained on what they were handed."""
+    import dataclasses
+
+    job = small_job(**{"data.batch_size": 16})
+    shared = load_data(to_objects(job).data, shared=True)
+    handed = spawn_workers(job, tmp_path / "handed", world=2, data=shared)
+    loaded = spawn_workers(job, tmp_path / "loaded", world=2)
+    assert handed["test"] == loaded["test"] and handed["steps"] == loaded["steps"]
+    cut = dataclasses.replace(shared, train=tuple(t[:512] for t in shared.train))
+    assert spawn_workers(job, tmp_path / "cut", world=2, data=cut)["steps"] == 2 * 512 // 32 < loaded["steps"]

@@ -61,3 +61,25 @@ def test_an_empty_validation_split_is_allowed(npz):
     path, x = npz
     bundle = load_data(_data(path, "data.val_fraction=0"))
     assert len(bundle.val[0]) == 0 and len(bundle.train[0]) + len(bundle.test[0]) == len(x)
+
+
+@pytest.mark.parametrize("over", [[], ["data.standardize=false", "data.minmax=true"], ["data.val_fraction=0"]])
+def test_shared_loading_gives_the_same_splits_in_one_shared_storage_handed_over_without_a_copy(npz, over):
+    """What the local launcher's ranks read: the driver's one copy, in shared memory, bitwise the data that each rank
+    would load for itself; pickled for a rank (torch.multiprocessing's pickler), it goes as a handle to that memory,
+    where a plain tensor would first be copied into shared memory."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 - registers the pickler's reductions for tensors
+
+    path, x = npz
+    own, shared = load_data(_data(path, *over)), load_data(_data(path, *over), shared=True)
+    splits = [shared.train[0], shared.val[0], shared.test[0]]
+    assert all(t.is_shared() for t in splits)
+    assert len({t.untyped_storage().data_ptr() for t in splits}) == 1  # views of one tensor
+    for mine, theirs in zip((own.train, own.val, own.test), (shared.train, shared.val, shared.test), strict=True):
+        assert all(a.equal(b) for a, b in zip(mine, theirs, strict=True))
+    for bundle, copied in ((shared, False), (own, True)):  # a plain tensor is first copied into shared memory
+        where = bundle.train[0].data_ptr()
+        assert len(ForkingPickler.dumps(bundle.train[0])) < 1000  # a handle
+        assert (bundle.train[0].data_ptr() != where) == copied
