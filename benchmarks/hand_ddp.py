@@ -42,10 +42,15 @@ def worker(rank: int, world: int, stamp: str) -> None:
 
 
 def main() -> None:
+    import socket
+
     import torch.multiprocessing as mp
 
+    with socket.socket() as s:  # a free port: a fixed one can be taken, and then the run fails
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
+    os.environ.setdefault("MASTER_PORT", str(port))
     mp.spawn(worker, args=(2, sys.argv[1]), nprocs=2)
 
 
