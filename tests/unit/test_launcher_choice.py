@@ -5,6 +5,8 @@ tests/ray/test_local_head.py on a head.)"""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from dtrain.cli import _runs_locally, main, parse_args
@@ -12,6 +14,15 @@ from dtrain.config import load_job
 from tests.helpers import JOBS
 
 JOB = str(JOBS / "mlp_digits.yaml")
+
+
+@pytest.fixture(autouse=True)
+def no_ray_joined(monkeypatch):
+    """This process may have joined the test session's Ray (an earlier test did): these tests are of a command
+    started afresh, whose process joined none."""
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
 
 
 def _choice(capsys, *argv: str, over: tuple[str, ...] = ()) -> tuple[bool, str]:
@@ -44,6 +55,13 @@ def test_ray_chosen_on_the_command_line_is_used_without_a_word(capsys, argv):
 
 def test_ray_address_in_the_environment_means_that_cluster(capsys, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # as Ray Jobs sets it for an entrypoint
+    assert _choice(capsys) == (False, "")
+
+
+def test_a_ray_this_process_joined_is_used(capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # as after ray.init() in a notebook or a test session
     assert _choice(capsys) == (False, "")
 
 
