@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import reduction
 from pathlib import Path
@@ -207,7 +208,8 @@ def threads_per_rank(job: dict[str, Any]) -> int:
 
 def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resume: bool = False,
                   device: str = "cpu", callbacks: tuple[Any, ...] = (), graceful_sigterm: bool = False,
-                  start_method: str = "forkserver", keep: int | None = None, data: Any = None) -> dict[str, Any]:
+                  start_method: str = "forkserver", keep: int | None = None, data: Any = None,
+                  stdout: int | None = None) -> dict[str, Any]:
     """Train job in `world` local processes on device "cpu" (gloo) or "cuda" (one GPU per rank, NCCL);
     returns rank 0's summary. callbacks: engine callbacks installed in every rank (picklable). graceful_sigterm:
     a SIGTERM to a worker makes the run checkpoint at the next step boundary and raise Preempted (off by default:
@@ -218,7 +220,8 @@ def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resu
     keep: how many of the newest checkpoints stay in <run_dir>/checkpoints (None: all). Interrupted (Ctrl-C, or
     SIGTERM made one), the ranks are stopped before the exception goes on: SIGTERM, then SIGKILL after STOP_GRACE_S.
     data: the job's DataBundle if the caller loaded it already (load_data(shared=True): every rank reads that one
-    copy); else each rank loads its own.
+    copy); else each rank loads its own. stdout: the file descriptor the ranks' standard output goes to (default:
+    this process's; forkserver only).
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected cpu or cuda, got {device!r}")
@@ -226,6 +229,8 @@ def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resu
         raise ValueError(f"device=cuda: {world} ranks need {world} GPUs, found {torch.cuda.device_count()}")
     if start_method not in ("forkserver", "fork"):
         raise ValueError(f"start_method: expected forkserver or fork, got {start_method!r}")
+    if stdout is not None and start_method != "forkserver":
+        raise ValueError("stdout: a forked rank keeps this process's standard output")
     for stale in (Path(run_dir) / "checkpoints").glob(".partial_*"):  # a merge that a killed run left half done
         shutil.rmtree(stale, ignore_errors=True)
     ctx = _context(job["trainer"]["strategy"]) if start_method == "forkserver" else mp.get_context("fork")
@@ -234,7 +239,8 @@ def spawn_workers(job: dict[str, Any], run_dir: str | Path, world: int = 2, resu
     # A forked rank has this process's environment and file descriptors already.
     env, stdio = None, ()
     if start_method == "forkserver":
-        env, stdio = dict(os.environ), tuple((_CallerFd(fd), fd) for fd in (1, 2) if _is_open(fd))
+        sources = {1: 1 if stdout is None else stdout, 2: 2}
+        env, stdio = dict(os.environ), tuple((_CallerFd(fd), target) for target, fd in sources.items() if _is_open(fd))
     args = (world, free_port(), job, str(run_dir), resume, out, device, env, stdio, tuple(callbacks),
             graceful_sigterm, keep, data)
     torch_compat.quiet_rank_terminations()
@@ -281,20 +287,47 @@ def fit_local(job: Any, resume: bool = False, data: Any = None) -> dict[str, Any
     workers, use_gpu = check_local_run(job)
     run_dir = claim_run_dir(job, resume)
     follower = ProgressFollower(run_dir) if job.logging.progress else None
+    relay = LineRelay() if follower else None  # the ranks' lines go above the bar, not through it
     try:
         with cost.Segment(run_dir, worker_group(job, workers, use_gpu)):
             if follower:
                 follower.start()
             spawn_workers(to_dict(job), run_dir, world=workers, resume=resume, device="cuda" if use_gpu else "cpu",
-                          keep=job.checkpoint.keep, data=data)
+                          keep=job.checkpoint.keep, data=data, stdout=relay.fd if relay else None)
     except BaseException:
         if not resume:
             release_unused(run_dir)  # a run that never trained leaves no folder behind to block its name
         raise
     finally:
+        if relay:
+            relay.close()
         if follower:
             follower.stop()
     return cost.add_to_summary(run_dir, cost.run_cost(run_dir, to_dict(job.cost)))
+
+
+class LineRelay:
+    """A pipe whose lines a thread writes to this process's sys.stdout as they come: what the ranks print then
+    passes through this process, where a progress bar drawn on the terminal (rich, which redirects sys.stdout
+    while it draws) prints them above itself, as it does for Ray's workers' lines. close() waits for the last."""
+
+    def __init__(self) -> None:
+        read, self.fd = os.pipe()
+        self._reader = threading.Thread(target=self._relay, args=(read,), daemon=True, name="dtrain-ranks-stdout")
+        self._reader.start()
+
+    @staticmethod
+    def _relay(read: int) -> None:
+        with open(read, "rb", buffering=0) as pipe:
+            for line in iter(pipe.readline, b""):
+                sys.stdout.write(line.decode(errors="replace"))
+                sys.stdout.flush()
+
+    def close(self) -> None:
+        """Close this process's end for writing (once the ranks closed theirs, the reader sees the end), and wait
+        for the reader."""
+        os.close(self.fd)
+        self._reader.join()
 
 
 def ray_needed(job: Any) -> str | None:

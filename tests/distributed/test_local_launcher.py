@@ -143,3 +143,33 @@ def test_a_resume_that_changes_what_the_checkpoint_holds_is_one_line_and_loses_n
         "copying a param with shape torch.Size([32, 64]) from checkpoint, the shape in current model is "
         "torch.Size([16, 64]).); resume it with the model it was trained with"], err[-3000:]
     assert latest_checkpoint(run) == kept and checkpoint_problem(kept) is None
+
+
+def test_on_a_terminal_the_ranks_lines_go_above_the_progress_bar_not_into_it(tmp_path):
+    """The ranks print their epoch lines while the driver draws the bar on the same terminal: the lines pass through
+    the driver, which prints them above the bar (as Ray's workers' lines are), rather than at the bar's end."""
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "dtrain", "train", str(JOBS / "mlp_digits.yaml"),
+                             "logging.wandb.enabled=false", "trainer.early_stopping.monitor=null", "model.hidden=[32]",
+                             "trainer.max_epochs=12", f"runs_dir={tmp_path}", "name=tty"], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
+                            env={**os.environ, "WANDB_MODE": "disabled", "COLUMNS": "200"})
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal's other end closed: the command ended
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0, shown.decode(errors="replace")[-3000:]
+    # What the terminal shows on each line (a terminal ends lines with \r\n): the text after its last carriage return.
+    lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in shown.decode(errors="replace").split("\n")]
+    epochs = [line for line in lines if "[dtrain] stage=train epoch=" in line]
+    assert len(epochs) == 12 and "━" in shown.decode(errors="replace"), lines  # the lines, and a bar drawn
+    assert not [line for line in epochs if "━" in line], epochs  # none written at the end of the bar
