@@ -18,6 +18,7 @@ from dtrain.engine.checkpoint import checkpoint_problem, read_manifest
 from dtrain.launch.spawn import latest_checkpoint
 from dtrain.tracking import read_metrics
 from tests.helpers import JOBS, ROOT
+from tests.ray.test_train import LOOPBACK, _listening
 
 COMMON = ["--local", "logging.wandb.enabled=false", "logging.progress=false", "trainer.early_stopping.monitor=null",
           "model.hidden=[32]"]
@@ -92,6 +93,11 @@ def test_sigterm_to_the_command_alone_stops_its_workers_too(tmp_path):
     """A scheduler's SIGTERM reaches the `dtrain` process only: it must stop the ranks it started, not wait for them
     to train 500 epochs."""
     proc, tree = _long_run(tmp_path, "term")
+    # Meanwhile, what the run listens on: loopback only, but for the rendezvous store that rank 0 serves on every
+    # interface (torch has no setting for its address), as under Ray (tests/ray/test_train.py).
+    listening = _listening(psutil.Process(proc.pid))
+    outside = {addr for addrs in listening.values() for addr in addrs if addr[0] not in LOOPBACK}
+    assert len({port for _, port in outside}) == 1 and len(set().union(*listening.values())) > len(outside), listening
     proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     out, err = proc.communicate(timeout=120)
