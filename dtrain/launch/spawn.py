@@ -323,11 +323,12 @@ class LineRelay:
                 sys.stdout.write(line.decode(errors="replace"))
                 sys.stdout.flush()
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 5.0) -> None:
         """Close this process's end for writing (once the ranks closed theirs, the reader sees the end), and wait
-        for the reader."""
+        for the reader, at most timeout_s: a process the ranks started (a compile worker, say) may still hold the
+        pipe open, and the command must not wait for it to end."""
         os.close(self.fd)
-        self._reader.join()
+        self._reader.join(timeout_s)
 
 
 def ray_needed(job: Any) -> str | None:
