@@ -166,7 +166,7 @@ def load_data(cfg: Any, shared: bool = False) -> DataBundle:
     if len(arrays.x) == 0:
         raise DataError(f"data.name={cfg.name}: the data set is empty")
     base = None
-    if shared and arrays.split is None:
+    if shared and arrays.split is None and not cfg.fourier:  # fourier makes new arrays: nothing to fill
         base = torch.empty(arrays.x.shape, dtype=torch.float32).share_memory_()
     splits = _split(arrays, cfg, into=None if base is None else base.numpy())
     if len(splits["train"][0]) == 0:
@@ -188,7 +188,7 @@ def load_data(cfg: Any, shared: bool = False) -> DataBundle:
         for x, _ in splits.values():
             transforms.scale_(x, low, span, clip=(0.0, 1.0))
     tensors = {k: _tensors(x, y, arrays.task) for k, (x, y) in splits.items()}
-    if base is not None and not cfg.fourier:  # the same memory, as views of base (one storage to hand over)
+    if base is not None:  # the same memory, as views of base (one storage to hand over)
         parts = base.split([len(t[0]) for t in tensors.values()])
         tensors = {k: (part, *t[1:]) for (k, t), part in zip(tensors.items(), parts, strict=True)}
     sample = tensors["train"][0]
