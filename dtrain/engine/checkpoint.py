@@ -155,24 +155,30 @@ def pick_checkpoint(candidates: Iterable[Path], warn: bool = True) -> Path | Non
     return None
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states (torch CPU/CUDA, numpy, python) as tensors, so weights_only loading accepts them."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, py_gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(),
+def capture_rng() -> tuple[Any, ...]:
+    """This process's RNG states as the libraries return them (cheap: taken on the training thread at a step
+    boundary); rng_tensors turns them into what a checkpoint holds."""
+    return (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+            torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def rng_tensors(captured: tuple[Any, ...]) -> dict[str, Any]:
+    """What capture_rng() took (torch CPU/CUDA, numpy, python), as tensors, so weights_only loading accepts them."""
+    torch_state, (_, keys, pos, has_gauss, gauss), (version, internal, py_gauss), cuda = captured
+    state = {"torch": torch_state,
              "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
              "numpy_pos": torch.tensor([pos, has_gauss]), "numpy_gauss": torch.tensor(gauss, dtype=torch.float64),
              # Python's state is 625 ints below 2**32 (exact in int64), plus an optional cached gaussian.
              "python_state": torch.tensor(internal, dtype=torch.int64),
              "python_gauss": torch.tensor([float("nan") if py_gauss is None else py_gauss], dtype=torch.float64),
              "python_version": torch.tensor(version)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if cuda is not None:
+        state["cuda"] = cuda
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what rng_state() captured, so a resumed rank draws the same numbers an uninterrupted one would."""
+    """Restore the RNG states rng_tensors holds, so a resumed rank draws the numbers an uninterrupted one would."""
     torch.set_rng_state(state["torch"])
     pos, has_gauss = (int(v) for v in state["numpy_pos"])
     keys = state["numpy_keys"].numpy().astype(np.uint32)

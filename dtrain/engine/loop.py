@@ -21,7 +21,7 @@ from dtrain.engine import dist
 from dtrain.engine.callbacks import Callback
 from dtrain.engine.checkpoint import safe_load, set_rng_state
 from dtrain.engine.metrics import MetricSums, NonFiniteGuard, PhaseClock
-from dtrain.engine.saving import STATE_FILE, CheckpointWriter
+from dtrain.engine.saving import STATE_FILE, Assemble, CheckpointWriter
 from dtrain.engine.state import TrainState
 from dtrain.engine.stop import TRAINING
 from dtrain.engine.strategies import Strategy
@@ -31,7 +31,8 @@ from dtrain.models.base import CatalogModel
 
 Publish = Callable[[dict[str, Any], Path | None], None]
 """Called by every rank at each epoch end and checkpoint with the metrics and this rank's checkpoint folder, at the
-same step on every rank; the folder then belongs to the publisher (it removes it once it has moved or copied it)."""
+same step on every rank, once every rank's write of that checkpoint is done; the folder then belongs to the publisher
+(it removes it once it has moved or copied it)."""
 
 
 @dataclass
@@ -92,6 +93,9 @@ class RunContext:
     staging: Path | None = None
     """Where checkpoints are written before they are published: on the run folder's filesystem publishing is a
     rename (the local launcher); None: the system's temp folder."""
+    assemble: Assemble | None = None
+    """What the writer thread does with each checkpoint folder once written (the local launcher moves its files to
+    where the ranks' files are put together); None: publish gets the folder as written."""
 
 
 def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConfig,
@@ -99,7 +103,7 @@ def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConf
     """Train model on loaders.train as cfg says; returns the summary (final and best metrics, throughput)."""
     model.all_reduce_sum = dist.all_reduce_sum  # the models' one collective (the SOM's batch update)
     writer = CheckpointWriter(ctx.rank, ctx.world, ctx.publish, background=cfg.checkpoint_background,
-                              staging=ctx.staging)
+                              staging=ctx.staging, assemble=ctx.assemble)
     state = TrainState(**safe_load(ctx.resume_dir / STATE_FILE)) if ctx.resume_dir else TrainState()
     TRAINING.set()
     try:
@@ -242,7 +246,7 @@ def _train_epoch(cfg: LoopConfig, wrapped: nn.Module, loader: Loader, strategy: 
         if vote.stop:
             _checkpoint_and_hand_over(strategy, state, ctx, guard, writer)
         if writer.due(vote.as_of, vote.writing):
-            writer.finish()
+            writer.finish(everyone_wrote=True)
         clock.lap("other")
         if cfg.max_steps and state.step >= cfg.max_steps:
             break

@@ -1,6 +1,11 @@
 """Checkpoints off the training thread: the state is snapshotted at a step boundary, written, hashed and sealed in
 a background thread, and published at the first step boundary at which every rank knows that every rank's write is
-done (the step vote, dist.StepVote, carries each rank's flag): training does not wait for the disk.
+done (the step vote, dist.StepVote, carries each rank's flag): training does not wait for the disk, nor for the
+other ranks (a checkpoint published elsewhere, at the run's end or before the next one, waits for them at a barrier).
+
+The writer thread runs at idle priority (Linux's SCHED_IDLE): it takes only CPU time that no other thread wants, so
+on a node whose cores all train it does not slow the steps; it writes in the gaps (waits for the other ranks, for
+data, for the device) or, at the latest, while the training thread waits for it before the next checkpoint.
 
 Guarantees: the snapshot is the state of the step it was taken at (weights, optimizer, schedule, scaler, position,
 every rank's RNG), so resuming from it is exact; the manifest is written last, after every file is flushed to disk;
@@ -16,11 +21,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from dtrain.engine.checkpoint import atomic_save, rng_state, write_manifest
+from dtrain.engine import dist
+from dtrain.engine.checkpoint import atomic_save, capture_rng, rng_tensors, write_manifest
 from dtrain.engine.state import TrainState
 from dtrain.errors import TrainingError
 
@@ -59,18 +65,56 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def idle_priority() -> None:
+    """Run the calling thread only on CPU time no other thread of the machine wants (Linux's SCHED_IDLE; elsewhere
+    it keeps its priority). The writer thread's initializer: a background write must not take a core from training."""
+    if hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A checkpoint being written: the write (its result: the folder to publish), the folder it writes (removed if
+    the write fails), the metrics to publish with it, its step."""
+    written: Future
+    folder: Path
+    metrics: dict[str, Any]
+    step: int
+
+
+def _run_now(write: Callable[[], Path]) -> Future:
+    """write run on this thread, as a finished Future: its error is raised where its result is asked for, as a
+    background write's is."""
+    done: Future = Future()
+    try:
+        done.set_result(write())
+    except Exception as err:  # noqa: BLE001 - raised on the training thread by finish()
+        done.set_exception(err)
+    return done
+
+
+Assemble = Callable[[Path, int], Path]
+"""Called in the writer thread with a rank's written and sealed checkpoint folder and the checkpoint's step: moves
+its files to where the launcher assembles the ranks' checkpoint, and returns that folder (publish gets it)."""
+
+
 class CheckpointWriter:
     """One rank's checkpoint writes: start() snapshots and writes in the background, due() says when to publish.
 
     staging: the folder the checkpoint folders are written in (the launcher's choice: on the run folder's filesystem,
-    publishing is a rename); None: the system's temp folder."""
+    publishing is a rename); None: the system's temp folder. assemble: what the writer thread does with the folder
+    once written (None: the folder is published as it is)."""
 
     def __init__(self, rank: int, world: int, publish: Callable[[dict[str, Any], Path | None], None],
-                 background: bool = True, staging: Path | None = None) -> None:
-        self.rank, self.world, self.publish, self.staging = rank, world, publish, staging
+                 background: bool = True, staging: Path | None = None, assemble: Assemble | None = None) -> None:
+        self.rank, self.world, self.publish, self.staging, self.assemble = rank, world, publish, staging, assemble
         # one thread for all the writes of the run: started once, not at each checkpoint
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="dtrain-checkpoint") if background else None
-        self.pending: tuple[Future | None, Path, dict[str, Any], int, list[BaseException]] | None = None
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="dtrain-checkpoint",
+                                           initializer=idle_priority) if background else None
+        self.pending: _Pending | None = None
         remove_orphaned_staging()
         if staging is not None:
             staging.mkdir(parents=True, exist_ok=True)
@@ -83,59 +127,54 @@ class CheckpointWriter:
             raise TrainingError("training stopped: the weights became non-finite; the last good checkpoint is kept")
         folder = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=self.staging))
         write_strategy = strategy.snapshot(folder)
-        train_state, rng = dataclasses.asdict(state), rng_state()  # copies, taken at this step
+        train_state, rng = dataclasses.asdict(state), capture_rng()  # copies, taken at this step
         position = {k: train_state[k] for k in ("stage", "epoch", "epoch_samples", "step")}
-        errors: list[BaseException] = []
 
-        def write() -> None:
-            try:
-                write_strategy()
-                if self.rank == 0:
-                    atomic_save(train_state, folder / STATE_FILE)
-                atomic_save(rng, folder / f"rng_rank{self.rank}.pt")
-                # Sealed last: a checkpoint missing any rank's manifest or file is detected and skipped on resume.
-                write_manifest(folder, self.rank, self.world, position)
-            except BaseException as err:  # noqa: BLE001 - raised on the training thread by finish()
-                errors.append(err)
+        def write() -> Path:
+            write_strategy()
+            if self.rank == 0:
+                atomic_save(train_state, folder / STATE_FILE)
+            atomic_save(rng_tensors(rng), folder / f"rng_rank{self.rank}.pt")
+            # Sealed last: a checkpoint missing any rank's manifest or file is detected and skipped on resume.
+            write_manifest(folder, self.rank, self.world, position)
+            return folder if self.assemble is None else self.assemble(folder, position["step"])
 
-        if self.executor is not None:
-            self.pending = (self.executor.submit(write), folder, metrics, state.step, errors)
-        else:
-            write()
-            self.pending = (None, folder, metrics, state.step, errors)
+        written = self.executor.submit(write) if self.executor is not None else _run_now(write)
+        self.pending = _Pending(written, folder, metrics, state.step)
 
     def writing(self) -> bool:
         """Whether this rank's write of the pending checkpoint is still going."""
-        return self.pending is not None and self.pending[0] is not None and not self.pending[0].done()
+        return self.pending is not None and not self.pending.written.done()
 
     def due(self, as_of: int, writing_somewhere: bool) -> bool:
         """Whether to publish the pending checkpoint at this step boundary, given what the step vote says: whether
         some rank was still writing at step boundary as_of. Due once no rank was, at a boundary after the one the
         checkpoint was taken at. Every rank gets the same answer, so every rank publishes at the same step, as Ray's
         report requires."""
-        return self.pending is not None and as_of > self.pending[3] and not writing_somewhere
+        return self.pending is not None and as_of > self.pending.step and not writing_somewhere
 
-    def finish(self) -> None:
-        """Wait for the pending write, then publish it (the publisher owns the folder from then on)."""
-        if self.pending is None:
+    def finish(self, everyone_wrote: bool = False) -> None:
+        """Wait for the pending write, then publish it once every rank's write is done (the publisher owns the
+        folder from then on); a write that failed raises its error here. everyone_wrote: the step vote says every
+        rank's write is done (see due); otherwise every rank waits for the others here."""
+        pending, self.pending = self.pending, None
+        if pending is None:
             return
-        written, folder, metrics, _, errors = self.pending
-        self.pending = None
-        if written is not None:
-            written.result()
-        if errors:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise errors[0]
-        self.publish(metrics, folder)
+        try:
+            folder = pending.written.result()
+        except BaseException:
+            shutil.rmtree(pending.folder, ignore_errors=True)
+            raise
+        if not everyone_wrote:
+            dist.barrier()
+        self.publish(pending.metrics, folder)
 
     def close(self) -> None:
         """After a failure: let a write in progress end, publish nothing, remove its folder."""
-        if self.pending is not None:
-            written, folder, *_ = self.pending
-            self.pending = None
-            if written is not None:
-                written.result()
-            shutil.rmtree(folder, ignore_errors=True)
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            wait([pending.written])
+            shutil.rmtree(pending.folder, ignore_errors=True)
 
     def shutdown(self) -> None:
         """At the run's end (after finish or close): the writer thread ends."""

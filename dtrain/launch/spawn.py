@@ -32,9 +32,11 @@ from dtrain.launch.net import free_port
 
 class LocalPublisher:
     """The loop's publish callable without Ray: keeps each published checkpoint under <run_dir>/checkpoints/.
-    The ranks' folders are moved in: renamed when the writer staged them on the same filesystem (under root).
-    Checkpoints beyond the newest keep are deleted in a background thread (deleting files can take milliseconds
-    each, on a filesystem that discards freed blocks at once); close() waits for it."""
+    The ranks' files are put together in .partial_step_<step>: moved there by each rank's writer thread (assemble),
+    or when published; renamed when the writer staged them on the same filesystem (under root). Once every rank's
+    are in, rank 0 renames the folder to step_<step>. Checkpoints beyond the newest keep are deleted in a background
+    thread (deleting files can take milliseconds each, on a filesystem that discards freed blocks at once); close()
+    waits for it."""
 
     def __init__(self, run_dir: Path, keep: int | None = None) -> None:
         """keep: how many of the newest checkpoints stay (None: all)."""
@@ -42,20 +44,32 @@ class LocalPublisher:
         self.published: list[dict[str, Any]] = []
         self.pruner: ThreadPoolExecutor | None = None
 
+    def assemble(self, folder: Path, step: int) -> Path:
+        """Move this rank's files of the checkpoint of step into the folder where the ranks' files are put together,
+        and return that folder (the writer thread's CheckpointWriter.assemble)."""
+        partial = self._partial(step)
+        _move_into(folder, partial)  # every rank adds its files, as Ray merges them
+        return partial
+
     def __call__(self, metrics: dict[str, Any], folder: Path | None) -> None:
         self.published.append(metrics)
-        target = self.root / f"step_{metrics['step']:08d}" if folder is not None else None
-        partial = self.root / f".partial_{target.name}" if target else None
-        if folder is not None:
-            _move_into(folder, partial)  # every rank adds its files, as Ray merges them
-        dist.barrier() if dist.is_initialized() else None
-        if target is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        if folder is None:
+            return
+        partial = self._partial(metrics["step"])
+        if folder != partial:  # not assembled by the writer thread: every rank moves its files in now
+            self.assemble(folder, metrics["step"])
+            dist.barrier() if dist.is_initialized() else None
+        if not dist.is_initialized() or dist.get_rank() == 0:  # every rank's files are in
+            target = self.root / partial.name.removeprefix(".partial_")
             if target.exists():  # a replayed step after a resume replaces its old copy
                 shutil.rmtree(target, ignore_errors=True)
             os.replace(partial, target)  # atomic: a crash leaves either no step_<n> or a complete one
             if self.keep is not None:  # older ones go only once the new one is complete
                 self.pruner = self.pruner or ThreadPoolExecutor(1, thread_name_prefix="dtrain-prune")
                 self.pruner.submit(self._prune)
+
+    def _partial(self, step: int) -> Path:
+        return self.root / f".partial_step_{step:08d}"
 
     def _prune(self) -> None:
         for old in sorted(self.root.glob("step_*"), key=checkpoint_order)[:-self.keep]:
@@ -179,7 +193,7 @@ def _entry(rank: int, world: int, port: int, job: dict, run_dir: str, resume: bo
             publisher = LocalPublisher(Path(run_dir), keep)
             try:
                 summary = run_worker(job, run_dir, publisher, device, resume_dir, data, callbacks=list(callbacks),
-                                     staging=publisher.root)
+                                     staging=publisher.root, assemble=publisher.assemble)
             finally:
                 publisher.close()
         except DtrainError as err:

@@ -23,6 +23,7 @@ from dtrain.engine.loop import LoopConfig, Publish, RunContext, fit
 from dtrain.engine.precision import Precision
 from dtrain.engine.prepare import checkpoint_layers, compile_options
 from dtrain.engine.profile import Profiler
+from dtrain.engine.saving import Assemble
 from dtrain.engine.strategies import Strategy, StrategySetup, build_strategy
 from dtrain.launch.probe import check_probe, linear_probe
 from dtrain.launch.sysmetrics import SystemMonitor
@@ -79,11 +80,11 @@ def build_worker(job: Any, device: torch.device, data: DataBundle | StreamData |
 def run_worker(job_dict: dict[str, Any], run_dir: str | Path, publish: Publish, device: torch.device,
                resume_dir: Path | None = None, data: DataBundle | StreamData | None = None, *, retarget: bool = False,
                callbacks: list[Callback] = (), store: RunStore | None = None,
-               staging: Path | None = None) -> dict[str, Any]:
+               staging: Path | None = None, assemble: Assemble | None = None) -> dict[str, Any]:
     """Train the job in this process (one rank of the process group, if any); returns the summary.
     data: the job's data if the launcher loaded it already (else it is loaded here).
     store: the run's folder in object storage, if it has one: run_dir is then rank 0's local staging folder.
-    staging: where checkpoints are written before publish hands them over (RunContext.staging)."""
+    staging, assemble: where checkpoints are written, and what the writer does with each once written (RunContext)."""
     job = to_objects(job_dict)
     worker = build_worker(job, device, data)
     rank = dist.rank()
@@ -96,7 +97,8 @@ def run_worker(job_dict: dict[str, Any], run_dir: str | Path, publish: Publish, 
                  *([monitor] if monitor else [])]
     probe = functools.partial(linear_probe, job.model, worker.data) if job.trainer.linear_probe else None
     ctx = RunContext(rank, dist.world_size(), publish, tracker.log if tracker else _ignore, resume_dir, retarget,
-                     installed, export=functools.partial(_export, Path(run_dir), rank), probe=probe, staging=staging)
+                     installed, export=functools.partial(_export, Path(run_dir), rank), probe=probe, staging=staging,
+                     assemble=assemble)
     # the tracker marks its runs failed if fit raises; the monitor's thread stops either way
     with tracker or contextlib.nullcontext(), monitor or contextlib.nullcontext():
         return fit(worker.model, worker.loaders, worker.strategy, worker.loop, ctx)

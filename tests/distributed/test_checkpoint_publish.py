@@ -1,5 +1,6 @@
 """Publishing checkpoints written in the background: training never waits for a slow write, and every rank publishes
-at the same step boundary, the first one after every rank's write is known to be done."""
+at the same step boundary, the first one after every rank's write is known to be done. The local launcher's publish
+there needs no barrier: the checkpoint it renames into place already holds every rank's files."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dtrain.engine import dist as engine_dist
+from dtrain.engine.checkpoint import checkpoint_problem
 from dtrain.engine.dist import StepVote
 from dtrain.engine.saving import CheckpointWriter
 from dtrain.engine.state import TrainState
 from dtrain.launch.net import free_port
+from dtrain.launch.spawn import LocalPublisher
 
 TAKEN_AT, STEPS, STEP_S = 3, 40, 0.01
 SLOW_WRITE_S = 0.2
@@ -41,8 +45,18 @@ def _rank(rank: int, port: int, staging: str, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     published: list[int] = []
-    writer = CheckpointWriter(rank, 2, lambda metrics, folder: published.append(metrics["step"]),
-                              staging=Path(staging) / f"rank{rank}")
+    barriers = []
+    engine_dist.barrier = lambda: (barriers.append(1), dist.barrier())
+    local = LocalPublisher(Path(staging) / "run")
+
+    def publish(metrics, folder) -> None:
+        local(metrics, folder)
+        published.append(metrics["step"])
+        checkpoint = local.root / f"step_{metrics['step']:08d}"
+        # rank 0 renamed it into place: complete, with rank 1's slowly written part
+        assert rank == 1 or (checkpoint_problem(checkpoint) is None and (checkpoint / "part_rank1.bin").is_file())
+
+    writer = CheckpointWriter(rank, 2, publish, staging=local.root, assemble=local.assemble)
     vote, state, step_times = StepVote(60.0), TrainState(), []
     strategy = _Strategy(SLOW_WRITE_S if rank == 1 else 0.0)
     for step in range(1, STEPS + 1):
@@ -54,21 +68,21 @@ def _rank(rank: int, port: int, staging: str, out) -> None:
             writer.start(strategy, state, {"step": step})
         vote.agree(step, writer.writing())
         if writer.due(vote.as_of, vote.writing):
-            writer.finish()
+            writer.finish(everyone_wrote=True)
             published.append(-step)  # the boundary it was published at
         step_times.append(time.perf_counter() - started)
     writer.finish()
     writer.shutdown()
     vote.close()
-    out.put((rank, published, max(step_times)))
+    out.put((rank, published, max(step_times), len(barriers)))
     dist.destroy_process_group()
 
 
 def test_a_slow_write_delays_the_publish_not_the_steps(tmp_path):
     queue = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(_rank, args=(free_port(), str(tmp_path), queue), nprocs=2, start_method="spawn")
-    results = {rank: (published, slowest) for rank, published, slowest in (queue.get(), queue.get())}
-    (published0, slowest0), (published1, slowest1) = results[0], results[1]
+    results = {rank: rest for rank, *rest in (queue.get(), queue.get())}
+    (published0, slowest0, barriers0), (published1, slowest1, barriers1) = results[0], results[1]
     # each rank published the checkpoint once, at the same step boundary
     assert published0 == published1 and published0[0] == TAKEN_AT and len(published0) == 2, results
     at = -published0[1]
@@ -76,3 +90,5 @@ def test_a_slow_write_delays_the_publish_not_the_steps(tmp_path):
     assert TAKEN_AT + 15 <= at <= TAKEN_AT + 30, results
     # and no step waited for the write: the slowest took a small part of the write's time
     assert max(slowest0, slowest1) < SLOW_WRITE_S / 2, results
+    # and publishing it waited for no barrier: the vote had said every rank's write was done
+    assert barriers0 == barriers1 == 0, results

@@ -23,6 +23,9 @@ from dtrain.launch.spawn import LocalPublisher
 from dtrain.launch.worker import run_worker
 from tests.helpers import JOBS
 
+TWO_EPOCHS_ONE_RANK = ["trainer.max_epochs=2", "trainer.num_workers=1", "logging.wandb.enabled=false",
+                       "logging.progress=false", "trainer.early_stopping.monitor=null"]
+
 
 def test_two_runs_started_at_once_with_one_name_cannot_share_the_run_directory(tmp_path):
     job = load_job(JOBS / "mlp_digits.yaml", [f"runs_dir={tmp_path}", "name=same"])
@@ -132,22 +135,43 @@ def test_checkpoint_folders_that_killed_processes_left_are_removed_by_the_next_w
     assert not orphan.exists() and live.exists() and unrelated.exists()
 
 
-def test_a_local_run_publishes_its_checkpoints_by_renaming_them(tmp_path, monkeypatch, one_thread):
-    """The local launcher's writer stages each checkpoint under the run's checkpoints/ folder, so publishing it is a
-    rename: no checkpoint file is copied on the training thread (for a large model a copy would stall it)."""
+def test_a_local_runs_checkpoint_files_are_moved_into_place_by_the_writer_thread(tmp_path, monkeypatch, one_thread):
+    """The local launcher's writer stages each checkpoint under the run's checkpoints/ folder and its thread moves
+    the files to where the ranks' checkpoint is put together: no file is copied (for a large model a copy would take
+    seconds), and publishing, on the training thread, is one rename of the folder (by rank 0)."""
+    moved_by: list[str] = []
+    move = shutil.move
+
+    def recording_move(src, dst, *args, **kwargs):
+        moved_by.append(threading.current_thread().name)
+        return move(src, dst, *args, **kwargs)
+
     def no_copy(src, dst, *args, **kwargs):
         raise AssertionError(f"copied {src} to {dst}")
 
+    monkeypatch.setattr(shutil, "move", recording_move)
     monkeypatch.setattr(shutil, "copyfile", no_copy)
-    job = to_dict(load_job(JOBS / "mlp_digits.yaml", ["trainer.max_epochs=2", "trainer.num_workers=1",
-                                                     "logging.wandb.enabled=false", "logging.progress=false",
-                                                     "trainer.early_stopping.monitor=null"]))
+    job = to_dict(load_job(JOBS / "mlp_digits.yaml", TWO_EPOCHS_ONE_RANK))
     run = tmp_path / "run"
     publisher = LocalPublisher(run)
-    run_worker(job, run, publisher, torch.device("cpu"), staging=publisher.root)
+    run_worker(job, run, publisher, torch.device("cpu"), staging=publisher.root, assemble=publisher.assemble)
     published = sorted((run / "checkpoints").iterdir())
     assert [p.name[:5] for p in published] == ["step_", "step_"], published  # and no staging folder left
     assert all(checkpoint_problem(p) is None for p in published)
+    # model, train state, RNG state and manifest of each of the 2 checkpoints, all by the writer thread
+    assert len(moved_by) == 8 and all(name.startswith("dtrain-checkpoint") for name in moved_by), moved_by
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_the_checkpoint_writer_thread_runs_at_idle_priority():
+    """A background write takes only CPU time that no other thread wants (on a machine whose cores all train, it
+    would otherwise take its time from training); the training thread keeps its priority."""
+    writer = CheckpointWriter(0, 1, lambda metrics, folder: None)
+    try:
+        assert writer.executor.submit(os.sched_getscheduler, 0).result() == os.SCHED_IDLE
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    finally:
+        writer.shutdown()
 
 
 def test_the_local_launcher_deletes_old_checkpoints_off_the_training_thread(tmp_path, monkeypatch):
@@ -187,9 +211,7 @@ def test_a_restarted_ray_worker_resumes_from_the_run_dirs_checkpoint_that_ray_ne
             return 0
 
     monkeypatch.setattr(ray.train, "get_context", Rank0)
-    job = to_dict(load_job(JOBS / "mlp_digits.yaml", ["trainer.max_epochs=2", "trainer.num_workers=1",
-                                                     "logging.wandb.enabled=false", "logging.progress=false",
-                                                     "trainer.early_stopping.monitor=null"]))
+    job = to_dict(load_job(JOBS / "mlp_digits.yaml", TWO_EPOCHS_ONE_RANK))
     run, fresh, donor = tmp_path / "run", tmp_path / "fresh", tmp_path / "donor"
     fresh.mkdir()
     run_worker(job, run, LocalPublisher(run), torch.device("cpu"))
