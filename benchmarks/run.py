@@ -24,13 +24,15 @@ QUICK = {"overhead": ["--repeats", "1", "--epochs", "3", "--warmup", "5", "--run
          "zero": ["--epochs", "2", "--warmup", "5", "--hidden", "64"],
          "precision": ["--quick", "--repeats", "1"], "hotpath": ["--steps", "300"], "ddpflags": ["--steps", "300"],
          "trackers": ["--rounds", "3", "--block", "20", "--warmup", "1"], "gpu": ["--quick", "--repeats", "1"],
-         "checkpoints": ["--repeats", "1", "--epochs", "3"],
-         "checkpointsray": ["--launcher", "ray", "--repeats", "1", "--epochs", "3"], "datamemory": ["--rows", "100000"],
+         "checkpoints": ["--repeats", "1", "--epochs", "3", "--alternate-epochs", "6"],
+         "checkpointsray": ["--launcher", "ray", "--repeats", "1", "--epochs", "3",
+                            "--modes", "off,training_thread,background"], "datamemory": ["--rows", "100000"],
          "datascale": ["--rows", "100000", "--speed-rows", "100000", "--pairs", "1", "--steps", "200",
                        "--log-every", "50"],
          "compile": ["--steps", "60", "--warmup", "10", "--hidden", "64"],
          "objstore": ["--repeats", "1", "--train-repeats", "1"]}
-FULL = {"overhead": ["--boundary"], "checkpointsray": ["--launcher", "ray", "--epochs", "30"]}
+FULL = {"overhead": ["--boundary"], "checkpoints": ["--epochs", "30", "--repeats", "10"],
+        "checkpointsray": ["--launcher", "ray", "--epochs", "30"]}
 MODULES = {"overhead": "benchmarks.overhead", "ddpflags": "benchmarks.ddp_flags", "startup": "benchmarks.startup",
            "zero": "benchmarks.zero_memory", "compile": "benchmarks.compile_speed",
            "precision": "benchmarks.precision", "hotpath": "benchmarks.hot_path", "trackers": "benchmarks.trackers",
@@ -119,6 +121,9 @@ def table(folder: Path) -> list[tuple[str, str, str, str]]:
             for mode, ratios in r["steady_ratios_vs_off" if steady else "ratios_vs_off"].items():
                 rows.append(("checkpoints", f"{mode} (every epoch, {launcher}, in turns{', steady' if steady else ''})",
                              f"{median(ratios):.3f} x off", f"range {min(ratios):.3f}-{max(ratios):.3f}"))
+            if ratios := r.get("alternating_ratios"):
+                rows.append(("checkpoints", f"background, every other epoch ({launcher}): epochs with vs without",
+                             f"{median(ratios):.3f} x without", f"range {min(ratios):.3f}-{max(ratios):.3f}"))
     if r := _load(folder, "data_memory"):
         for run in r["runs"]:
             rows.append(("in-memory data", f"{run['rows']:,} rows x 64 float32, 2 workers",
