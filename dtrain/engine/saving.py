@@ -143,15 +143,22 @@ class CheckpointWriter:
         self.pending = _Pending(written, folder, metrics, state.step)
 
     def writing(self) -> bool:
-        """Whether this rank's write of the pending checkpoint is still going."""
-        return self.pending is not None and not self.pending.written.done()
+        """Whether this rank's write of the pending checkpoint is still going, or failed: either way the other ranks
+        must not publish the checkpoint without this rank's files."""
+        return self.pending is not None and (not self.pending.written.done() or self._failed())
 
     def due(self, as_of: int, writing_somewhere: bool) -> bool:
         """Whether to publish the pending checkpoint at this step boundary, given what the step vote says: whether
         some rank was still writing at step boundary as_of. Due once no rank was, at a boundary after the one the
         checkpoint was taken at. Every rank gets the same answer, so every rank publishes at the same step, as Ray's
-        report requires."""
+        report requires. A write of this rank's that failed raises its error here."""
+        if self.pending is not None and self._failed():
+            self.finish()
         return self.pending is not None and as_of > self.pending.step and not writing_somewhere
+
+    def _failed(self) -> bool:
+        written = self.pending.written
+        return written.done() and written.exception() is not None
 
     def finish(self, everyone_wrote: bool = False) -> None:
         """Wait for the pending write, then publish it once every rank's write is done (the publisher owns the

@@ -162,6 +162,34 @@ def test_a_local_runs_checkpoint_files_are_moved_into_place_by_the_writer_thread
     assert len(moved_by) == 8 and all(name.startswith("dtrain-checkpoint") for name in moved_by), moved_by
 
 
+def test_a_rank_whose_checkpoint_write_failed_keeps_the_others_from_publishing_it(tmp_path):
+    """A failed background write (a full disk) is never reported done: the vote keeps saying that a rank is still
+    writing, so no rank publishes a checkpoint without its files (and, with checkpoint.keep, deletes an intact one
+    for it). The failing rank raises the error at its next step boundary and removes its folder."""
+    from dtrain.engine.state import TrainState
+
+    class FullDisk:
+        def weights_finite(self) -> bool:
+            return True
+
+        def snapshot(self, folder):
+            def write() -> None:
+                raise OSError(28, "No space left on device")
+            return write
+
+    published = []
+    writer = CheckpointWriter(0, 1, lambda metrics, folder: published.append(folder), staging=tmp_path)
+    try:
+        writer.start(FullDisk(), TrainState(step=5), {"step": 5})
+        writer.pending.written.exception(timeout=30)  # the write has ended
+        assert writer.writing()  # what this rank tells the vote
+        with pytest.raises(OSError, match="No space left"):
+            writer.due(as_of=6, writing_somewhere=False)
+        assert published == [] and list(tmp_path.iterdir()) == [] and writer.pending is None
+    finally:
+        writer.shutdown()
+
+
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
 def test_the_checkpoint_writer_thread_runs_at_idle_priority():
     """A background write takes only CPU time that no other thread wants (on a machine whose cores all train, it
