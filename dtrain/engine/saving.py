@@ -10,8 +10,10 @@ data, for the device) or, at the latest, while the training thread waits for it 
 Guarantees: the snapshot is the state of the step it was taken at (weights, optimizer, schedule, scaler, position,
 every rank's RNG), so resuming from it is exact; the manifest is written last, after every file is flushed to disk;
 a folder is published (to Ray, or to the local run dir) only once complete, so a crash mid-write leaves the previous
-checkpoint as the newest intact one; at most one write is in flight: when a new checkpoint is due before the last
-one is written, the training thread waits for it (the loop is as slow as the disk, never further behind).
+checkpoint as the newest intact one (a rank whose write fails raises its error at its next step boundary and never
+tells the vote it is done, so no rank publishes that checkpoint); at most one write is in flight: when a new
+checkpoint is due before the last one is written, the training thread waits for it (the loop is as slow as the disk,
+never further behind).
 """
 
 from __future__ import annotations
