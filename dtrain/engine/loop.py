@@ -245,8 +245,7 @@ def _train_epoch(cfg: LoopConfig, wrapped: nn.Module, loader: Loader, strategy: 
         vote.agree(state.step, writer.writing())
         if vote.stop:
             _checkpoint_and_hand_over(strategy, state, ctx, guard, writer)
-        if writer.due(vote.as_of, vote.writing):
-            writer.finish(everyone_wrote=True)
+        writer.publish_if_due(vote.as_of, vote.writing)
         clock.lap("other")
         if cfg.max_steps and state.step >= cfg.max_steps:
             break

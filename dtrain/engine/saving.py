@@ -104,7 +104,7 @@ its files to where the launcher assembles the ranks' checkpoint, and returns tha
 
 
 class CheckpointWriter:
-    """One rank's checkpoint writes: start() snapshots and writes in the background, due() says when to publish.
+    """One rank's checkpoint writes: start() snapshots and writes in the background, publish_if_due() publishes.
 
     staging: the folder the checkpoint folders are written in (the launcher's choice: on the run folder's filesystem,
     publishing is a rename); None: the system's temp folder. assemble: what the writer thread does with the folder
@@ -149,23 +149,29 @@ class CheckpointWriter:
         must not publish the checkpoint without this rank's files."""
         return self.pending is not None and (not self.pending.written.done() or self._failed())
 
-    def due(self, as_of: int, writing_somewhere: bool) -> bool:
-        """Whether to publish the pending checkpoint at this step boundary, given what the step vote says: whether
+    def publish_if_due(self, as_of: int, writing_somewhere: bool) -> bool:
+        """Publish the pending checkpoint if it is due at this step boundary, given what the step vote says: whether
         some rank was still writing at step boundary as_of. Due once no rank was, at a boundary after the one the
-        checkpoint was taken at. Every rank gets the same answer, so every rank publishes at the same step, as Ray's
-        report requires. A write of this rank's that failed raises its error here."""
+        checkpoint was taken at; every rank then knows every rank's write is done, so none waits for the others.
+        Every rank gets the same answer, so every rank publishes at the same step, as Ray's report requires. Returns
+        whether it published. A write of this rank's that failed raises its error here."""
         if self.pending is not None and self._failed():
-            self.finish()
-        return self.pending is not None and as_of > self.pending.step and not writing_somewhere
+            self._publish(everyone_wrote=False)  # raises the write's error
+        if self.pending is None or as_of <= self.pending.step or writing_somewhere:
+            return False
+        self._publish(everyone_wrote=True)
+        return True
 
     def _failed(self) -> bool:
         written = self.pending.written
         return written.done() and written.exception() is not None
 
-    def finish(self, everyone_wrote: bool = False) -> None:
-        """Wait for the pending write, then publish it once every rank's write is done (the publisher owns the
-        folder from then on); a write that failed raises its error here. everyone_wrote: the step vote says every
-        rank's write is done (see due); otherwise every rank waits for the others here."""
+    def finish(self) -> None:
+        """Wait for the pending write, then, once every rank's is done (a barrier), publish it (the publisher owns
+        the folder from then on); a write that failed raises its error here."""
+        self._publish(everyone_wrote=False)
+
+    def _publish(self, everyone_wrote: bool) -> None:
         pending, self.pending = self.pending, None
         if pending is None:
             return

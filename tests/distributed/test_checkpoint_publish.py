@@ -67,8 +67,7 @@ def _rank(rank: int, port: int, staging: str, out) -> None:
         if step == TAKEN_AT:
             writer.start(strategy, state, {"step": step})
         vote.agree(step, writer.writing())
-        if writer.due(vote.as_of, vote.writing):
-            writer.finish(everyone_wrote=True)
+        if writer.publish_if_due(vote.as_of, vote.writing):
             published.append(-step)  # the boundary it was published at
         step_times.append(time.perf_counter() - started)
     writer.finish()

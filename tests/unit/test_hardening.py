@@ -184,7 +184,7 @@ def test_a_rank_whose_checkpoint_write_failed_keeps_the_others_from_publishing_i
         writer.pending.written.exception(timeout=30)  # the write has ended
         assert writer.writing()  # what this rank tells the vote
         with pytest.raises(OSError, match="No space left"):
-            writer.due(as_of=6, writing_somewhere=False)
+            writer.publish_if_due(as_of=6, writing_somewhere=False)
         assert published == [] and list(tmp_path.iterdir()) == [] and writer.pending is None
     finally:
         writer.shutdown()
