@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from benchmarks.catalog import BY_JOB, RESULT, ROWS, Run, bar
+from benchmarks.catalog import BY_JOB, RESULT, ROWS, Run, bar, within
 from dtrain.config import load_job, to_dict, to_objects
 from dtrain.data import load_data
 from dtrain.launch.spawn import spawn_workers
@@ -30,7 +30,7 @@ def test_the_shipped_job_reaches_its_catalog_figures(job_file, tmp_path):
     figures = row.measure(Run(tmp_path / "q", summary, cfg, load_data(cfg.data)))
     print(f"{job_file}: {figures}, recorded {recorded['figures']}, peer {recorded['peer']}")
     for name, value in recorded["figures"].items():
-        assert abs(figures[name] - value) <= row.tolerance[name], (name, figures[name], value)
+        assert within(row.tolerance[name], figures[name], value), (name, figures[name], value)
     if recorded["verdict"] == "ahead":  # of its peer's recorded figure, or its target
         main = next(iter(recorded["figures"]))
         ours, against = figures[main], bar(row, recorded["peer"], main)
