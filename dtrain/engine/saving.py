@@ -121,13 +121,17 @@ class CheckpointWriter:
         if staging is not None:
             staging.mkdir(parents=True, exist_ok=True)
             remove_orphaned_staging(staging)
+        # The next checkpoint's folder, made ahead in the writer thread: creating it costs the training thread more
+        # than the rest of the snapshot together.
+        self.next_folder: Future | None = None
+        self._make_next_folder()
 
     def start(self, strategy: Any, state: TrainState, metrics: dict[str, Any]) -> None:
         """Snapshot the state now (waiting first for the previous write, if it is still going) and write it."""
         self.finish()
         if not strategy.weights_finite():
             raise TrainingError("training stopped: the weights became non-finite; the last good checkpoint is kept")
-        folder = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=self.staging))
+        folder = self._take_folder()
         write_strategy = strategy.snapshot(folder)
         train_state, rng = dataclasses.asdict(state), capture_rng()  # copies, taken at this step
         position = {k: train_state[k] for k in ("stage", "epoch", "epoch_samples", "step")}
@@ -143,6 +147,22 @@ class CheckpointWriter:
 
         written = self.executor.submit(write) if self.executor is not None else _run_now(write)
         self.pending = _Pending(written, folder, metrics, state.step)
+        self._make_next_folder()
+
+    def _new_folder(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=self.staging))
+
+    def _make_next_folder(self) -> None:
+        """Have the writer thread make the next checkpoint's folder once it is free (after the write in flight)."""
+        if self.executor is not None:
+            self.next_folder = self.executor.submit(self._new_folder)
+
+    def _take_folder(self) -> Path:
+        """The folder to write the checkpoint being started in: the one made ahead, else a new one."""
+        ready, self.next_folder = self.next_folder, None
+        if ready is not None and ready.exception() is None:
+            return ready.result()
+        return self._new_folder()  # synchronous writes; or making it ahead failed: its error is raised here
 
     def writing(self) -> bool:
         """Whether this rank's write of the pending checkpoint is still going, or failed: either way the other ranks
@@ -192,6 +212,9 @@ class CheckpointWriter:
             shutil.rmtree(pending.folder, ignore_errors=True)
 
     def shutdown(self) -> None:
-        """At the run's end (after finish or close): the writer thread ends."""
+        """At the run's end (after finish or close): the writer thread ends, the folder made ahead is removed."""
         if self.executor is not None:
             self.executor.shutdown(wait=True)
+        ready, self.next_folder = self.next_folder, None
+        if ready is not None and ready.exception() is None:
+            shutil.rmtree(ready.result(), ignore_errors=True)

@@ -131,26 +131,33 @@ def test_checkpoint_folders_that_killed_processes_left_are_removed_by_the_next_w
         folder.mkdir()
         (folder / "model.pt.tmp").write_bytes(b"half a checkpoint")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    CheckpointWriter(0, 1, lambda metrics, folder: None)
+    CheckpointWriter(0, 1, lambda metrics, folder: None).shutdown()
     assert not orphan.exists() and live.exists() and unrelated.exists()
 
 
 def test_a_local_runs_checkpoint_files_are_moved_into_place_by_the_writer_thread(tmp_path, monkeypatch, one_thread):
     """The local launcher's writer stages each checkpoint under the run's checkpoints/ folder and its thread moves
     the files to where the ranks' checkpoint is put together: no file is copied (for a large model a copy would take
-    seconds), and publishing, on the training thread, is one rename of the folder (by rank 0)."""
+    seconds), and publishing, on the training thread, is one rename of the folder (by rank 0). The writer thread
+    also makes each checkpoint's folder, ahead of it."""
     moved_by: list[str] = []
-    move = shutil.move
+    made_by: list[str] = []
+    move, mkdtemp = shutil.move, tempfile.mkdtemp
 
     def recording_move(src, dst, *args, **kwargs):
         moved_by.append(threading.current_thread().name)
         return move(src, dst, *args, **kwargs)
+
+    def recording_mkdtemp(*args, **kwargs):
+        made_by.append(threading.current_thread().name)
+        return mkdtemp(*args, **kwargs)
 
     def no_copy(src, dst, *args, **kwargs):
         raise AssertionError(f"copied {src} to {dst}")
 
     monkeypatch.setattr(shutil, "move", recording_move)
     monkeypatch.setattr(shutil, "copyfile", no_copy)
+    monkeypatch.setattr(tempfile, "mkdtemp", recording_mkdtemp)
     job = to_dict(load_job(JOBS / "mlp_digits.yaml", TWO_EPOCHS_ONE_RANK))
     run = tmp_path / "run"
     publisher = LocalPublisher(run)
@@ -160,6 +167,8 @@ def test_a_local_runs_checkpoint_files_are_moved_into_place_by_the_writer_thread
     assert all(checkpoint_problem(p) is None for p in published)
     # model, train state, RNG state and manifest of each of the 2 checkpoints, all by the writer thread
     assert len(moved_by) == 8 and all(name.startswith("dtrain-checkpoint") for name in moved_by), moved_by
+    # the 2 checkpoints' folders and the one made ahead for a third (removed at the end)
+    assert len(made_by) == 3 and all(name.startswith("dtrain-checkpoint") for name in made_by), made_by
 
 
 def test_a_rank_whose_checkpoint_write_failed_keeps_the_others_from_publishing_it(tmp_path):
@@ -181,13 +190,15 @@ def test_a_rank_whose_checkpoint_write_failed_keeps_the_others_from_publishing_i
     writer = CheckpointWriter(0, 1, lambda metrics, folder: published.append(folder), staging=tmp_path)
     try:
         writer.start(FullDisk(), TrainState(step=5), {"step": 5})
+        failed = writer.pending.folder
         writer.pending.written.exception(timeout=30)  # the write has ended
         assert writer.writing()  # what this rank tells the vote
         with pytest.raises(OSError, match="No space left"):
             writer.publish_if_due(as_of=6, writing_somewhere=False)
-        assert published == [] and list(tmp_path.iterdir()) == [] and writer.pending is None
+        assert published == [] and not failed.exists() and writer.pending is None
     finally:
         writer.shutdown()
+    assert list(tmp_path.iterdir()) == []  # nor the next checkpoint's folder, made ahead
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
