@@ -157,12 +157,16 @@ class CheckpointWriter:
         if self.executor is not None:
             self.next_folder = self.executor.submit(self._new_folder)
 
-    def _take_folder(self) -> Path:
-        """The folder to write the checkpoint being started in: the one made ahead, else a new one."""
+    def _claim_next_folder(self) -> Path | None:
+        """The folder made ahead (waiting for the writer thread to make it), now the caller's; None if there is none
+        or making it failed."""
         ready, self.next_folder = self.next_folder, None
-        if ready is not None and ready.exception() is None:
-            return ready.result()
-        return self._new_folder()  # synchronous writes; or making it ahead failed: its error is raised here
+        return ready.result() if ready is not None and ready.exception() is None else None
+
+    def _take_folder(self) -> Path:
+        """The folder to write the checkpoint being started in: the one made ahead, else (synchronous writes, or
+        making it ahead failed: its error is raised here) a new one."""
+        return self._claim_next_folder() or self._new_folder()
 
     def writing(self) -> bool:
         """Whether this rank's write of the pending checkpoint is still going, or failed: either way the other ranks
@@ -215,6 +219,5 @@ class CheckpointWriter:
         """At the run's end (after finish or close): the writer thread ends, the folder made ahead is removed."""
         if self.executor is not None:
             self.executor.shutdown(wait=True)
-        ready, self.next_folder = self.next_folder, None
-        if ready is not None and ready.exception() is None:
-            shutil.rmtree(ready.result(), ignore_errors=True)
+        if (spare := self._claim_next_folder()) is not None:
+            shutil.rmtree(spare, ignore_errors=True)
