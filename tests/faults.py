@@ -1,11 +1,16 @@
-"""Faults the tests inject into real training processes, as engine callbacks (installed by the launchers)."""
+"""Faults the tests inject into real training processes, and probes they install there, as engine callbacks
+(installed by the launchers)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
+from typing import Any
+
+from torch import nn
 
 from dtrain.engine.callbacks import Callback
 from dtrain.engine.state import TrainState
@@ -37,3 +42,24 @@ class SignalAt(Callback):
         if rank == self.rank and state.step == self.step and not self.marker.exists():
             self.marker.touch()
             os.kill(os.getpid(), self.signum)
+
+
+class ReportThreads(Callback):
+    """In each Ray Train worker, record which thread hands each checkpoint to ray.train.report: a line per report,
+    the thread's name, in <folder>/rank<r>.txt."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def on_setup(self, strategy: Any, model: nn.Module, rank: int) -> None:
+        import ray.train
+
+        report, log = ray.train.report, self.folder / f"rank{rank}.txt"
+
+        def recorded(metrics: dict, checkpoint: Any = None, **kwargs: Any) -> None:
+            if checkpoint is not None:
+                with open(log, "a") as f:
+                    f.write(threading.current_thread().name + "\n")
+            report(metrics, checkpoint=checkpoint, **kwargs)
+
+        ray.train.report = recorded

@@ -96,6 +96,10 @@ class RunContext:
     assemble: Assemble | None = None
     """What the writer thread does with each checkpoint folder once written (the local launcher moves its files to
     where the ranks' files are put together); None: publish gets the folder as written."""
+    publish_in_writer: bool = False
+    """publish is a barrier of the ranks itself (Ray Train's report) and metrics alone are not published through
+    it: each checkpoint is then published by the writer thread as soon as this rank's write is done, and the
+    training thread never waits for the other ranks' writes (see saving.CheckpointWriter)."""
 
 
 def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConfig,
@@ -103,7 +107,7 @@ def fit(model: CatalogModel, loaders: Loaders, strategy: Strategy, cfg: LoopConf
     """Train model on loaders.train as cfg says; returns the summary (final and best metrics, throughput)."""
     model.all_reduce_sum = dist.all_reduce_sum  # the models' one collective (the SOM's batch update)
     writer = CheckpointWriter(ctx.rank, ctx.world, ctx.publish, background=cfg.checkpoint_background,
-                              staging=ctx.staging, assemble=ctx.assemble)
+                              staging=ctx.staging, assemble=ctx.assemble, publish_in_writer=ctx.publish_in_writer)
     state = TrainState(**safe_load(ctx.resume_dir / STATE_FILE)) if ctx.resume_dir else TrainState()
     TRAINING.set()
     try:

@@ -7,6 +7,10 @@ The writer thread runs at idle priority (Linux's SCHED_IDLE): it takes only CPU 
 on a node whose cores all train it does not slow the steps; it writes in the gaps (waits for the other ranks, for
 data, for the device) or, at the latest, while the training thread waits for it before the next checkpoint.
 
+A launcher whose publish is a barrier of the ranks itself (Ray Train's report) has the writer thread publish each
+checkpoint as soon as the rank's write is done (publish_in_writer): the barrier then waits for every rank's write,
+off the training thread, and the step vote only tells the training thread when the publish is over.
+
 Guarantees: the snapshot is the state of the step it was taken at (weights, optimizer, schedule, scaler, position,
 every rank's RNG), so resuming from it is exact; the manifest is written last, after every file is flushed to disk;
 a folder is published (to Ray, or to the local run dir) only once complete, so a crash mid-write leaves the previous
@@ -82,6 +86,7 @@ class _Pending:
     """A checkpoint being written: the write (its result: the folder to publish), the folder it writes (removed if
     the write fails), the metrics to publish with it, its step."""
     written: Future
+    """Its result: the folder to publish, or None if the writer thread published it."""
     folder: Path
     metrics: dict[str, Any]
     step: int
@@ -108,11 +113,15 @@ class CheckpointWriter:
 
     staging: the folder the checkpoint folders are written in (the launcher's choice: on the run folder's filesystem,
     publishing is a rename); None: the system's temp folder. assemble: what the writer thread does with the folder
-    once written (None: the folder is published as it is)."""
+    once written (None: the folder is published as it is). publish_in_writer: publish is a barrier of the ranks
+    itself, called by every rank for each checkpoint in the same order; the writer publishes each checkpoint as soon
+    as this rank's write is done (with background=False, on the training thread when the checkpoint is taken)."""
 
     def __init__(self, rank: int, world: int, publish: Callable[[dict[str, Any], Path | None], None],
-                 background: bool = True, staging: Path | None = None, assemble: Assemble | None = None) -> None:
+                 background: bool = True, staging: Path | None = None, assemble: Assemble | None = None,
+                 publish_in_writer: bool = False) -> None:
         self.rank, self.world, self.publish, self.staging, self.assemble = rank, world, publish, staging, assemble
+        self.publish_in_writer = publish_in_writer
         # one thread for all the writes of the run: started once, not at each checkpoint
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="dtrain-checkpoint",
                                            initializer=idle_priority) if background else None
@@ -136,14 +145,18 @@ class CheckpointWriter:
         train_state, rng = dataclasses.asdict(state), capture_rng()  # copies, taken at this step
         position = {k: train_state[k] for k in ("stage", "epoch", "epoch_samples", "step")}
 
-        def write() -> Path:
+        def write() -> Path | None:
             write_strategy()
             if self.rank == 0:
                 atomic_save(train_state, folder / STATE_FILE)
             atomic_save(rng_tensors(rng), folder / f"rng_rank{self.rank}.pt")
             # Sealed last: a checkpoint missing any rank's manifest or file is detected and skipped on resume.
             write_manifest(folder, self.rank, self.world, position)
-            return folder if self.assemble is None else self.assemble(folder, position["step"])
+            written = folder if self.assemble is None else self.assemble(folder, position["step"])
+            if not self.publish_in_writer:
+                return written
+            self.publish(metrics, written)
+            return None  # published
 
         written = self.executor.submit(write) if self.executor is not None else _run_now(write)
         self.pending = _Pending(written, folder, metrics, state.step)
@@ -192,7 +205,7 @@ class CheckpointWriter:
 
     def finish(self) -> None:
         """Wait for the pending write, then, once every rank's is done (a barrier), publish it (the publisher owns
-        the folder from then on); a write that failed raises its error here."""
+        the folder from then on), unless the writer thread published it; a write that failed raises its error here."""
         self._publish(everyone_wrote=False)
 
     def _publish(self, everyone_wrote: bool) -> None:
@@ -204,6 +217,8 @@ class CheckpointWriter:
         except BaseException:
             shutil.rmtree(pending.folder, ignore_errors=True)
             raise
+        if folder is None:
+            return
         if not everyone_wrote:
             dist.barrier()
         self.publish(pending.metrics, folder)

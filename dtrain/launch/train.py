@@ -32,18 +32,16 @@ from dtrain.storage import RunStore, is_uri, join, probe, staging_dir
 from dtrain.tracking import CONFIG_FILE, METRICS_FILE
 
 
-def report(metrics: dict[str, Any], folder: Path | None, wait_for_upload: bool) -> None:
-    """ray.train.report from a worker: metrics, and the checkpoint folder if any (Ray removes it once uploaded).
-    The upload runs in the background unless wait_for_upload (dtrain tune: its schedulers act on each report before
-    the trial trains on). A report is a barrier of all workers: when one does not arrive within Ray's collective
+def report(metrics: dict[str, Any], folder: Path | None) -> None:
+    """ray.train.report from a worker: metrics, and the checkpoint folder if any, uploaded before it returns (Ray
+    removes the folder then). A report is a barrier of all workers: when one does not arrive within Ray's collective
     timeout, this raises TimeoutError, which the training loop reports as a hang."""
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
 
-    mode = CheckpointUploadMode.SYNC if wait_for_upload else CheckpointUploadMode.ASYNC
     try:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None,
-                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
+                         checkpoint_upload_mode=CheckpointUploadMode.SYNC, delete_local_checkpoint_after_upload=True)
     except Exception as err:
         if ray_compat.is_report_timeout(err):
             raise TimeoutError(f"ray.train.report: {getattr(err, 'cause', err)}") from err  # the cause: its message
@@ -102,11 +100,12 @@ def _train(config: dict[str, Any]) -> None:
     taken = TakenReports(acks) if acks is not None else None
 
     def publish(metrics: dict[str, Any], folder: Path | None) -> None:
-        # Metrics alone go to Ray only when a controller callback consumes them (dtrain tune): dtrain train logs
-        # them itself, and each ray.train.report is a round trip through Ray's actors at every epoch end.
+        # Metrics alone go to Ray only when a controller callback consumes them (dtrain tune, whose schedulers act on
+        # each report before the trial trains on): dtrain train logs them itself, and each ray.train.report is a
+        # round trip through Ray's actors. Without them, each checkpoint is reported, and uploaded, by the
+        # checkpoint writer's thread: the report's barrier waits there for the other workers' writes.
         if folder is not None or config.get("report_metrics"):
-            report(taken.tag(metrics) if taken is not None else metrics, folder,
-                   wait_for_upload=bool(config.get("report_metrics")))
+            report(taken.tag(metrics) if taken is not None else metrics, folder)
 
     ray_compat.quiet_train_worker_logs(drop=_is_user_error_traceback)
     # loaded once, by the driver; read in place from Ray's shared object store
@@ -124,7 +123,8 @@ def _train(config: dict[str, Any]) -> None:
         resume_dir, retarget = _resume_dir(own or _initial_checkpoint(config), Path(config["run_dir"]),
                                            config.get("resume", False), seeded=own is None, tmp=Path(tmp))
         run_worker(config["job"], config["run_dir"], publish, ray.train.torch.get_device(), resume_dir, data,
-                   retarget=retarget, callbacks=config.get("callbacks") or [])
+                   retarget=retarget, callbacks=config.get("callbacks") or [],
+                   publish_in_writer=not config.get("report_metrics"))
 
 
 def _train_with_store(config: dict[str, Any], publish: Any, data: DataBundle | None) -> None:
@@ -156,7 +156,7 @@ def _train_with_store(config: dict[str, Any], publish: Any, data: DataBundle | N
         try:
             run_worker(config["job"], run_dir, publish, ray.train.torch.get_device(), resume_dir, data,
                        retarget=retarget, callbacks=config.get("callbacks") or [],
-                       store=store if rank == 0 else None)
+                       store=store if rank == 0 else None, publish_in_writer=not config.get("report_metrics"))
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
 

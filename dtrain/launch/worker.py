@@ -80,11 +80,13 @@ def build_worker(job: Any, device: torch.device, data: DataBundle | StreamData |
 def run_worker(job_dict: dict[str, Any], run_dir: str | Path, publish: Publish, device: torch.device,
                resume_dir: Path | None = None, data: DataBundle | StreamData | None = None, *, retarget: bool = False,
                callbacks: list[Callback] = (), store: RunStore | None = None,
-               staging: Path | None = None, assemble: Assemble | None = None) -> dict[str, Any]:
+               staging: Path | None = None, assemble: Assemble | None = None,
+               publish_in_writer: bool = False) -> dict[str, Any]:
     """Train the job in this process (one rank of the process group, if any); returns the summary.
     data: the job's data if the launcher loaded it already (else it is loaded here).
     store: the run's folder in object storage, if it has one: run_dir is then rank 0's local staging folder.
-    staging, assemble: where checkpoints are written, and what the writer does with each once written (RunContext)."""
+    staging, assemble, publish_in_writer: where checkpoints are written, what the writer does with each once written,
+    and whether it publishes it too (RunContext)."""
     job = to_objects(job_dict)
     worker = build_worker(job, device, data)
     rank = dist.rank()
@@ -98,7 +100,7 @@ def run_worker(job_dict: dict[str, Any], run_dir: str | Path, publish: Publish, 
     probe = functools.partial(linear_probe, job.model, worker.data) if job.trainer.linear_probe else None
     ctx = RunContext(rank, dist.world_size(), publish, tracker.log if tracker else _ignore, resume_dir, retarget,
                      installed, export=functools.partial(_export, Path(run_dir), rank), probe=probe, staging=staging,
-                     assemble=assemble)
+                     assemble=assemble, publish_in_writer=publish_in_writer)
     # the tracker marks its runs failed if fit raises; the monitor's thread stops either way
     with tracker or contextlib.nullcontext(), monitor or contextlib.nullcontext():
         return fit(worker.model, worker.loaders, worker.strategy, worker.loop, ctx)

@@ -1,10 +1,13 @@
 """Publishing checkpoints written in the background: training never waits for a slow write, and every rank publishes
 at the same step boundary, the first one after every rank's write is known to be done. The local launcher's publish
-there needs no barrier: the checkpoint it renames into place already holds every rank's files."""
+there needs no barrier: the checkpoint it renames into place already holds every rank's files. A publish that is a
+barrier of the ranks itself (Ray Train's report) runs in the writer thread instead, and training waits for neither
+the other ranks' writes nor the publish."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -91,3 +94,57 @@ def test_a_slow_write_delays_the_publish_not_the_steps(tmp_path):
     assert max(slowest0, slowest1) < SLOW_WRITE_S / 2, results
     # and publishing it waited for no barrier: the vote had said every rank's write was done
     assert barriers0 == barriers1 == 0, results
+
+
+SLOW_PUBLISH_S = 0.2
+"""The barrier publish takes this long once every rank has arrived (a Ray Train controller slow to take a report)."""
+BARRIER_STEPS = 80
+
+
+def _rank_barrier_publish(rank: int, port: int, staging: str, arrived, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    published, barriers = [], []
+    engine_dist.barrier = lambda: (barriers.append(1), dist.barrier())
+
+    def publish(metrics, folder) -> None:  # as ray.train.report: every rank arrives, then it takes its time
+        arrived.wait()
+        time.sleep(SLOW_PUBLISH_S)
+        slow_part = list(Path(staging).glob("*/part_rank1.bin"))  # rank 1's write was done before anyone published
+        published.append((metrics["step"], threading.current_thread().name, len(slow_part)))
+
+    writer = CheckpointWriter(rank, 2, publish, staging=Path(staging), publish_in_writer=True)
+    vote, state, step_times = StepVote(60.0), TrainState(), []
+    strategy = _Strategy(SLOW_WRITE_S if rank == 1 else 0.0)
+    for step in range(1, BARRIER_STEPS + 1):
+        started = time.perf_counter()
+        time.sleep(STEP_S)
+        dist.all_reduce(torch.ones(1))
+        state.step = step
+        if step == TAKEN_AT:
+            writer.start(strategy, state, {"step": step})
+        vote.agree(step, writer.writing())
+        writer.publish_if_due(vote.as_of, vote.writing)
+        step_times.append(time.perf_counter() - started)
+    during = list(published)
+    writer.finish()
+    writer.shutdown()
+    vote.close()
+    out.put((rank, during, published, max(step_times), len(barriers)))
+    dist.destroy_process_group()
+
+
+def test_a_publish_that_is_a_barrier_runs_in_the_writer_thread_and_no_step_waits_for_it(tmp_path):
+    context = mp.get_context("spawn")
+    queue, arrived = context.SimpleQueue(), context.Barrier(2)
+    mp.start_processes(_rank_barrier_publish, args=(free_port(), str(tmp_path), arrived, queue), nprocs=2,
+                       start_method="spawn")
+    results = {rank: rest for rank, *rest in (queue.get(), queue.get())}
+    for during, published, slowest, barriers in results.values():
+        # published once, by the writer thread, during the steps (the write and publish took half of their time), after
+        # the slow rank's write was done
+        assert during == published and len(published) == 1, results
+        step, thread, slow_parts = published[0]
+        assert step == TAKEN_AT and thread.startswith("dtrain-checkpoint") and slow_parts == 1, results
+        # no step waited for the slow write, nor for the slow publish, nor at a barrier of its own
+        assert slowest < min(SLOW_WRITE_S, SLOW_PUBLISH_S) / 2 and barriers == 0, results

@@ -58,6 +58,26 @@ def test_workers_that_cannot_be_placed_fail_within_the_start_timeout(ray_session
     assert not (tmp_path / "starved").exists()  # it never trained: the name is free again
 
 
+def test_each_checkpoint_is_reported_to_ray_by_the_writer_thread_and_lands_intact(ray_session, tmp_path):
+    """ray.train.report (a barrier of the workers, then the upload into the run folder) runs in each worker's
+    checkpoint writer thread, not on the training thread; what Ray registers is every checkpoint, complete."""
+    from dtrain.config import load_job
+    from dtrain.engine.checkpoint import checkpoint_problem
+    from dtrain.launch.train import fit_job
+    from tests.faults import ReportThreads
+
+    job = load_job(JOBS / "mlp_digits.yaml", [f"runs_dir={tmp_path}", "name=reported", "trainer.max_epochs=4",
+                                              "checkpoint.keep=4", "trainer.early_stopping.monitor=null",
+                                              "logging.progress=false", "logging.wandb.enabled=false"])
+    fit_job(job, worker_callbacks=[ReportThreads(tmp_path)])
+    for rank in (0, 1):
+        threads = (tmp_path / f"rank{rank}.txt").read_text().split()
+        assert len(threads) == 4 and all(t.startswith("dtrain-checkpoint") for t in threads), (rank, threads)
+    checkpoints = sorted(c for c in (tmp_path / "reported").glob("checkpoint_*") if c.is_dir())
+    assert [read_manifest(c)["epoch"] for c in checkpoints] == [1, 2, 3, 4]
+    assert all(checkpoint_problem(c) is None for c in checkpoints)
+
+
 class _Hog:
     def ready(self) -> bool:
         return True

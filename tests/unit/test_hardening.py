@@ -114,7 +114,7 @@ def test_a_report_barrier_that_times_out_reaches_the_loop_as_a_collective_timeou
 
     monkeypatch.setattr(ray.train, "report", report)
     with pytest.raises(Exception) as caught:
-        launch.report({"step": 10}, None, wait_for_upload=False)
+        launch.report({"step": 10}, None)
     assert is_collective_timeout(caught.value)
     assert "ranks have not joined the collective operation: [1]" in str(caught.value)
 
